@@ -1,0 +1,55 @@
+"""The `ctxdraft` command: a thin click layer over the library."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ctxdraft.selfdraft.errors import CtxdraftError
+
+
+class _Group(click.Group):
+    """Turns CtxdraftError (bad input) into one line on stderr and exit code 2, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CtxdraftError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ctxdraft")
+def main():
+    """ctxdraft: faster generation with the same output, by picking the right draft per query.
+
+    \b
+    Typical flow on the embedded default model (SmolLM2-135M-Instruct):
+      ctxdraft generate "Summarize: ..."            # uses the shipped default bundle
+      ctxdraft add-exits --layers 10,16,22 --data prompts.jsonl --out my_bundle
+      ctxdraft train-policy my_bundle --data prompts.jsonl
+      ctxdraft generate --bundle my_bundle "..."
+      ctxdraft bench --bundle my_bundle --data prompts.jsonl
+    """
+
+
+def _register() -> None:
+    # Each command lives in its own module; importing it attaches it to `main`.
+    import importlib
+
+    for name in ("generate", "exits", "policy", "bench"):
+        try:
+            importlib.import_module(f"ctxdraft.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"ctxdraft.cli.{name}":
+                raise
+
+
+_register()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""A bundle: a target identity plus the draft pool, exit heads, cost profile and routing policy.
+
+``BUNDLE/bundle.json`` (written atomically) is what the commands pass to each other::
+
+    {"format": "ctxdraft-bundle", "version": 1,
+     "target": {"spec": "smollm2-135m-instruct", "name": "...", "hash": "<content hash>"},
+     "arms": [{"name": "none", "kind": "none", "settings": {}}, {"name": "lookup", "kind": "lookup", ...}],
+     "default_arm": "lookup",
+     "exits": [...], "features": {...}, "policy": "policy.onnx" | null, "cost_profile": {...},
+     "versions": {...}}
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .decoding import GenerationConfig, GenerationStats, prefill, speculative_decode
+from .drafts import Draft, build_draft
+from .errors import CtxdraftError
+from .fileio import read_json, write_json_atomic
+from .layers import LayerStack
+from .target import DEFAULT_TARGET, Target, load_target
+
+BUNDLE_FORMAT = "ctxdraft-bundle"
+BUNDLE_VERSION = 1
+DEFAULT_BUNDLE_DIR = Path(__file__).parent / "default_bundle"
+BASE_ARMS = [
+    {"name": "none", "kind": "none", "settings": {}},
+    {"name": "lookup", "kind": "lookup", "settings": {"draft_len": 5, "ngram_sizes": [3, 2, 1]}},
+]
+
+
+def versions() -> dict:
+    def v(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {name: v(name) for name in ("ctxdraft", "torch", "transformers")}
+
+
+def new_bundle_info(target: Target, spec: str) -> dict:
+    return {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "target": {"spec": spec, "name": target.name, "hash": target.content_hash},
+        "arms": [dict(a) for a in BASE_ARMS],
+        "default_arm": "lookup",
+        "exits": [],
+        "features": None,
+        "policy": None,
+        "cost_profile": None,
+        "versions": versions(),
+    }
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]  # the prompt as the target saw it (chat template applied)
+    token_ids: list[int]  # new tokens, without EOS
+    text: str
+    arm: str
+    stats: GenerationStats
+    routed: bool = False  # the arm was chosen by the policy
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_ids": self.prompt_ids,
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "arm": self.arm,
+            "routed": self.routed,
+            "stats": self.stats.to_dict(),
+        }
+
+
+@dataclass
+class Bundle:
+    path: Path | None
+    info: dict
+    _target: Target | None = None
+    _stack: LayerStack | None = None
+    _drafts: dict[str, Draft] = field(default_factory=dict)
+    _router: object = None
+
+    # -- identity --------------------------------------------------------------------------------
+    @property
+    def arms(self) -> list[str]:
+        return [a["name"] for a in self.info["arms"]]
+
+    def arm_spec(self, name: str) -> dict:
+        for a in self.info["arms"]:
+            if a["name"] == name:
+                return a
+        raise CtxdraftError(f"unknown arm {name!r}; this bundle has: {', '.join(self.arms)} (or 'auto')")
+
+    @property
+    def target(self) -> Target:
+        if self._target is None:
+            target = load_target(self.info["target"]["spec"])
+            self.check_target(target)
+            self._target = target
+        return self._target
+
+    def check_target(self, target: Target) -> None:
+        expected = self.info["target"].get("hash")
+        if expected and target.content_hash != expected:
+            raise CtxdraftError(
+                f"bundle {self.path} was made for target {self.info['target'].get('name')} (hash {expected}), "
+                f"but {target.name} has hash {target.content_hash}; use the matching target or rebuild the bundle"
+            )
+
+    @property
+    def stack(self) -> LayerStack:
+        if self._stack is None:
+            self._stack = LayerStack(self.target.model)
+        return self._stack
+
+    def draft(self, name: str) -> Draft:
+        if name not in self._drafts:
+            self._drafts[name] = build_draft(self.arm_spec(name), self.target, self.path)
+        return self._drafts[name]
+
+    def save(self) -> None:
+        if self.path is None:
+            raise CtxdraftError("this bundle has no directory; give one to save it")
+        write_json_atomic(self.path / "bundle.json", self.info)
+
+    # -- routing ---------------------------------------------------------------------------------
+    @property
+    def feature_layer(self) -> int | None:
+        features = self.info.get("features") or {}
+        return features.get("layer") if features.get("kind") == "hidden" else None
+
+    def router(self):
+        """The ONNX policy of this bundle, or None when it has none yet."""
+        if self._router is None and self.info.get("policy") and self.path is not None:
+            from ctxdraft.export.router import OnnxRouter
+
+            self._router = OnnxRouter(self.path / self.info["policy"], expected=self.info)
+        return self._router
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str,
+        draft: str = "auto",
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool = True,
+        stop: list[str] | None = None,
+        on_text=None,
+    ) -> GenerationResult:
+        """Generate a continuation of ``prompt``; output is identical to the target's alone (greedy)."""
+        config = GenerationConfig(max_new_tokens, temperature, top_p, seed, list(stop or []))
+        config.validate()
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise CtxdraftError("the prompt is empty")
+        if draft != "auto":
+            self.arm_spec(draft)  # unknown arm: fail before any model work
+        target = self.target
+        prompt_ids = target.encode(prompt, chat=chat)
+        if len(prompt_ids) + max_new_tokens > target.max_context:
+            raise CtxdraftError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"context of {target.max_context} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+        router = self.router() if draft == "auto" else None
+        pre = prefill(self.stack, prompt_ids, self.feature_layer if router is not None else None)
+        t0 = time.perf_counter()
+        routed = False
+        if draft == "auto":
+            if router is not None:
+                arm = router.choose(self._features(router, pre))
+                routed = True
+            else:
+                arm = self.info.get("default_arm") or "none"
+        else:
+            arm = draft
+        route_s = time.perf_counter() - t0
+        tokenizer = target.tokenizer
+        stop_check = _stop_checker(tokenizer, config.stop) if config.stop else None
+        on_tokens = None
+        if on_text is not None:
+            on_tokens = _streamer(tokenizer, on_text)
+        new_ids, stats = speculative_decode(self.stack, pre, self.draft(arm), config, target.eos_ids, on_tokens, stop_check)
+        stats.route_s = route_s
+        stats.wall_s += route_s
+        text = tokenizer.decode(new_ids, skip_special_tokens=True)
+        for s in config.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        return GenerationResult(prompt_ids, new_ids, text, arm, stats, routed)
+
+    def _features(self, router, pre):
+        from .features import features_from_prefill
+
+        return features_from_prefill(router.features, pre)
+
+
+def _stop_checker(tokenizer, stops: list[str]):
+    def check(new_ids: list[int]) -> int | None:
+        text = tokenizer.decode(new_ids, skip_special_tokens=True)
+        if not any(s in text for s in stops):
+            return None
+        # Keep the shortest token prefix whose text contains a stop string.
+        for n in range(1, len(new_ids) + 1):
+            partial = tokenizer.decode(new_ids[:n], skip_special_tokens=True)
+            if any(s in partial for s in stops):
+                return n
+        return len(new_ids)
+
+    return check
+
+
+def _streamer(tokenizer, on_text):
+    """Call ``on_text`` with each new piece of text (decoding the whole so far keeps multi-byte tokens whole)."""
+    seen = {"ids": [], "text": ""}
+
+    def on_tokens(ids: list[int]) -> None:
+        seen["ids"].extend(ids)
+        text = tokenizer.decode(seen["ids"], skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        on_text(text[len(seen["text"]) :])
+        seen["text"] = text
+
+    return on_tokens
+
+
+def load_bundle(path: str | Path | None = None, target: str | None = None) -> Bundle:
+    """Open a bundle directory (None: the default bundle of the embedded default target).
+
+    ``target`` (a spec for ``load_target``) without ``path`` makes an in-memory bundle with the
+    model-free arms (``none``, ``lookup``) for any model.
+    """
+    if path is None and target is not None and target != DEFAULT_TARGET:
+        t = load_target(target)
+        return Bundle(None, new_bundle_info(t, target), _target=t)
+    path = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
+    if not path.is_dir():
+        raise CtxdraftError(f"bundle not found: {path} (make one with `ctxdraft add-exits ... --out {path}`)")
+    info = read_json(path / "bundle.json", "bundle file")
+    if info.get("format") != BUNDLE_FORMAT or not isinstance(info.get("arms"), list) or "target" not in info:
+        raise CtxdraftError(f"{path / 'bundle.json'} is not a ctxdraft bundle (missing format/target/arms)")
+    if info.get("version", 0) > BUNDLE_VERSION:
+        raise CtxdraftError(f"bundle {path} has format version {info['version']}; this ctxdraft reads up to {BUNDLE_VERSION}")
+    bundle = Bundle(path, info)
+    if target is not None:
+        t = load_target(target)
+        bundle.check_target(t)
+        bundle._target = t
+    return bundle
