@@ -1,0 +1,110 @@
+"""`ctxdraft generate` and `ctxdraft info`."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ctxdraft.selfdraft.bundle import load_bundle
+from ctxdraft.selfdraft.errors import CtxdraftError
+
+from .common import echo_json
+from .main import main
+
+
+def _read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if sys.stdin is None or (prompt is None and sys.stdin.isatty()):
+            raise CtxdraftError("no prompt given: pass it as an argument or pipe it on stdin with '-'")
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CtxdraftError("stdin is not UTF-8 text") from None
+    return prompt
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="Bundle directory (default: the shipped bundle of the default model).")
+@click.option("--target", help="Target: registered name, HF model directory or .gguf file (default: the bundle's target).")
+@click.option("--draft", default="auto", show_default=True, help="Arm to draft with: auto (the policy), none, lookup, exit@E, model:NAME.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", type=int, help="Seed for sampling (temperature > 0).")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); the text is cut before it.")
+@click.option("--no-chat", is_flag=True, help="Do not apply the model's chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print prompt_ids, token_ids, text, arm and stats as JSON.")
+@click.option("--stream", is_flag=True, help="Print text as it is generated.")
+def generate(prompt, bundle_dir, target, draft, max_new_tokens, temperature, top_p, seed, stop, no_chat, as_json, stream):
+    """Generate text; the output is exactly what the target alone would produce.
+
+    PROMPT is the text to continue, or '-' to read it from stdin.
+
+    \b
+    Examples:
+      ctxdraft generate "Summarize the plot of Hamlet in two sentences."
+      echo "What is 17*23?" | ctxdraft generate - --draft lookup --json
+      ctxdraft generate --bundle my_bundle --temperature 0.7 --seed 1 "Write a haiku."
+    """
+    text = _read_prompt(prompt)
+    bundle = load_bundle(bundle_dir, target=target)
+    on_text = None
+    if stream and not as_json:
+        def on_text(piece):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+    result = bundle.generate(text, draft=draft, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, seed=seed, chat=not no_chat, stop=list(stop), on_text=on_text)
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    if stream:
+        click.echo()
+    else:
+        click.echo(result.text)
+    s = result.stats
+    how = "chosen by the policy" if result.routed else ("the bundle's default arm; no policy yet" if draft == "auto" else "as asked")
+    click.echo(
+        f"[arm {result.arm} ({how}) | {s.new_tokens} tokens in {s.wall_s:.2f}s = {s.tokens_per_s:.1f} tok/s | "
+        f"{s.target_forwards} target forwards, {s.accepted_tokens}/{s.drafted_tokens} drafted tokens accepted]",
+        err=True,
+    )
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="Bundle directory (default: the shipped bundle).")
+@click.option("--json", "as_json", is_flag=True)
+def info(bundle_dir, as_json):
+    """Show a bundle: its target, arms, exits and what has been trained.
+
+    \b
+    Example:
+      ctxdraft info --bundle my_bundle --json
+    """
+    bundle = load_bundle(bundle_dir)
+    info = bundle.info
+    summary = {
+        "path": str(bundle.path),
+        "target": info["target"],
+        "arms": info["arms"],
+        "default_arm": info.get("default_arm"),
+        "exits": info.get("exits") or [],
+        "features": info.get("features"),
+        "policy": info.get("policy"),
+        "cost_profile": bool(info.get("cost_profile")),
+        "versions": info.get("versions"),
+    }
+    if as_json:
+        echo_json(summary)
+        return
+    t = info["target"]
+    click.echo(f"bundle   {bundle.path}")
+    click.echo(f"target   {t.get('name')} (spec {t.get('spec')}, hash {t.get('hash')})")
+    click.echo(f"arms     {', '.join(bundle.arms)}  (default: {info.get('default_arm')})")
+    for e in info.get("exits") or []:
+        click.echo(f"exit     layer {e.get('layer')} head {e.get('head')}  agreement {e.get('agreement', float('nan')):.3f}")
+    click.echo(f"policy   {info.get('policy') or 'none (generate --draft auto uses the default arm)'}")
+    if info.get("features"):
+        click.echo(f"features {info['features'].get('kind')} (layer {info['features'].get('layer')}, dim {info['features'].get('dim')})")
