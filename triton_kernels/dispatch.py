@@ -11,11 +11,21 @@ Each row of ``out_ids`` is ``accepted draft tokens + one correction or bonus tok
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch references work without triton; only impl="triton" needs it
+    triton = tl = None
+
 IMPLS = ("auto", "torch", "triton")
+
+# Vocabulary tile of every kernel. Large tiles keep grids small, which the interpreter pays for per program.
+MAX_BLOCK_V = 4096
 
 
 class VerifyResult(NamedTuple):
@@ -56,9 +66,40 @@ def check_verify_inputs(target_logits: torch.Tensor, draft_ids: torch.Tensor, nu
 
 
 def use_triton(impl: str, device: torch.device) -> bool:
-    """Triton on CUDA tensors, the torch reference elsewhere; ``impl`` forces one path."""
+    """Triton on CUDA tensors, the torch reference elsewhere; ``impl`` forces one path.
+
+    ``impl="triton"`` on CPU tensors runs the kernels in Triton's interpreter (``TRITON_INTERPRET=1``),
+    which is how the CPU tests compare kernel and reference.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return device.type == "cuda"
-    return impl == "triton"
+        return device.type == "cuda" and triton is not None
+    if impl == "torch":
+        return False
+    if triton is None:
+        raise RuntimeError('impl="triton" needs the triton package (pip install triton); use impl="torch" or "auto"')
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f'impl="triton" on {device.type} tensors needs TRITON_INTERPRET=1 set before triton is imported'
+        )
+    return True
+
+
+def jit(fn):
+    """``triton.jit`` when triton is installed; otherwise the plain function, which is never launched."""
+    return fn if triton is None else triton.jit(fn)
+
+
+def launch_shape(num_rows: int, V: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_V, num_warps) for kernels that reduce ``num_rows`` rows of ``V`` values.
+
+    On a GPU a program holds one row tile of 4096 values (several rows when V is small); in the
+    interpreter (CPU tensors) a program holds up to 2**18 values, since every op costs ~0.3 ms there
+    whatever its size, so fewer, larger programs finish far sooner.
+    """
+    BLOCK_V = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    tile_budget = 4096 if device.type == "cuda" else 2**18
+    BLOCK_R = max(1, min(tile_budget // BLOCK_V, triton.next_power_of_2(max(num_rows, 1))))
+    num_warps = 8 if BLOCK_R * BLOCK_V >= 4096 else 4
+    return BLOCK_R, BLOCK_V, num_warps
