@@ -12,6 +12,12 @@ Samples are drawn by the exponential race: argmax_v w_v / E_v with E_v ~ Exp(1) 
 as w / sum(w), so no normalisation is needed and a kernel can reduce it tile by tile.
 All randomness is drawn up front (``SamplingNoise``) so the Triton kernel and this reference consume
 identical noise and their integer outputs can be compared exactly.
+
+The Triton path never materialises softmax(target_logits): ``_sampling_stats_kernel`` reads each live
+(row, position) once, tiled over V, keeping a running max and sum-exp (merged into log p = x/T - max - log sum)
+and the raw argmax for greedy rows, then runs the accept test for that position's draft token.
+``_sampling_emit_kernel`` finds each row's first rejection and reads one more logits row, at that
+position: the exponential race over the residual (or over p for the bonus token), tile by tile.
 """
 from __future__ import annotations
 
@@ -19,8 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-from .dispatch import VerifyResult, check_verify_inputs, use_triton
-from .verify_greedy import _assemble
+from .dispatch import VerifyResult, check_verify_inputs, jit, launch_shape, tl, triton, use_triton
+from .verify_greedy import _argmax_update, _assemble, _first_rejection, _store_out_ids
 
 # Uniforms are kept strictly inside (0, 1): log(0) would accept nothing, u = 1 could reject p = q.
 _TINY = 1e-7
@@ -52,9 +58,10 @@ def verify_sampling_ref(
     greedy_row = temperature <= 0  # [B]
     safe_t = torch.where(greedy_row, torch.ones_like(temperature), temperature).float()
     log_p = torch.log_softmax(logits / safe_t[:, None, None], dim=-1)  # [B, K+1, V]
-    draft_ids = draft_ids.long()
     positions = torch.arange(K, device=device)
     in_draft = positions[None, :] < num_draft[:, None].long()  # [B, K]
+    # Ids past num_draft[b] are padding (often -1) whose gathers are masked out: pin them to a valid id.
+    draft_ids = torch.where(in_draft, draft_ids.long(), 0)
 
     # Accept test in log space.
     log_p_draft = log_p[:, :K].gather(2, draft_ids[:, :, None]).squeeze(2)  # [B, K]
@@ -93,6 +100,214 @@ def verify_sampling_ref(
     return _assemble(draft_ids, next_ids, num_accepted)
 
 
+@jit
+def _sampling_stats_kernel(
+    logits_ptr,  # [B, K+1, V] fp32 / bf16 / fp16, unit stride over V
+    draft_ids_ptr,  # [B, K] int32 / int64, contiguous
+    num_draft_ptr,  # [B] int32 / int64
+    draft_probs_ptr,  # [B, K, V] fp32 / bf16 / fp16, unit stride over V (unused without HAS_DRAFT_PROBS)
+    temperature_ptr,  # [B] fp32
+    uniforms_ptr,  # [B, K] fp32 in (0, 1)
+    accept_ptr,  # [B, K+1] int8 out: draft token at this position passed its accept test
+    target_ids_ptr,  # [B, K+1] int64 out: argmax of the raw logits (used by greedy rows)
+    row_max_ptr,  # [B, K+1] fp32 out: max_v x/T
+    log_sum_ptr,  # [B, K+1] fp32 out: log sum_v exp(x/T - max), so log p = x/T - max - log_sum
+    num_rows,  # B * (K+1)
+    K,
+    V,
+    stride_b,  # logits strides, in elements
+    stride_k,
+    probs_stride_b,  # draft_probs strides, in elements
+    probs_stride_k,
+    HAS_DRAFT_PROBS: tl.constexpr,  # False: lookup drafts, q is one-hot at the draft token
+    BLOCK_R: tl.constexpr,  # (row, position) pairs per program
+    BLOCK_V: tl.constexpr,  # vocabulary tile
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, k)
+    in_batch = rows < num_rows
+    b = rows // (K + 1)
+    k = rows % (K + 1)
+    n = tl.load(num_draft_ptr + b, mask=in_batch, other=-1)
+    live = in_batch & (k <= n)  # positions past the bonus position are never read
+    temperature = tl.load(temperature_ptr + b, mask=in_batch, other=1.0)
+    greedy = temperature <= 0
+    safe_t = tl.where(greedy, 1.0, temperature)
+    row_ptr = logits_ptr + b.to(tl.int64) * stride_b + k.to(tl.int64) * stride_k  # [BLOCK_R]
+
+    best_val = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_R], tl.int64)
+    row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    sum_exp = tl.zeros([BLOCK_R], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_vocab = cols < V
+        mask = live[:, None] & in_vocab[None, :]
+        x = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        best_val, best_idx = _argmax_update(x, cols, in_vocab, best_val, best_idx)
+        scaled = tl.math.div_rn(x, safe_t[:, None])  # IEEE division, as the reference's logits / T
+        new_max = tl.maximum(row_max, tl.max(scaled, axis=1))
+        # A row that has seen only -inf so far keeps sum 0 instead of exp(-inf - -inf) = nan.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        sum_exp = sum_exp * tl.exp(row_max - shift) + tl.sum(tl.exp(scaled - shift[:, None]), axis=1)
+        row_max = new_max
+    # Dead rows saw only masked lanes: neutral stats keep -inf - -inf and log(0) out of what follows.
+    row_max = tl.where(live, row_max, 0.0)
+    log_sum = tl.log(tl.where(live, sum_exp, 1.0))
+
+    # Accept test for this position's draft token (positions k < n only).
+    has_draft = live & (k < n)
+    draft_id = tl.load(draft_ids_ptr + b.to(tl.int64) * K + k, mask=has_draft, other=0).to(tl.int64)
+    in_range = has_draft & (draft_id >= 0) & (draft_id < V)  # an id outside the vocabulary is rejected
+    x_draft = tl.load(row_ptr + draft_id, mask=in_range, other=float("-inf")).to(tl.float32)
+    log_p_draft = (tl.math.div_rn(x_draft, safe_t) - row_max) - log_sum
+    if HAS_DRAFT_PROBS:
+        q_ptr = draft_probs_ptr + b.to(tl.int64) * probs_stride_b + k.to(tl.int64) * probs_stride_k
+        q_draft = tl.load(q_ptr + draft_id, mask=in_range, other=0.0).to(tl.float32)
+        log_q_draft = tl.where(q_draft > 0, tl.log(tl.where(q_draft > 0, q_draft, 1.0)), float("inf"))  # q = 0 rejects
+    else:
+        log_q_draft = tl.zeros([BLOCK_R], tl.float32)  # one-hot q: log q = 0 at the draft token
+    u = tl.load(uniforms_ptr + b.to(tl.int64) * K + k, mask=has_draft, other=0.5)
+    accept_sampled = tl.log(u) < log_p_draft - log_q_draft
+    accept = in_range & tl.where(greedy, best_idx == draft_id, accept_sampled)
+
+    tl.store(accept_ptr + rows, accept.to(tl.int8), mask=live)
+    tl.store(target_ids_ptr + rows, best_idx, mask=live)
+    tl.store(row_max_ptr + rows, row_max, mask=live)
+    tl.store(log_sum_ptr + rows, log_sum, mask=live)
+
+
+@jit
+def _sampling_emit_kernel(
+    logits_ptr,  # [B, K+1, V] fp32 / bf16 / fp16, unit stride over V
+    draft_ids_ptr,  # [B, K] int32 / int64, contiguous
+    num_draft_ptr,  # [B] int32 / int64
+    draft_probs_ptr,  # [B, K, V], unit stride over V (unused without HAS_DRAFT_PROBS)
+    temperature_ptr,  # [B] fp32
+    exponentials_ptr,  # [B, V] fp32 Exp(1), contiguous
+    accept_ptr,  # [B, K+1] int8, from the stats kernel
+    target_ids_ptr,  # [B, K+1] int64, from the stats kernel
+    row_max_ptr,  # [B, K+1] fp32, from the stats kernel
+    log_sum_ptr,  # [B, K+1] fp32, from the stats kernel
+    out_ids_ptr,  # [B, K+1] int64 out
+    num_accepted_ptr,  # [B] int64 out
+    B,
+    K,
+    V,
+    stride_b,
+    stride_k,
+    probs_stride_b,
+    probs_stride_k,
+    HAS_DRAFT_PROBS: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # >= K + 1
+    BLOCK_V: tl.constexpr,  # vocabulary tile
+):
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    in_batch = b < B
+    b64 = b.to(tl.int64)
+    positions = tl.arange(0, BLOCK_K)
+    n = tl.load(num_draft_ptr + b, mask=in_batch, other=0).to(tl.int32)
+    in_draft = in_batch[:, None] & (positions[None, :] < n[:, None])
+    draft = tl.load(draft_ids_ptr + b64[:, None] * K + positions[None, :], mask=in_draft, other=-1).to(tl.int64)
+    accept = tl.load(accept_ptr + b64[:, None] * (K + 1) + positions[None, :], mask=in_draft, other=0)
+    num_accepted = _first_rejection(accept, in_draft, positions, n)  # a: where the row's one sample goes
+    rejected = in_batch & (num_accepted < n)
+
+    temperature = tl.load(temperature_ptr + b, mask=in_batch, other=1.0)
+    greedy = temperature <= 0
+    safe_t = tl.where(greedy, 1.0, temperature)
+    stat_at = b64 * (K + 1) + num_accepted
+    target_id = tl.load(target_ids_ptr + stat_at, mask=in_batch, other=0)
+    row_max = tl.load(row_max_ptr + stat_at, mask=in_batch, other=0.0)
+    log_sum = tl.load(log_sum_ptr + stat_at, mask=in_batch, other=0.0)
+    rejected_id = tl.load(draft_ids_ptr + b64 * K + num_accepted, mask=rejected, other=-1).to(tl.int64)
+
+    # Exponential race at position a, two at once: over the residual max(p - q, 0) and over p itself
+    # (the bonus token, or the fallback when the residual is empty). Greedy rows read nothing here.
+    sampling = in_batch & (temperature > 0)
+    row_ptr = logits_ptr + b64 * stride_b + num_accepted.to(tl.int64) * stride_k
+    q_row_ptr = draft_probs_ptr + b64 * probs_stride_b + num_accepted.to(tl.int64) * probs_stride_k
+    best_residual = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    residual_id = tl.zeros([BLOCK_B], tl.int64)
+    best_p = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    p_id = tl.zeros([BLOCK_B], tl.int64)
+    residual_max = tl.zeros([BLOCK_B], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_vocab = cols < V
+        mask = sampling[:, None] & in_vocab[None, :]
+        x = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        log_p = (tl.math.div_rn(x, safe_t[:, None]) - row_max[:, None]) - log_sum[:, None]
+        p = tl.exp(log_p)
+        if HAS_DRAFT_PROBS:
+            q_mask = mask & rejected[:, None]
+            q = tl.load(q_row_ptr[:, None] + cols[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        else:
+            q = tl.where(cols[None, :].to(tl.int64) == rejected_id[:, None], 1.0, 0.0)
+        residual = tl.maximum(p - q, 0.0)
+        exponentials = tl.load(exponentials_ptr + b64[:, None] * V + cols[None, :], mask=mask, other=1.0)
+        residual_max = tl.maximum(residual_max, tl.max(tl.where(mask, residual, 0.0), axis=1))
+        residual_race = tl.where(mask, residual / exponentials, float("-inf"))
+        best_residual, residual_id = _argmax_update(residual_race, cols, in_vocab, best_residual, residual_id)
+        p_race = tl.where(mask, p / exponentials, float("-inf"))
+        best_p, p_id = _argmax_update(p_race, cols, in_vocab, best_p, p_id)
+    # p == q up to rounding leaves an empty residual: fall back to p, as the reference does.
+    sampled_id = tl.where(rejected & (residual_max > 0), residual_id, p_id)
+    next_id = tl.where(greedy, target_id, sampled_id)
+    _store_out_ids(out_ids_ptr, num_accepted_ptr, b, in_batch, positions, draft, num_accepted, next_id, K)
+
+
+def verify_sampling_triton(
+    target_logits: torch.Tensor,  # [B, K+1, V]
+    draft_ids: torch.Tensor,  # [B, K]
+    num_draft: torch.Tensor,  # [B]
+    draft_probs: torch.Tensor | None,  # [B, K, V] or None (one-hot q)
+    temperature: torch.Tensor,  # [B]
+    noise: SamplingNoise,
+) -> VerifyResult:
+    """Triton launcher with ``verify_sampling_ref``'s signature; equal ids for equal noise."""
+    B, K1, V = target_logits.shape
+    K = K1 - 1
+    device = target_logits.device
+    if noise.uniforms.shape != (B, K) or noise.exponentials.shape != (B, V):
+        raise ValueError(f"noise must hold uniforms [B, K] = {(B, K)} and exponentials [B, V] = {(B, V)}")
+    if target_logits.stride(-1) != 1:
+        target_logits = target_logits.contiguous()
+    has_draft_probs = draft_probs is not None
+    if has_draft_probs and draft_probs.stride(-1) != 1:
+        draft_probs = draft_probs.contiguous()
+    probs = draft_probs if has_draft_probs else target_logits  # a placeholder pointer, never read
+    draft_ids, num_draft = draft_ids.contiguous(), num_draft.contiguous()
+    temperature = temperature.to(device=device, dtype=torch.float32).contiguous()
+    uniforms = noise.uniforms.to(torch.float32).contiguous()
+    exponentials = noise.exponentials.to(torch.float32).contiguous()
+
+    accept = torch.empty(B, K1, dtype=torch.int8, device=device)
+    target_ids = torch.empty(B, K1, dtype=torch.long, device=device)
+    row_max = torch.empty(B, K1, dtype=torch.float32, device=device)
+    log_sum = torch.empty(B, K1, dtype=torch.float32, device=device)
+    out_ids = torch.empty(B, K1, dtype=torch.long, device=device)
+    num_accepted = torch.empty(B, dtype=torch.long, device=device)
+    if B == 0:
+        return VerifyResult(out_ids, num_accepted)
+    strides = (target_logits.stride(0), target_logits.stride(1), probs.stride(0), probs.stride(1))
+
+    BLOCK_R, BLOCK_V, num_warps = launch_shape(B * K1, V, device)
+    _sampling_stats_kernel[(triton.cdiv(B * K1, BLOCK_R),)](
+        target_logits, draft_ids, num_draft, probs, temperature, uniforms,
+        accept, target_ids, row_max, log_sum, B * K1, K, V, *strides,
+        HAS_DRAFT_PROBS=has_draft_probs, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=num_warps,
+    )
+    BLOCK_B, BLOCK_V, num_warps = launch_shape(B, V, device)
+    _sampling_emit_kernel[(triton.cdiv(B, BLOCK_B),)](
+        target_logits, draft_ids, num_draft, probs, temperature, exponentials,
+        accept, target_ids, row_max, log_sum, out_ids, num_accepted, B, K, V, *strides,
+        HAS_DRAFT_PROBS=has_draft_probs, BLOCK_B=BLOCK_B, BLOCK_K=triton.next_power_of_2(K1), BLOCK_V=BLOCK_V,
+        num_warps=num_warps,
+    )
+    return VerifyResult(out_ids, num_accepted)
+
+
 def verify_sampling(
     target_logits: torch.Tensor,  # [B, K+1, V]
     draft_ids: torch.Tensor,  # [B, K]
@@ -107,7 +322,8 @@ def verify_sampling(
 
     The emitted tokens are distributed exactly as the target's (temperature-scaled) distribution,
     whatever the draft distribution q. Noise comes from ``generator`` (or is passed in as ``noise``).
-    Returns ``(out_ids [B, K+1] -1-padded, num_accepted [B])``.
+    Returns ``(out_ids [B, K+1] -1-padded, num_accepted [B])``. ``num_draft[b]`` must lie in [0, K];
+    draft ids past it are ignored. Rows with ``temperature[b] <= 0`` are verified greedily.
     """
     check_verify_inputs(target_logits, draft_ids, num_draft)
     B, K1, V = target_logits.shape
@@ -118,7 +334,5 @@ def verify_sampling(
     if noise is None:
         noise = draw_noise(B, K1 - 1, V, target_logits.device, generator)
     if use_triton(impl, target_logits.device):
-        from .verify_sampling_triton import verify_sampling_triton
-
         return verify_sampling_triton(target_logits, draft_ids, num_draft, draft_probs, temperature, noise)
     return verify_sampling_ref(target_logits, draft_ids, num_draft, draft_probs, temperature, noise)
