@@ -163,7 +163,8 @@ def _sampling_stats_kernel(
     if HAS_DRAFT_PROBS:
         q_ptr = draft_probs_ptr + b.to(tl.int64) * probs_stride_b + k.to(tl.int64) * probs_stride_k
         q_draft = tl.load(q_ptr + draft_id, mask=in_range, other=0.0).to(tl.float32)
-        log_q_draft = tl.where(q_draft > 0, tl.log(tl.where(q_draft > 0, q_draft, 1.0)), float("inf"))  # q = 0 rejects
+        has_q = q_draft > 0
+        log_q_draft = tl.where(has_q, tl.log(tl.where(has_q, q_draft, 1.0)), float("inf"))  # q = 0 rejects
     else:
         log_q_draft = tl.zeros([BLOCK_R], tl.float32)  # one-hot q: log q = 0 at the draft token
     u = tl.load(uniforms_ptr + b.to(tl.int64) * K + k, mask=has_draft, other=0.5)
