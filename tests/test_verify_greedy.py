@@ -1,5 +1,7 @@
 """verify_greedy: hand-built accept/reject cases on both paths, Triton vs torch reference equality."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,3 +131,23 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 def test_input_checks():
     with pytest.raises(ValueError, match="draft_ids must be"):
         verify_greedy(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+
+
+def test_package_works_without_triton():
+    """The references need only torch; asking for the Triton path without triton is a clear error."""
+    script = """
+import sys
+sys.modules["triton"] = None  # makes `import triton` raise ImportError
+import torch
+from ctxdraft.triton_kernels import verify_greedy
+logits, draft_ids, num_draft = torch.randn(2, 3, 5), torch.zeros(2, 2, dtype=torch.long), torch.tensor([2, 1])
+assert verify_greedy(logits, draft_ids, num_draft).out_ids.shape == (2, 3)
+try:
+    verify_greedy(logits, draft_ids, num_draft, impl="triton")
+except RuntimeError as error:
+    assert "needs the triton package" in str(error)
+else:
+    raise AssertionError("impl='triton' without triton did not raise")
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
