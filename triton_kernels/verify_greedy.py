@@ -43,8 +43,8 @@ def _assemble(draft_ids: torch.Tensor, next_ids: torch.Tensor, num_accepted: tor
 def _argmax_update(values, cols, in_vocab, best_val, best_idx):
     """Fold one [R, BLOCK_V] tile into a running per-row argmax with torch.argmax's first-index ties.
 
-    Lanes past V (``in_vocab`` false) must hold -inf; they also take index V in the tie-break, so a
-    tail lane can never be the winner and no id >= V is ever returned.
+    Lanes past V (``in_vocab`` false) must hold -inf; they also rank after every real index in the
+    tie-break, so a tail lane can never be the winner and no id >= V is ever returned.
     """
     tile_max = tl.max(values, axis=1)  # [R]
     is_max = in_vocab[None, :] & (values == tile_max[:, None])
