@@ -120,7 +120,8 @@ def target_forward(stack: LayerStack, cache: DynamicCache, input_ids: list[int],
     """Target logits [1, T, V] for ``input_ids`` at positions start_pos.., reusing an exit draft's early states.
 
     An exit draft already ran layers [0, E) for the first positions (``draft_out.exit_hidden``): only the
-    positions it did not cover go through [0, E); all T positions then go through [E, L).
+    positions it did not cover go through [0, E); all T positions then go through [E, L). A draft that
+    stopped on low confidence has already covered all T positions.
     """
     positions = torch.arange(start_pos, start_pos + len(input_ids))
     L = stack.num_layers
@@ -129,8 +130,10 @@ def target_forward(stack: LayerStack, cache: DynamicCache, input_ids: list[int],
         hidden = stack.run(stack.embed(torch.tensor([input_ids])), 0, L, cache, positions)
     else:
         E, done = draft_out.exit_layer, early.shape[1]
-        rest = stack.run(stack.embed(torch.tensor([input_ids[done:]])), 0, E, cache, positions[done:])
-        hidden = stack.run(torch.cat([early, rest], dim=1), E, L, cache, positions)
+        if done < len(input_ids):
+            rest = stack.run(stack.embed(torch.tensor([input_ids[done:]])), 0, E, cache, positions[done:])
+            early = torch.cat([early, rest], dim=1)
+        hidden = stack.run(early, E, L, cache, positions)
     return stack.logits(hidden)
 
 
@@ -169,6 +172,8 @@ def speculative_decode(
     first = _verify(pre.last_logits, no_draft, config.temperature, config.top_p, generator).out_ids[0, 0].item()
     state = DecodeState(stack, cache, list(pre.prompt_ids) + [first], V, config.temperature, config.top_p, generator)
     new_ids = [first]
+    if on_tokens is not None:
+        on_tokens(new_ids)
     draft.start(state)
 
     while True:
@@ -197,11 +202,20 @@ def speculative_decode(
         _grow(stats.drafted_per_position, K)
         _grow(stats.accepted_per_position, num_accepted)
         if on_tokens is not None:
-            on_tokens(emitted)
+            on_tokens(_visible(emitted, config.max_new_tokens - (len(new_ids) - len(emitted)), eos_ids))
 
     stats.new_tokens = len(new_ids)
     stats.wall_s = pre.seconds + (time.perf_counter() - t0)
     return new_ids, stats
+
+
+def _visible(emitted: list[int], room: int, eos_ids) -> list[int]:
+    """The part of a step's tokens that will be returned (before EOS, within max_new_tokens)."""
+    shown = emitted[: max(room, 0)]
+    for i, token in enumerate(shown):
+        if token in eos_ids:
+            return shown[:i]
+    return shown
 
 
 def _grow(per_position: list[int], count: int) -> None:

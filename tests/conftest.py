@@ -1,3 +1,34 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: CPU tests run the kernels interpreted
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "specbench_dev.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with a character tokenizer and a chat template, saved as an HF directory."""
+    from tiny import char_tokenizer, save_model_dir, tiny_llama
+
+    tok = char_tokenizer()
+    return save_model_dir(tmp_path_factory.mktemp("tiny") / "tiny-llama", tiny_llama(len(tok), seed=0, max_positions=256), tok)
+
+
+@pytest.fixture(scope="session")
+def specbench_path():
+    if not SHARED_DATA.is_file():
+        pytest.skip(f"shared data not present at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep converted checkpoints in the user's cache (shared across tests), but never write elsewhere."""
+    yield

@@ -1,0 +1,131 @@
+"""The CLI through click's CliRunner, on tiny models in tmp dirs; bad inputs fail with one clear line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from ctxdraft.cli.main import main
+from ctxdraft.selfdraft.bundle import load_bundle, new_bundle_info
+from ctxdraft.selfdraft.fileio import write_json_atomic
+from ctxdraft.selfdraft.target import load_target
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(main, list(args), input=input)
+
+
+def assert_clean_error(result, needle):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert needle in result.output, result.output
+
+
+@pytest.fixture()
+def tiny_bundle(tiny_model_dir, tmp_path):
+    target = load_target(tiny_model_dir)
+    bundle = tmp_path / "bundle"
+    info = new_bundle_info(target, str(tiny_model_dir))
+    write_json_atomic(bundle / "bundle.json", info)
+    return bundle
+
+
+def test_generate_json_with_target(tiny_model_dir):
+    r = invoke("generate", "abc abc abc", "--target", str(tiny_model_dir), "--draft", "lookup", "--max-new-tokens", "12", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["arm"] == "lookup" and len(out["token_ids"]) <= 12
+    assert {"target_forwards", "drafted_tokens", "accepted_tokens", "accepted_per_position", "route_s", "wall_s", "tokens_per_s"} <= set(out["stats"])
+
+
+def test_generate_arms_agree_and_stdin(tiny_bundle):
+    outs = {}
+    for arm in ("none", "lookup"):
+        r = invoke("generate", "-", "--bundle", str(tiny_bundle), "--draft", arm, "--max-new-tokens", "20", "--json", "--no-chat", input="hello hello hello")
+        assert r.exit_code == 0, r.output
+        outs[arm] = json.loads(r.output)["token_ids"]
+    assert outs["none"] == outs["lookup"]
+
+
+def test_generate_auto_without_policy_uses_default_arm(tiny_bundle):
+    r = invoke("generate", "xyz", "--bundle", str(tiny_bundle), "--max-new-tokens", "5")
+    assert r.exit_code == 0, r.output
+    assert "default arm" in r.output
+
+
+def test_stream_prints_the_same_text(tiny_bundle):
+    plain = invoke("generate", "hi there", "--bundle", str(tiny_bundle), "--draft", "none", "--max-new-tokens", "10", "--json")
+    streamed = invoke("generate", "hi there", "--bundle", str(tiny_bundle), "--draft", "none", "--max-new-tokens", "10", "--stream")
+    assert streamed.exit_code == 0
+    assert json.loads(plain.output)["text"] in streamed.output
+
+
+def test_info(tiny_bundle):
+    r = invoke("info", "--bundle", str(tiny_bundle), "--json")
+    assert r.exit_code == 0, r.output
+    assert [a["name"] for a in json.loads(r.output)["arms"]] == ["none", "lookup"]
+
+
+@pytest.mark.parametrize(
+    "args,input,needle",
+    [
+        (["", "--draft", "none"], None, "prompt is empty"),
+        (["hi", "--max-new-tokens", "0"], None, "max_new_tokens must be > 0"),
+        (["hi", "--draft", "nope"], None, "unknown arm 'nope'"),
+        (["hi", "--top-p", "0"], None, "top_p"),
+        (["-"], b"\xff\xfe\xfa", "not UTF-8"),
+        (["x" * 400, "--no-chat"], None, "exceeds the model's context"),
+    ],
+)
+def test_generate_bad_input(tiny_bundle, args, input, needle):
+    r = invoke("generate", *args, "--bundle", str(tiny_bundle), input=input)
+    assert_clean_error(r, needle)
+
+
+def test_missing_and_corrupt_bundles(tmp_path, tiny_bundle):
+    assert_clean_error(invoke("generate", "hi", "--bundle", str(tmp_path / "nope")), "bundle not found")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "bundle.json").write_text("{not json")
+    assert_clean_error(invoke("generate", "hi", "--bundle", str(tmp_path / "bad")), "not valid JSON")
+    (tmp_path / "bad" / "bundle.json").write_text('{"hello": 1}')
+    assert_clean_error(invoke("info", "--bundle", str(tmp_path / "bad")), "not a ctxdraft bundle")
+
+
+def test_bundle_for_another_target(tiny_bundle, tmp_path):
+    from tiny import char_tokenizer, save_model_dir, tiny_llama
+
+    tok = char_tokenizer()
+    other = save_model_dir(tmp_path / "other", tiny_llama(len(tok), seed=5), tok)
+    assert_clean_error(invoke("generate", "hi", "--bundle", str(tiny_bundle), "--target", str(other)), "was made for target")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    d = tmp_path / "broken"
+    d.mkdir()
+    (d / "config.json").write_text("{")
+    assert_clean_error(invoke("generate", "hi", "--target", str(d)), "cannot load")
+    assert_clean_error(invoke("generate", "hi", "--target", str(tmp_path / "missing")), "cannot load target")
+
+
+def test_draft_model_with_other_vocabulary(tiny_bundle, tmp_path):
+    from tiny import char_tokenizer, save_model_dir, tiny_llama
+
+    tok = char_tokenizer(extra=["<extra>"])
+    other = save_model_dir(tmp_path / "other-vocab", tiny_llama(len(tok), seed=2, layers=1), tok)
+    info = json.loads((tiny_bundle / "bundle.json").read_text())
+    info["arms"].append({"name": "model:other", "kind": "model", "settings": {"path": str(other), "draft_len": 3}})
+    (tiny_bundle / "bundle.json").write_text(json.dumps(info))
+    assert_clean_error(invoke("generate", "hi", "--bundle", str(tiny_bundle), "--draft", "model:other"), "another vocabulary")
+
+
+def test_model_draft_arm_from_bundle_is_lossless(tiny_bundle, tiny_model_dir):
+    info = json.loads((tiny_bundle / "bundle.json").read_text())
+    info["arms"].append({"name": "model:self", "kind": "model", "settings": {"path": str(tiny_model_dir), "draft_len": 3}})
+    (tiny_bundle / "bundle.json").write_text(json.dumps(info))
+    b = load_bundle(tiny_bundle)
+    a = b.generate("the cat", draft="none", max_new_tokens=15)
+    m = b.generate("the cat", draft="model:self", max_new_tokens=15)
+    assert a.token_ids == m.token_ids
+    assert m.stats.accepted_tokens == m.stats.drafted_tokens > 0

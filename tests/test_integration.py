@@ -1,0 +1,48 @@
+"""The real embedded default target (SmolLM2-135M-Instruct): speculative output equals HF greedy."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctxdraft.selfdraft.bundle import load_bundle
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "List the first ten prime numbers, separated by commas, then list them again in reverse order.",
+    "Summarize in two sentences: The town council met on Tuesday to discuss the new bridge. The bridge will "
+    "connect the old market to the train station. Construction starts in May and should take two years. "
+    "The council said the bridge will cost four million euros.",
+    "Write a Python function that returns the factorial of n.",
+]
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle()
+
+
+def hf_greedy(model, ids, n, eos):
+    inp = torch.tensor([ids])
+    out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+    for i, t in enumerate(out):
+        if t in eos:
+            return out[:i]
+    return out
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_none_and_lookup_equal_hf_greedy(bundle, prompt):
+    target = bundle.target
+    ids = target.encode(prompt)
+    expected = hf_greedy(target.model, ids, 48, target.eos_ids)
+    for arm in ("none", "lookup"):
+        result = bundle.generate(prompt, draft=arm, max_new_tokens=48)
+        assert result.prompt_ids == ids
+        assert result.token_ids == expected, f"arm {arm} diverged from HF greedy"
+        assert result.text == target.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_default_bundle_matches_the_embedded_target(bundle):
+    bundle.check_target(bundle.target)
+    assert bundle.target.num_layers == 30 and bundle.target.vocab_size == 49152
