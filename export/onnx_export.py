@@ -10,7 +10,9 @@ The file holds (docs/policy.md is the reference for other runtimes):
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -65,6 +67,22 @@ def _example_input(policy: nn.Module) -> torch.Tensor:
     return token_ids
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter logs about every optional op library it cannot find (torchvision) and
+    raises FutureWarnings from torch internals; none of it concerns a policy MLP."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _to_onnx(policy: nn.Module) -> onnx.ModelProto:
     graph = _ProbsGraph(policy).eval()
     example = _example_input(policy)
@@ -72,9 +90,10 @@ def _to_onnx(policy: nn.Module) -> onnx.ModelProto:
     batch = torch.export.Dim("batch")
     dynamic = {0: batch} if policy.feature_kind == "hidden" else {0: batch, 1: torch.export.Dim("time")}
     try:
-        program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[input_name],
-                                    output_names=[PROBS_OUTPUT], dynamic_shapes={"inputs": dynamic},
-                                    verbose=False)
+        with _quiet_exporter():
+            program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[input_name],
+                                        output_names=[PROBS_OUTPUT], dynamic_shapes={"inputs": dynamic},
+                                        verbose=False)
         return program.model_proto
     except Exception as e:  # noqa: BLE001 - any exporter failure: try the TorchScript exporter below
         # The dynamo exporter is the supported path (it needs onnxscript); the TorchScript exporter is
@@ -143,6 +162,7 @@ def export_policy(policy: nn.Module, path: str | os.PathLike, arms: list, featur
     onnx.checker.check_model(model, full_check=True)
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the policy is read by whoever serves the bundle
     return Path(path)
 
 

@@ -126,6 +126,7 @@ def test_graph_shapes_checker_size_and_metadata(exported):
         assert features == feature_spec(policy, layer=LAYER)
         assert features["kind"] == kind and features["pooling"] == "mean"
         assert path.stat().st_size < 1_000_000
+        assert path.stat().st_mode & 0o777 == 0o644
         assert read_metadata(path) == {"arms": ARMS, "features": features, "target": TARGET, "version": "0.1.0"}
     assert json.loads({p.key: p.value for p in onnx.load(str(exported["hidden"][1])).metadata_props}[
         "ctxdraft.features"])["dim"] == FEATURE_DIM
@@ -261,3 +262,20 @@ def test_router_uses_cuda_only_when_the_session_really_gets_it(exported, monkeyp
     asked.clear()
     OnnxRouter(exported["hidden"][1], device="cpu")
     assert asked == [["CPUExecutionProvider"]]
+
+
+def test_falls_back_to_the_torchscript_exporter_when_dynamo_fails(exported, tmp_path, monkeypatch):
+    policy, _ = exported["tokens"]
+    real_export = torch.onnx.export
+
+    def export(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("simulated dynamo failure")
+        return real_export(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    with pytest.warns(UserWarning, match="simulated dynamo failure"):
+        path = export_policy(policy, tmp_path / "p.onnx", ARMS, feature_spec(policy), TARGET, "0.1.0")
+    token_lists = random_token_lists(5, seed=4)
+    np.testing.assert_allclose(OnnxRouter(path).probs(token_lists), torch_probs(policy, pad_token_ids(token_lists)),
+                               atol=1e-5)
