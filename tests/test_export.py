@@ -264,6 +264,7 @@ def test_router_uses_cuda_only_when_the_session_really_gets_it(exported, monkeyp
     assert asked == [["CPUExecutionProvider"]]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter says it is legacy
 def test_falls_back_to_the_torchscript_exporter_when_dynamo_fails(exported, tmp_path, monkeypatch):
     policy, _ = exported["tokens"]
     real_export = torch.onnx.export
