@@ -1,0 +1,96 @@
+"""`ctxdraft bench`: ctxdraft's arms and policy against HF generate, interleaved, with an equality check."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ctxdraft.selfdraft.bench import BenchConfig, run_bench, select_prompts, write_bench_outputs
+from ctxdraft.selfdraft.bundle import load_bundle
+from ctxdraft.selfdraft.fileio import read_prompts
+
+from .common import echo_json
+from .main import main
+
+
+class _Bar:
+    """One tqdm bar per stage on a terminal (stderr); silent otherwise."""
+
+    def __init__(self):
+        self.enabled = sys.stderr.isatty()
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.bar = tqdm(total=total, desc=stage, file=sys.stderr, leave=False)
+            self.stage = stage
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _parse_arms(value: str) -> list[str] | None:
+    if value.strip() == "all":
+        return None
+    return [a.strip() for a in value.split(",") if a.strip()]
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="Bundle directory (default: the shipped bundle of the default model).")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="JSONL prompts: 'prompt' (or 'text'), optional 'id' and 'domain'.")
+@click.option("--per-domain", type=int, help="Bench only the first N prompts of each domain (after the split).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--arms", default="all", show_default=True, help="Comma-separated arms to run (may include 'auto'), or 'all'.")
+@click.option("--baselines", type=click.Choice(["hf", "none"]), default="hf", show_default=True,
+              help="hf: also HF prompt lookup and HF early exit; none: only plain HF generate (always run: the reference).")
+@click.option("--repeats", default=1, show_default=True, type=int, help="Time each prompt and method R times; the median counts.")
+@click.option("--split", type=click.Choice(["eval", "all"]), default="eval", show_default=True,
+              help="eval: only the prompts the bundle held out from policy training (all prompts if it records none).")
+@click.option("--out", "out_dir", default="bench_out", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for bench.json, bench.md and bench.png.")
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="> 0: seeded sampling runs (no equality check).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print bench.json instead of the Markdown table.")
+def bench(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, repeats, split, out_dir, temperature, seed, as_json):
+    """Time ctxdraft against HF generate on a prompt file; check greedy outputs are identical.
+
+    Every prompt runs every method (HF generate, HF prompt lookup, HF early exit, each arm of the
+    bundle, auto, and the per-prompt oracle) before the next prompt, in rotating order, so machine
+    drift hits all alike. A greedy output that differs from HF generate is reported as a MISMATCH
+    (the exit code stays 0).
+
+    \b
+    Examples:
+      ctxdraft bench --data prompts.jsonl --per-domain 3 --max-new-tokens 64 --out /tmp/bench
+      ctxdraft bench --bundle my_bundle --data prompts.jsonl --arms lookup,auto --repeats 3 --json
+      ctxdraft bench --data prompts.jsonl --temperature 0.7 --seed 1
+    """
+    config = BenchConfig(max_new_tokens=max_new_tokens, arms=_parse_arms(arms), baselines=baselines, repeats=repeats,
+                         temperature=temperature, seed=seed)
+    config.validate()
+    rows = read_prompts(data)
+    bundle = load_bundle(bundle_dir)
+    rows, notes = select_prompts(rows, bundle, split, per_domain)
+    bar = _Bar()
+    try:
+        report = run_bench(bundle, rows, config, progress=bar)
+    finally:
+        bar.close()
+    report.notes[:0] = notes
+    written = write_bench_outputs(report, out_dir)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        click.echo(report.markdown())
+        click.echo(f"wrote {', '.join(str(p) for p in written.values())}")
+    if not report.ok:
+        click.echo(report.status_line(), err=True)

@@ -1,0 +1,256 @@
+"""The bench on tiny random models: every method present, greedy equality checked, mismatches reported, CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ctxdraft.cli.main import main
+from ctxdraft.selfdraft.bench import (
+    ORACLE,
+    REFERENCE,
+    BenchConfig,
+    Method,
+    RunOutput,
+    best_exit_layer,
+    hf_generate,
+    run_bench,
+    select_prompts,
+    write_bench_outputs,
+)
+from ctxdraft.selfdraft.bundle import Bundle, load_bundle, new_bundle_info
+from ctxdraft.selfdraft.errors import CtxdraftError
+from ctxdraft.selfdraft.fileio import write_json_atomic
+from ctxdraft.selfdraft.target import load_target
+
+ROWS = [
+    {"id": "p1", "domain": "qa", "prompt": "the cat sat on the mat. the cat sat"},
+    {"id": "p2", "domain": "math", "prompt": "1+1=2, 2+2=4, 3+3="},
+    {"id": "p3", "domain": "qa", "prompt": "hello world"},
+]
+EXIT_LAYER = 2
+
+
+def _tokens_policy(bundle_dir, info):
+    """A small untrained tokens policy over the bundle's arms, exported to bundle_dir/policy.onnx."""
+    pytest.importorskip("onnxruntime")
+    from ctxdraft.export import export_policy
+    from ctxdraft.selfdraft.policy import PolicyConfig, build_policy, feature_spec, rewards_from_rows
+
+    rows = [{"id": i, "domain": "all", "prompt_len": 3, "features": {"tokens": [3 + i, 4, 5]},
+             "arms": {a["name"]: {"speedup": 1.0 + 0.1 * j * (i % 2)} for j, a in enumerate(info["arms"])}} for i in range(6)]
+    data = rewards_from_rows(rows)
+    torch.manual_seed(0)
+    policy = build_policy(data, list(range(len(rows))), PolicyConfig(feature_kind="tokens", hidden_sizes=(8,))).eval()
+    spec = feature_spec(policy)
+    export_policy(policy, bundle_dir / "policy.onnx", info["arms"], spec, info["target"], "0.1.0")
+    return spec
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine each op would wait for a busy core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tiny_model_dir, tmp_path_factory):
+    """A tiny bundle with the base arms, a recorded exit layer (for HF's early exit) and a policy."""
+    path = tmp_path_factory.mktemp("bench") / "bundle"
+    path.mkdir()
+    info = new_bundle_info(load_target(tiny_model_dir), str(tiny_model_dir))
+    info["exits"] = [{"layer": 1, "agreement": 0.9, "speedup": 0.8}, {"layer": EXIT_LAYER, "agreement": 0.5, "speedup": 1.2}]
+    info["features"] = _tokens_policy(path, info)
+    info["policy"] = "policy.onnx"
+    write_json_atomic(path / "bundle.json", info)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir):
+    return load_bundle(bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def greedy_report(bundle):
+    return run_bench(bundle, ROWS, BenchConfig(max_new_tokens=12, repeats=2))
+
+
+def test_greedy_every_method_present_and_identical(greedy_report, bundle):
+    report = greedy_report
+    names = [m["name"] for m in report.methods]
+    assert names == [REFERENCE, "hf-lookup", f"hf-early-exit@{EXIT_LAYER}", "none", "lookup", "auto", ORACLE]
+    assert report.ok and report.mismatches == [] and "identical" in report.status_line()
+    assert len(report.results) == len(ROWS) * len(names)
+    assert all(r.matches for r in report.results)
+    assert all(len(r.seconds_all) == 2 for r in report.results if r.method != ORACLE)
+    assert report.domains == ["qa", "math"]
+    # Every method produced the reference's tokens, so every method has the same token count per prompt.
+    for prompt_id in ("p1", "p2", "p3"):
+        counts = {r.new_tokens for r in report.results if r.prompt_id == prompt_id}
+        assert len(counts) == 1 and counts.pop() > 0
+    auto = [r for r in report.results if r.method == "auto"]
+    assert all(r.arm in bundle.arms for r in auto)
+
+
+def test_summary_numbers(greedy_report):
+    report = greedy_report
+    overall = {s.method: s for s in report.summary["overall"]}
+    assert overall[REFERENCE].speedup == pytest.approx(1.0) and overall[REFERENCE].median_speedup == pytest.approx(1.0)
+    for s in overall.values():
+        assert s.num_prompts == len(ROWS) and s.tokens_per_s > 0 and s.mismatches == 0
+        assert s.tokens_per_s == pytest.approx(s.new_tokens / s.seconds)
+    # Target forwards are counted for HF methods too; `none` and plain generate take one forward per token.
+    assert overall[REFERENCE].tokens_per_forward == pytest.approx(overall["none"].tokens_per_forward)
+    assert overall["lookup"].tokens_per_forward >= 1.0 and overall["hf-lookup"].tokens_per_forward >= 1.0
+    # The oracle is, prompt by prompt, the fastest of the arms (auto excluded).
+    for prompt_id in ("p1", "p2", "p3"):
+        arms = [r for r in report.results if r.prompt_id == prompt_id and r.method in ("none", "lookup")]
+        oracle = next(r for r in report.results if r.prompt_id == prompt_id and r.method == ORACLE)
+        assert oracle.tokens_per_s == max(r.tokens_per_s for r in arms) and oracle.arm in ("none", "lookup")
+    assert sum(overall[ORACLE].arms_chosen.values()) == len(ROWS)
+    assert set(report.summary) == {"qa", "math", "overall"}
+    assert {s.num_prompts for s in report.summary["qa"]} == {2}
+
+
+def test_outputs_written(greedy_report, tmp_path):
+    written = write_bench_outputs(greedy_report, tmp_path / "out")
+    assert set(written) == {"json", "md", "png"}
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert data["ok"] is True and data["num_mismatches"] == 0
+    assert {m["name"] for m in data["methods"]} >= {REFERENCE, "auto", ORACLE}
+    assert data["environment"]["cpu_count"] >= 1 and data["config"]["max_new_tokens"] == 12
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert "| hf-lookup |" in md and "| oracle |" in md and "MISMATCH" not in md
+    assert (tmp_path / "out" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_broken_method_is_reported(bundle):
+    def off_by_one(prompt, config):
+        out = hf_generate(bundle, prompt, config)
+        if prompt.id == "p2" and out.token_ids:
+            out.token_ids[-1] = (out.token_ids[-1] + 1) % bundle.target.vocab_size
+        return RunOutput(out.token_ids, out.seconds)
+
+    report = run_bench(bundle, ROWS, BenchConfig(max_new_tokens=8, arms=["lookup"], baselines="none"),
+                       extra_methods=[Method("broken", "hf", off_by_one)])
+    assert [m["name"] for m in report.methods] == [REFERENCE, "lookup", "broken", ORACLE]
+    assert not report.ok
+    assert [(m.method, m.prompt_id, m.first_diff) for m in report.mismatches] == [("broken", "p2", 7)]
+    assert report.status_line().startswith("MISMATCH: 1 greedy output")
+    assert "broken on p2" in report.status_line()
+    broken = next(s for s in report.summary["overall"] if s.method == "broken")
+    assert broken.mismatches == 1 and broken.tokens_per_forward is None
+    assert "MISMATCH: broken on prompt p2" in report.markdown()
+    assert report.to_dict()["mismatches"][0]["method"] == "broken"
+
+
+def test_sampling_runs_without_equality_check(bundle):
+    report = run_bench(bundle, ROWS[:2], BenchConfig(max_new_tokens=8, temperature=0.8, seed=3, arms=["lookup", "auto"]))
+    assert report.config["greedy"] is False and report.ok
+    assert all(r.matches is None for r in report.results)
+    assert "not compared" in report.status_line()
+    # Seeded: a second run samples the same tokens.
+    again = run_bench(bundle, ROWS[:2], BenchConfig(max_new_tokens=8, temperature=0.8, seed=3, arms=["lookup", "auto"]))
+    assert [r.new_tokens for r in report.results] == [r.new_tokens for r in again.results]
+
+
+def test_best_exit_layer():
+    assert best_exit_layer({"exits": []}) is None
+    assert best_exit_layer({}) is None
+    assert best_exit_layer({"exits": [{"layer": 4, "speedup": 1.1}, {"layer": 9, "speedup": 1.4}, {"layer": 12, "speedup": 1.3}]}) == 9
+    assert best_exit_layer({"exits": [{"layer": 4, "agreement": 0.3}, {"layer": 9, "agreement": 0.6}]}) == 9
+
+
+def _rows(domains):
+    return [{"id": i, "domain": d, "prompt": f"prompt {i}"} for i, d in enumerate(domains)]
+
+
+def test_select_prompts_split_and_per_domain():
+    rows = _rows(["a", "a", "a", "b", "b", "c"])
+    bundle = Bundle(None, {"arms": []})
+    kept, notes = select_prompts(rows, bundle, "eval", 2)
+    assert [r["id"] for r in kept] == [0, 1, 3, 4, 5]
+    assert "no held-out split" in notes[0]
+    bundle.info["policy_split"] = {"eval_ids": ["1", 2, 4, 5]}  # ids match whether stored as str or int
+    kept, notes = select_prompts(rows, bundle, "eval", 1)
+    assert [r["id"] for r in kept] == [1, 4, 5] and "held-out split (4 of 6" in notes[0]
+    kept, _ = select_prompts(rows, bundle, "all", None)
+    assert len(kept) == 6
+    bundle.info["policy_split"] = {"eval_ids": ["nope"]}
+    with pytest.raises(CtxdraftError, match="held-out prompt ids are in the data file"):
+        select_prompts(rows, bundle, "eval")
+    with pytest.raises(CtxdraftError, match="per-domain must be >= 1"):
+        select_prompts(rows, bundle, "all", 0)
+
+
+def test_select_prompts_reads_train_policy_report(tmp_path):
+    write_json_atomic(tmp_path / "reports" / "train_policy.json", {"eval_ids": [0, 5]})
+    kept, _ = select_prompts(_rows(["a", "a", "b", "b", "c", "c"]), Bundle(tmp_path, {"arms": []}), "eval")
+    assert [r["id"] for r in kept] == [0, 5]
+
+
+# -- CLI ------------------------------------------------------------------------------------------------
+def invoke(*args):
+    return CliRunner().invoke(main, ["bench", *args])
+
+
+def assert_clean_error(result, needle):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert needle in result.output, result.output
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return path
+
+
+def test_cli_bench(bundle_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    r = invoke("--bundle", str(bundle_dir), "--data", str(data_file), "--per-domain", "1", "--max-new-tokens", "6",
+               "--arms", "none,lookup", "--baselines", "none", "--split", "all", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert "identical to HF generate" in r.output and "| lookup |" in r.output and "| auto |" not in r.output
+    assert "first 1 prompts of each domain" in r.output
+    assert {p.name for p in out.iterdir()} == {"bench.json", "bench.md", "bench.png"}
+    data = json.loads((out / "bench.json").read_text())
+    assert [p["id"] for p in data["prompts"]] == ["p1", "p2"]
+
+    r = invoke("--bundle", str(bundle_dir), "--data", str(data_file), "--max-new-tokens", "4", "--arms", "lookup",
+               "--baselines", "none", "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["ok"] is True and [m["name"] for m in data["methods"]] == [REFERENCE, "lookup", ORACLE]
+    assert any("no held-out split" in n for n in data["notes"])
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--data", "MISSING"], "data file not found"),
+        (["--per-domain", "0"], "--per-domain must be >= 1"),
+        (["--arms", "lookup,nope"], "unknown arm 'nope'"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be > 0"),
+        (["--repeats", "0"], "repeats must be >= 1"),
+    ],
+)
+def test_cli_bad_input(bundle_dir, data_file, tmp_path, args, needle):
+    base = ["--bundle", str(bundle_dir), "--out", str(tmp_path / "out")]
+    if "--data" not in args:
+        base += ["--data", str(data_file)]
+    else:
+        args = ["--data", str(tmp_path / "missing.jsonl")]
+    r = invoke(*base, *args)
+    assert_clean_error(r, needle)
+    assert len([line for line in r.output.splitlines() if line.strip()]) == 1
+    assert not (tmp_path / "out").exists()
