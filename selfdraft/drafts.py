@@ -30,8 +30,8 @@ class DraftOutput:
     ids: list[int]  # the K proposed tokens (K may be 0)
     probs: torch.Tensor | None = None  # [K, V] q for each proposed token; None: one-hot (greedy or model-free)
     # Exit drafts: layer-E residual states of the first K input positions (pending token, d1..d_{K-1}),
-    # so verification only runs layers [E, L) for them.
-    exit_hidden: torch.Tensor | None = None  # [1, K, D]
+    # so verification only runs layers [E, L) for them; K+1 positions (d_K too) when the draft already ran them.
+    exit_hidden: torch.Tensor | None = None  # [1, K, D] or [1, K+1, D]
     exit_layer: int = 0
 
 
