@@ -1,0 +1,225 @@
+"""`ctxdraft collect`, `ctxdraft train-policy` and `ctxdraft export-policy`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ctxdraft.selfdraft.errors import CtxdraftError
+
+from .common import echo_json
+from .main import main
+
+
+def _open_bundle(bundle_dir: str):
+    from ctxdraft.selfdraft.bundle import load_bundle
+
+    return load_bundle(bundle_dir)
+
+
+def _run_collect(bundle, data_path, out, config, as_json: bool) -> dict:
+    from ctxdraft.selfdraft.collect import collect
+    from ctxdraft.selfdraft.fileio import read_prompts
+
+    rows = read_prompts(data_path)
+    bar = None
+    if sys.stderr.isatty() and not as_json:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, desc="collect", unit="prompt", file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        return collect(bundle, rows, out, config, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _print_collect(summary: dict) -> None:
+    click.echo(f"Collected {summary['num_new']} prompt(s) into {summary['out']} "
+               f"({summary['num_skipped']} already there; {summary['num_rows']} rows in all) "
+               f"in {summary['seconds']['total']:.0f} s.")
+    prof = summary["cost_profile"]
+    fwd = prof["target_forward_ms"]
+    click.echo(f"Cost profile at {prof['context_tokens']} context tokens"
+               f"{' (measured now)' if summary['profiled_now'] else ''}: target step {fwd['1']:.1f} ms for 1 position, "
+               f"{fwd[max(fwd, key=int)]:.1f} ms for {max(map(int, fwd))}.")
+    check = summary["exactness_check"]
+    if check["arm"]:
+        click.echo(f"Simulated trajectories of {check['arm']} equal the real run on {check['exact']}/{check['prompts']} prompts.")
+    overall = summary.get("overall")
+    if overall:
+        domains = summary["domains"]
+        names = list(overall["speedup"])
+        width = max(len(n) for n in names + ["oracle"]) + 1
+        cols = list(domains) + ["overall"]
+        click.echo("\nModelled mean speed-up over plain decoding:")
+        click.echo(f"{'arm':<{width}}" + "".join(f"{c[:12]:>13}" for c in cols))
+        for name in names + ["oracle"]:
+            cells = []
+            for c in cols:
+                block = overall if c == "overall" else domains[c]
+                cells.append(block["oracle"] if name == "oracle" else block["speedup"][name])
+            click.echo(f"{name:<{width}}" + "".join(f"{v:>13.3f}" for v in cells))
+    wall = summary.get("wallclock")
+    if wall and "skipped" not in wall:
+        r = wall["pearson_speedup"]
+        click.echo(f"\nWall-clock check on {wall['num_prompts']} prompt(s): Pearson r "
+                   f"{'n/a' if r is None else f'{r:.3f}'} between modelled and measured speed-ups, mean abs error "
+                   f"{wall['mean_abs_error_speedup']:.3f}; trajectories exact {wall['trajectories_exact']}.")
+    elif wall:
+        click.echo(f"\nWall-clock check skipped: {wall['skipped']}")
+
+
+_COLLECT_OPTIONS = [
+    click.option("--max-new-tokens", default=128, show_default=True, type=int, help="Tokens generated per prompt."),
+    click.option("--draft-len", type=int, default=None, help="Override every drafting arm's draft length for this collection."),
+    click.option("--wallclock-sample", type=int, default=0, show_default=True,
+                 help="Also run N prompts for real with every arm and compare measured with modelled speed-ups."),
+    click.option("--reprofile", is_flag=True, help="Measure the cost profile again even if the bundle has one."),
+]
+
+
+def _with_options(options):
+    def wrap(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return wrap
+
+
+@main.command("collect")
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="JSONL prompts: 'prompt' (or 'text'), optional 'id', 'domain'.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Rewards JSONL to write (one row per prompt).")
+@_with_options(_COLLECT_OPTIONS)
+@click.option("--resume", is_flag=True, help="Keep the rows already in --out and collect only the missing prompts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def collect_cmd(bundle_dir, data_path, out_path, max_new_tokens, draft_len, wallclock_sample, reprofile, resume, as_json):
+    """Log every arm's speed-up on every prompt: the offline data for `train-policy`.
+
+    Per prompt the target's greedy continuation is generated once; every arm's exact speculative
+    trajectory then follows from one teacher-forced pass of its draft, and its reward is the modelled
+    speed-up over plain decoding (costs profiled once on this machine, stored in bundle.json).
+
+    \b
+    Examples:
+      ctxdraft collect my_bundle --data prompts.jsonl --out rewards.jsonl
+      ctxdraft collect my_bundle --data prompts.jsonl --out rewards.jsonl --resume --wallclock-sample 6 --json
+    """
+    from ctxdraft.selfdraft.collect import CollectConfig
+
+    config = CollectConfig(max_new_tokens=max_new_tokens, draft_len=draft_len, resume=resume,
+                           wallclock_sample=wallclock_sample, reprofile=reprofile)
+    config.validate()
+    summary = _run_collect(_open_bundle(bundle_dir), data_path, out_path, config, as_json)
+    if as_json:
+        echo_json(summary)
+    else:
+        _print_collect(summary)
+
+
+def _print_report(report: dict) -> None:
+    from ctxdraft.selfdraft.policy import report_markdown
+
+    click.echo(report_markdown(report), nl=False)
+    onnx = report.get("onnx", {})
+    if "max_abs_diff" in onnx:
+        click.echo(f"- policy.onnx ({onnx['provider']}): max |onnxruntime - torch| = {onnx['max_abs_diff']:.2e}, "
+                   f"one routing decision {onnx['choose_median_ms']:.3f} ms")
+
+
+@main.command("train-policy")
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--rewards", "rewards_path", type=click.Path(dir_okay=False), help="Rewards JSONL from `ctxdraft collect`.")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="Prompts JSONL: collect into BUNDLE/rewards.jsonl first (resumes).")
+@click.option("--features", "feature_kind", type=click.Choice(["hidden", "tokens"]), default="hidden", show_default=True,
+              help="hidden: the target's pooled prefill state; tokens: the prompt's token ids.")
+@click.option("--epochs", type=int, default=300, show_default=True)
+@click.option("--eval-frac", type=float, default=0.25, show_default=True, help="Held-out fraction (stratified by domain).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_with_options(_COLLECT_OPTIONS)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def train_policy_cmd(bundle_dir, rewards_path, data_path, feature_kind, epochs, eval_frac, seed, max_new_tokens, draft_len,
+                     wallclock_sample, reprofile, as_json):
+    """Train the routing policy (REINFORCE, as in the paper; plus a supervised baseline) and write
+    BUNDLE/policy.onnx, which `generate --draft auto` then uses.
+
+    The report compares, on held-out prompts and per domain, the policy's mean speed-up with every
+    single arm and with the per-prompt oracle (BUNDLE/reports/train_policy.json and .md).
+
+    \b
+    Examples:
+      ctxdraft train-policy my_bundle --rewards rewards.jsonl
+      ctxdraft train-policy my_bundle --data prompts.jsonl --features tokens --json
+    """
+    from ctxdraft.selfdraft.collect import CollectConfig, pool_key
+    from ctxdraft.selfdraft.fileio import read_prompts
+    from ctxdraft.selfdraft.policy import PolicyConfig
+    from ctxdraft.selfdraft.routing import train_bundle_policy
+
+    if (rewards_path is None) == (data_path is None):
+        raise CtxdraftError("give either --rewards FILE (from `ctxdraft collect`) or --data FILE (collects first)")
+    if epochs < 1:
+        raise CtxdraftError(f"--epochs must be >= 1, got {epochs}")
+    if not 0 < eval_frac < 1:
+        raise CtxdraftError(f"--eval-frac must be between 0 and 1, got {eval_frac}")
+    bundle = _open_bundle(bundle_dir)
+    ids = None
+    collected = None
+    if data_path is not None:
+        rewards_path = Path(bundle_dir) / "rewards.jsonl"
+        config = CollectConfig(max_new_tokens=max_new_tokens, draft_len=draft_len, wallclock_sample=wallclock_sample,
+                               reprofile=reprofile, resume=_can_resume(rewards_path, pool_key(bundle, draft_len), max_new_tokens))
+        config.validate()
+        collected = _run_collect(bundle, data_path, rewards_path, config, as_json)
+        ids = {r["id"] for r in read_prompts(data_path)}
+        if not as_json:
+            _print_collect(collected)
+            click.echo()
+    config = PolicyConfig(feature_kind=feature_kind, epochs=epochs, seed=seed)
+    report = train_bundle_policy(bundle, rewards_path, config, eval_frac, ids=ids)
+    if as_json:
+        echo_json({"report": report, "collect": collected, "policy": str(Path(bundle_dir) / "policy.onnx")})
+        return
+    _print_report(report)
+    click.echo(f"Wrote {Path(bundle_dir) / 'policy.onnx'}; `ctxdraft generate --bundle {bundle_dir} ...` now routes with it.")
+
+
+def _can_resume(path: Path, key: str, max_new_tokens: int) -> bool:
+    """Whether an existing rewards file can be continued (same pool and settings); otherwise start over."""
+    from ctxdraft.selfdraft.collect import read_rows_for_resume
+
+    try:
+        rows = read_rows_for_resume(path)
+    except CtxdraftError:
+        return False
+    return bool(rows) and all(r.get("pool") == key and r.get("max_new_tokens") == max_new_tokens for r in rows)
+
+
+@main.command("export-policy")
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the file's metadata as JSON.")
+def export_policy_cmd(bundle_dir, as_json):
+    """Re-export BUNDLE/policy.onnx from the saved policy weights (BUNDLE/policy.safetensors).
+
+    \b
+    Example:
+      ctxdraft export-policy my_bundle --json
+    """
+    from ctxdraft.export.onnx_export import read_metadata
+    from ctxdraft.selfdraft.routing import export_bundle_policy
+
+    path = export_bundle_policy(_open_bundle(bundle_dir))
+    meta = read_metadata(path)
+    if as_json:
+        echo_json({"path": str(path), **meta})
+        return
+    click.echo(f"Wrote {path}: {meta['features']['kind']} features, arms {', '.join(a['name'] for a in meta['arms'])}.")
