@@ -59,8 +59,9 @@ def _parse_arms(value: str) -> list[str] | None:
               help="Directory for bench.json, bench.md and bench.png.")
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="> 0: seeded sampling runs (no equality check).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--threads", type=int, help="torch threads during the bench (default: torch's; 1 avoids spin-waiting on a busy shared machine).")
 @click.option("--json", "as_json", is_flag=True, help="Print bench.json instead of the Markdown table.")
-def bench(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, repeats, split, out_dir, temperature, seed, as_json):
+def bench(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, repeats, split, out_dir, temperature, seed, threads, as_json):
     """Time ctxdraft against HF generate on a prompt file; check greedy outputs are identical.
 
     Every prompt runs every method (HF generate, HF prompt lookup, HF early exit, each arm of the
@@ -75,7 +76,7 @@ def bench(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, repeats
       ctxdraft bench --data prompts.jsonl --temperature 0.7 --seed 1
     """
     config = BenchConfig(max_new_tokens=max_new_tokens, arms=_parse_arms(arms), baselines=baselines, repeats=repeats,
-                         temperature=temperature, seed=seed)
+                         temperature=temperature, seed=seed, threads=threads)
     config.validate()
     rows = read_prompts(data)
     bundle = load_bundle(bundle_dir)

@@ -59,6 +59,7 @@ class BenchConfig:
     hf_lookup_tokens: int = 10  # HF's prompt_lookup_num_tokens (the value HF's docs use)
     hf_lookup_ngram: int = 2  # HF's max_matching_ngram_size (its default)
     warmup: bool = True
+    threads: int | None = None  # torch intra-op threads during the bench (None: leave torch's setting)
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
@@ -69,6 +70,8 @@ class BenchConfig:
             raise CtxdraftError(f"temperature must be >= 0, got {self.temperature}")
         if self.baselines not in BASELINES:
             raise CtxdraftError(f"baselines must be one of {', '.join(BASELINES)}, got {self.baselines!r}")
+        if self.threads is not None and self.threads < 1:
+            raise CtxdraftError(f"threads must be >= 1, got {self.threads}")
         if self.arms is not None and not self.arms:
             raise CtxdraftError("arms is empty; name arms such as none,lookup or use 'all'")
 
@@ -401,6 +404,17 @@ def run_bench(bundle: Bundle, rows: list[dict], config: BenchConfig, progress: P
     ``extra_methods`` are timed and checked like the others (a method of your own, or a test's).
     """
     config.validate()
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run_bench(bundle, rows, config, progress, list(extra_methods))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(bundle: Bundle, rows: list[dict], config: BenchConfig, progress: Progress | None,
+               extra_methods: list[Method]) -> BenchReport:
     if not rows:
         raise CtxdraftError("no prompts to bench")
     t_start = time.perf_counter()

@@ -227,11 +227,12 @@ def test_cli_bench(bundle_dir, data_file, tmp_path):
     assert [p["id"] for p in data["prompts"]] == ["p1", "p2"]
 
     r = invoke("--bundle", str(bundle_dir), "--data", str(data_file), "--max-new-tokens", "4", "--arms", "lookup",
-               "--baselines", "none", "--out", str(out), "--json")
+               "--baselines", "none", "--out", str(out), "--threads", "2", "--json")
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert data["ok"] is True and [m["name"] for m in data["methods"]] == [REFERENCE, "lookup", ORACLE]
     assert any("no held-out split" in n for n in data["notes"])
+    assert data["environment"]["torch_threads"] == 2 and torch.get_num_threads() == 1  # set for the bench only
 
 
 @pytest.mark.parametrize(
@@ -242,6 +243,7 @@ def test_cli_bench(bundle_dir, data_file, tmp_path):
         (["--arms", "lookup,nope"], "unknown arm 'nope'"),
         (["--max-new-tokens", "0"], "max_new_tokens must be > 0"),
         (["--repeats", "0"], "repeats must be >= 1"),
+        (["--threads", "0"], "threads must be >= 1"),
     ],
 )
 def test_cli_bad_input(bundle_dir, data_file, tmp_path, args, needle):
