@@ -417,6 +417,9 @@ def _run_bench(bundle: Bundle, rows: list[dict], config: BenchConfig, progress: 
                extra_methods: list[Method]) -> BenchReport:
     if not rows:
         raise CtxdraftError("no prompts to bench")
+    ids = [str(r["id"]) for r in rows]
+    if len(set(ids)) != len(ids):
+        raise CtxdraftError(f"prompt ids must be unique (results are keyed by them); repeated: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
     t_start = time.perf_counter()
     methods, notes = build_methods(bundle, config)
     methods += list(extra_methods)
@@ -457,6 +460,7 @@ def _run_bench(bundle: Bundle, rows: list[dict], config: BenchConfig, progress: 
 
     runs: dict[tuple[int, str], list[RunOutput]] = {}
     mismatches: list[Mismatch] = []
+    bad: set[tuple[int, str]] = set()  # (prompt index, method) with any differing repeat
     total = len(prompts) * config.repeats
     for prompt in prompts:
         for repeat in range(config.repeats):
@@ -469,12 +473,12 @@ def _run_bench(bundle: Bundle, rows: list[dict], config: BenchConfig, progress: 
             for method in methods:
                 for repeat, out in enumerate(runs[(prompt.index, method.name)]):
                     if out.token_ids != expected:
+                        bad.add((prompt.index, method.name))
                         mismatches.append(Mismatch(prompt.id, prompt.domain, method.name, repeat,
                                                    _first_diff(expected, out.token_ids), len(expected), len(out.token_ids)))
     if progress:
         progress("bench", total, total)
 
-    bad = {(m.prompt_id, m.method) for m in mismatches}
     results = []
     for prompt in prompts:
         for method in methods:
@@ -482,7 +486,7 @@ def _run_bench(bundle: Bundle, rows: list[dict], config: BenchConfig, progress: 
             seconds_all = [o.seconds for o in outs]
             results.append(PromptResult(prompt.id, prompt.domain, method.name, len(outs[0].token_ids),
                                         statistics.median(seconds_all), seconds_all, outs[0].target_forwards, outs[0].arm,
-                                        ((prompt.id, method.name) not in bad) if config.greedy else None))
+                                        ((prompt.index, method.name) not in bad) if config.greedy else None))
     arm_methods = [m.name for m in methods if m.family == "ctxdraft" and m.name != "auto"]
     if arm_methods:
         results += _oracle(results, arm_methods)

@@ -161,6 +161,11 @@ def test_sampling_runs_without_equality_check(bundle):
     assert [r.new_tokens for r in report.results] == [r.new_tokens for r in again.results]
 
 
+def test_duplicate_prompt_ids_are_refused(bundle):
+    with pytest.raises(CtxdraftError, match="prompt ids must be unique"):
+        run_bench(bundle, [ROWS[0], dict(ROWS[1], id="p1")], BenchConfig(max_new_tokens=4))
+
+
 def test_best_exit_layer():
     assert best_exit_layer({"exits": []}) is None
     assert best_exit_layer({}) is None
