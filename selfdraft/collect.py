@@ -17,7 +17,7 @@ except for exit arms with a confidence threshold: after the first rejected token
 from its own (wrong) token, whose confidence teacher forcing does not see, so the number of rejected
 tokens drafted after it is estimated from the teacher-forced confidences.
 
-Cost model (``profile_costs``, stored once per bundle in bundle.json ``cost_profile``): the time of one
+Cost model (``profile_costs``, stored in bundle.json ``cost_profile``, measured again when the pool changes): the time of one
 loop step = ``draft_steps * draft_step_s[arm] + verify_s[arm][K]``, where ``verify_s`` is the measured
 time of the target forward + verification + cache crop over K + 1 positions (exit arms: with the layer-E
 states the draft already computed, as ``decoding.target_forward`` reuses them). The reward of an arm on a
@@ -320,19 +320,15 @@ def _pool_key(arms: list[dict]) -> str:
     return hashlib.sha256(json.dumps(arms, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def profile_fits(profile: dict | None, bundle, arm_names: list[str], max_positions: int) -> bool:
-    if not profile or profile.get("version") != PROFILE_VERSION:
-        return False
-    if profile.get("target_hash") != bundle.info["target"].get("hash"):
-        return False
-    if len(profile.get("target_forward_s", {})) < max_positions:
-        return False
-    return all(name in profile.get("arms", {}) for name in arm_names)
+def profile_fits(profile: dict | None, bundle, key: str) -> bool:
+    """Whether a stored profile was measured for this target and this pool (arms and their settings)."""
+    return bool(profile) and profile.get("version") == PROFILE_VERSION and profile.get("pool") == key \
+        and profile.get("target_hash") == bundle.info["target"].get("hash")
 
 
 @torch.inference_mode()
 def profile_costs(bundle, arm_names: list[str], drafts: dict[str, Draft], context_ids: list[int], max_positions: int,
-                  reps: int = 7) -> dict:
+                  reps: int = 7, key: str | None = None) -> dict:
     """Measure, at a context of ``len(context_ids)`` tokens on this machine: one loop step's target forward +
     verification + crop for 1..max_positions positions, each drafting arm's draft step, and exit arms'
     verification with their saved layer-E states. Medians of interleaved repetitions."""
@@ -384,6 +380,7 @@ def profile_costs(bundle, arm_names: list[str], drafts: dict[str, Draft], contex
     profile = {
         "version": PROFILE_VERSION,
         "target_hash": bundle.info["target"].get("hash"),
+        "pool": key,
         "context_tokens": n,
         "reps": reps,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -618,12 +615,12 @@ def collect(bundle, rows: list[dict], out_path: str | os.PathLike, config: Colle
     max_positions = max([tf_draft_len(d) for d in drafts.values()] + [0]) + 1
     profile = bundle.info.get("cost_profile")
     profiled = False
-    if config.reprofile or not profile_fits(profile, bundle, arm_names, max_positions):
+    if config.reprofile or not profile_fits(profile, bundle, key):
         lengths = sorted(len(v) for v in encoded.values()) or [64]
         context_len = min(lengths[len(lengths) // 2] + config.max_new_tokens // 2, target.max_context - max_positions - 2)
         source = [t for v in encoded.values() for t in v] or target.encode(rows[0]["prompt"])
         context = (source * (context_len // max(1, len(source)) + 1))[:max(2, context_len)]
-        profile = profile_costs(bundle, arm_names, drafts, context, max_positions, config.profile_reps)
+        profile = profile_costs(bundle, arm_names, drafts, context, max_positions, config.profile_reps, key)
         bundle.info["cost_profile"] = profile
         profiled = True
     # The routing features: the hidden state at the collection's layer, unless a trained policy already fixed them.
