@@ -39,14 +39,7 @@ def main():
 
 def _register() -> None:
     # Each command lives in its own module; importing it attaches it to `main`.
-    import importlib
-
-    for name in ("generate", "exits", "policy", "bench"):
-        try:
-            importlib.import_module(f"ctxdraft.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"ctxdraft.cli.{name}":
-                raise
+    from . import arms, bench, exits, generate, policy  # noqa: F401
 
 
 _register()

@@ -28,9 +28,13 @@ from .target import DEFAULT_TARGET, Target, load_target
 BUNDLE_FORMAT = "ctxdraft-bundle"
 BUNDLE_VERSION = 1
 DEFAULT_BUNDLE_DIR = Path(__file__).parent / "default_bundle"
+# Prompt lookup with different draft lengths behaves very differently per prompt (short drafts are cheap
+# when matches are rare, long ones pay off on copy-heavy prompts), so each length is its own arm.
 BASE_ARMS = [
     {"name": "none", "kind": "none", "settings": {}},
-    {"name": "lookup", "kind": "lookup", "settings": {"draft_len": 5, "ngram_sizes": [3, 2, 1]}},
+    {"name": "lookup", "kind": "lookup", "settings": {"draft_len": 4, "ngram_sizes": [3, 2, 1]}},
+    {"name": "lookup-k2", "kind": "lookup", "settings": {"draft_len": 2, "ngram_sizes": [3, 2, 1]}},
+    {"name": "lookup-k8", "kind": "lookup", "settings": {"draft_len": 8, "ngram_sizes": [3, 2, 1]}},
 ]
 
 
@@ -233,6 +237,32 @@ def _streamer(tokenizer, on_text):
         seen["text"] = text
 
     return on_tokens
+
+
+def add_arm(bundle_dir: str | Path, spec: dict, target: str | None = None) -> Bundle:
+    """Add (or replace) one arm ``{"name", "kind", "settings"}`` in a bundle, creating the bundle if needed.
+
+    The draft is built once before anything is written, so a bad arm (a draft model with another
+    vocabulary, bad settings) leaves the bundle as it was. A policy trained on the old pool no longer
+    matches, so it is dropped from bundle.json (retrain with ``train-policy``).
+    """
+    bundle_dir = Path(bundle_dir)
+    if (bundle_dir / "bundle.json").exists():
+        bundle = load_bundle(bundle_dir, target=target)
+    else:
+        spec_target = target or DEFAULT_TARGET
+        t = load_target(spec_target)
+        bundle = Bundle(bundle_dir, new_bundle_info(t, spec_target), _target=t)
+    if not spec.get("name") or "auto" == spec["name"]:
+        raise CtxdraftError(f"an arm needs a name other than 'auto', got {spec.get('name')!r}")
+    build_draft(spec, bundle.target, bundle_dir)
+    arms = [a for a in bundle.info["arms"] if a["name"] != spec["name"]]
+    bundle.info["arms"] = arms + [spec]
+    if bundle.info.get("policy"):
+        bundle.info["policy"] = None
+    bundle.save()
+    bundle._drafts.clear()
+    return bundle
 
 
 def load_bundle(path: str | Path | None = None, target: str | None = None) -> Bundle:

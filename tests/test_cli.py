@@ -65,7 +65,7 @@ def test_stream_prints_the_same_text(tiny_bundle):
 def test_info(tiny_bundle):
     r = invoke("info", "--bundle", str(tiny_bundle), "--json")
     assert r.exit_code == 0, r.output
-    assert [a["name"] for a in json.loads(r.output)["arms"]] == ["none", "lookup"]
+    assert [a["name"] for a in json.loads(r.output)["arms"]] == ["none", "lookup", "lookup-k2", "lookup-k8"]
 
 
 @pytest.mark.parametrize(
@@ -129,3 +129,26 @@ def test_model_draft_arm_from_bundle_is_lossless(tiny_bundle, tiny_model_dir):
     m = b.generate("the cat", draft="model:self", max_new_tokens=15)
     assert a.token_ids == m.token_ids
     assert m.stats.accepted_tokens == m.stats.drafted_tokens > 0
+
+
+def test_add_arm_model_and_lookup(tiny_bundle, tiny_model_dir, tmp_path):
+    from tiny import char_tokenizer, save_model_dir, tiny_llama
+
+    before = (tiny_bundle / "bundle.json").read_text()
+    tok = char_tokenizer(extra=["<extra>"])
+    other = save_model_dir(tmp_path / "other-vocab", tiny_llama(len(tok), seed=2, layers=1), tok)
+    r = invoke("add-arm", str(tiny_bundle), "--kind", "model", "--path", str(other))
+    assert_clean_error(r, "another vocabulary")
+    assert (tiny_bundle / "bundle.json").read_text() == before  # nothing half-written
+
+    r = invoke("add-arm", str(tiny_bundle), "--kind", "model", "--path", str(tiny_model_dir), "--draft-len", "3", "--json")
+    assert r.exit_code == 0, r.output
+    r = invoke("add-arm", str(tiny_bundle), "--kind", "lookup", "--draft-len", "6", "--ngram-sizes", "2,1")
+    assert r.exit_code == 0, r.output
+    b = load_bundle(tiny_bundle)
+    assert b.arms[-2:] == ["model:tiny-llama", "lookup-k6"]
+    plain = b.generate("abc abc", draft="none", max_new_tokens=12)
+    for arm in ("model:tiny-llama", "lookup-k6"):
+        assert b.generate("abc abc", draft=arm, max_new_tokens=12).token_ids == plain.token_ids
+    assert_clean_error(invoke("add-arm", str(tiny_bundle), "--kind", "model"), "needs --path")
+    assert_clean_error(invoke("add-arm", str(tiny_bundle), "--kind", "lookup", "--draft-len", "0"), "--draft-len")
