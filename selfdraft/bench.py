@@ -638,7 +638,7 @@ def write_bench_chart(report: BenchReport, path: Path) -> bool:
     columns = report.domains + [OVERALL]
     names = [m["name"] for m in report.methods]
     width = 0.8 / max(len(names), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(columns) + 0.25 * len(names) * len(columns)), 4.8))
+    fig, ax = plt.subplots(figsize=(min(14, max(8, 1.2 * len(columns) + 0.15 * len(names) * len(columns))), 5))
     for i, name in enumerate(names):
         values = [report.summary[c][i].speedup or 0.0 for c in columns]
         ax.bar([x + (i - (len(names) - 1) / 2) * width for x in range(len(columns))], values, width, label=name)
