@@ -84,7 +84,8 @@ def greedy_report(bundle):
 def test_greedy_every_method_present_and_identical(greedy_report, bundle):
     report = greedy_report
     names = [m["name"] for m in report.methods]
-    assert names == [REFERENCE, "hf-lookup", f"hf-early-exit@{EXIT_LAYER}", "none", "lookup", "auto", ORACLE]
+    assert names == [REFERENCE, "hf-lookup", f"hf-early-exit@{EXIT_LAYER}", *bundle.arms, "auto", ORACLE]
+    assert {"none", "lookup"} <= set(bundle.arms)
     assert report.ok and report.mismatches == [] and "identical" in report.status_line()
     assert len(report.results) == len(ROWS) * len(names)
     assert all(r.matches for r in report.results)
@@ -98,7 +99,7 @@ def test_greedy_every_method_present_and_identical(greedy_report, bundle):
     assert all(r.arm in bundle.arms for r in auto)
 
 
-def test_summary_numbers(greedy_report):
+def test_summary_numbers(greedy_report, bundle):
     report = greedy_report
     overall = {s.method: s for s in report.summary["overall"]}
     assert overall[REFERENCE].speedup == pytest.approx(1.0) and overall[REFERENCE].median_speedup == pytest.approx(1.0)
@@ -110,9 +111,10 @@ def test_summary_numbers(greedy_report):
     assert overall["lookup"].tokens_per_forward >= 1.0 and overall["hf-lookup"].tokens_per_forward >= 1.0
     # The oracle is, prompt by prompt, the fastest of the arms (auto excluded).
     for prompt_id in ("p1", "p2", "p3"):
-        arms = [r for r in report.results if r.prompt_id == prompt_id and r.method in ("none", "lookup")]
+        arms = [r for r in report.results if r.prompt_id == prompt_id and r.method in bundle.arms]
         oracle = next(r for r in report.results if r.prompt_id == prompt_id and r.method == ORACLE)
-        assert oracle.tokens_per_s == max(r.tokens_per_s for r in arms) and oracle.arm in ("none", "lookup")
+        assert len(arms) == len(bundle.arms)
+        assert oracle.tokens_per_s == max(r.tokens_per_s for r in arms) and oracle.arm in bundle.arms
     assert sum(overall[ORACLE].arms_chosen.values()) == len(ROWS)
     assert set(report.summary) == {"qa", "math", "overall"}
     assert {s.num_prompts for s in report.summary["qa"]} == {2}
