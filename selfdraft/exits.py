@@ -246,14 +246,11 @@ class ExitDraft(Draft):
             else:
                 logits = self.head(hidden[:, -1:])[0, -1]
             exit_states.append(hidden[:, -1:])
-            if sampling:
-                q = probs_from_logits(logits, state.temperature, state.top_p)
-                confidence = q.max()
-            else:
-                q = None
-                confidence = torch.softmax(logits.float(), dim=-1).max()
-            if self.settings.threshold > 0 and float(confidence) < self.settings.threshold:
-                break  # exit_states now also covers the last draft token: verification skips its [0, E)
+            q = probs_from_logits(logits, state.temperature, state.top_p) if sampling else None
+            if self.settings.threshold > 0:
+                confidence = q.max() if sampling else torch.softmax(logits.float(), dim=-1).max()
+                if float(confidence) < self.settings.threshold:
+                    break  # exit_states now also covers the last draft token: verification skips its [0, E)
             if sampling:
                 local = torch.multinomial(q, 1, generator=state.generator)[0]
                 if self.head.vocab_ids is not None:  # q lives on the kept ids; zero elsewhere keeps verification exact
@@ -748,14 +745,21 @@ def measure_costs(stack: LayerStack, heads: list[ExitHead], context_ids: list[in
 # add-exits: the library function behind `ctxdraft add-exits`
 # ----------------------------------------------------------------------------------------------------
 def _data_key(target, rows: list[dict], config: ExitTrainConfig) -> str:
+    """What the cached training text and states depend on (head checkpoints carry their own settings)."""
     h = hashlib.sha256()
     h.update(target.content_hash.encode())
     h.update(json.dumps([r["prompt"] for r in rows]).encode())
-    relevant = {k: getattr(config, k) for k in ("layers", "head", "draft_vocab", "steps", "batch_size", "lr",
-                                                "self_distill_tokens", "max_prompt_tokens", "max_prompts",
-                                                "eval_frac", "seed", "teacher_topk", "ridge")}
+    relevant = {k: getattr(config, k) for k in ("self_distill_tokens", "max_prompt_tokens", "max_prompts",
+                                                "eval_frac", "seed", "teacher_topk", "gen_batch_size")}
+    relevant["layers"] = sorted(config.layers)
     h.update(json.dumps(relevant, sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def _head_ckpt_name(E: int, config: ExitTrainConfig) -> str:
+    tag = hashlib.sha256(json.dumps([config.head, config.draft_vocab, config.steps, config.batch_size, config.lr,
+                                     config.ridge]).encode()).hexdigest()[:8]
+    return f"exit{E}-{tag}.pt"
 
 
 def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, config: ExitTrainConfig,
@@ -805,7 +809,7 @@ def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, c
     heads, results = [], []
     for E in layers:
         head = ExitHead(target.model, E, config.head, vocab_ids)
-        train_info = train_head(head, train_ex, config, work / f"exit{E}.pt", progress)
+        train_info = train_head(head, train_ex, config, work / _head_ckpt_name(E, config), progress)
         ev = evaluate_head(head, held_ex)
         heads.append(head)
         results.append((head, train_info, ev))
