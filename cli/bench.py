@@ -9,33 +9,8 @@ from ctxdraft.selfdraft.bench import BenchConfig, run_bench, select_prompts, wri
 from ctxdraft.selfdraft.bundle import load_bundle
 from ctxdraft.selfdraft.fileio import read_prompts
 
-from .common import echo_json
+from .common import StageBar, echo_json
 from .main import main
-
-
-class _Bar:
-    """One tqdm bar per stage on a terminal (stderr); silent otherwise."""
-
-    def __init__(self):
-        self.enabled = sys.stderr.isatty()
-        self.bar = None
-        self.stage = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if stage != self.stage:
-            self.close()
-            self.bar = tqdm(total=total, desc=stage, file=sys.stderr, leave=False)
-            self.stage = stage
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def _parse_arms(value: str) -> list[str] | None:
@@ -81,7 +56,7 @@ def bench(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, repeats
     rows = read_prompts(data)
     bundle = load_bundle(bundle_dir)
     rows, notes = select_prompts(rows, bundle, split, per_domain)
-    bar = _Bar()
+    bar = StageBar()
     try:
         report = run_bench(bundle, rows, config, progress=bar)
     finally:

@@ -11,8 +11,26 @@ def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-def progress(iterable=None, total=None, desc: str = ""):
-    """A tqdm progress bar on stderr when it is a terminal; silent otherwise (CI, pipes)."""
-    from tqdm import tqdm
+class StageBar:
+    """A progress callback ``(stage, done, total)``: one tqdm bar per stage on a terminal (stderr), silent otherwise."""
 
-    return tqdm(iterable, total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False, file=sys.stderr)
+    def __init__(self, enabled: bool | None = None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.bar = tqdm(total=total, desc=stage, file=sys.stderr, leave=False)
+            self.stage = stage
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

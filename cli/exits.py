@@ -8,6 +8,7 @@ import click
 
 from ctxdraft.selfdraft.errors import CtxdraftError
 
+from .common import StageBar
 from .main import main
 
 
@@ -16,31 +17,6 @@ def _parse_layers(value: str) -> list[int]:
         return [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise CtxdraftError(f"--layers must be comma-separated integers such as 10,16,22, got {value!r}") from None
-
-
-class _Bar:
-    """A progress bar per stage on a terminal (stderr); silent otherwise."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-        self.stage = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if stage != self.stage:
-            self.close()
-            self.bar = tqdm(total=total, desc=stage, file=sys.stderr, leave=False)
-            self.stage = stage
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 @main.command("add-exits")
@@ -86,7 +62,7 @@ def add_exits_cmd(target, layers, data_path, out_dir, head, draft_vocab, steps, 
     spec = target or DEFAULT_TARGET
     loaded = load_target(spec)
     config.validate(loaded.num_layers, loaded.vocab_size)
-    bar = _Bar(enabled=sys.stderr.isatty() and not as_json)
+    bar = StageBar(enabled=sys.stderr.isatty() and not as_json)
     try:
         report = add_exits(loaded, spec, rows, out_dir, config, progress=bar)
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctxdraft.selfdraft.bundle import load_bundle
+from ctxdraft.selfdraft import load_bundle
 
 pytestmark = pytest.mark.integration
 
@@ -46,3 +46,13 @@ def test_none_and_lookup_equal_hf_greedy(bundle, prompt):
 def test_default_bundle_matches_the_embedded_target(bundle):
     bundle.check_target(bundle.target)
     assert bundle.target.num_layers == 30 and bundle.target.vocab_size == 49152
+
+
+def test_public_api_shape(bundle):
+    assert bundle.path.is_dir() and "none" in bundle.arms and "lookup" in bundle.arms
+    assert bundle.target.name == "smollm2-135m-instruct"
+    r = bundle.generate("Say hello.", draft="auto", max_new_tokens=8)
+    assert r.arm in bundle.arms and r.prompt_ids and 0 < len(r.token_ids) <= 8 and isinstance(r.text, str)
+    s = r.stats
+    for field in ("target_forwards", "drafted_tokens", "accepted_tokens", "accepted_per_position", "route_s", "wall_s", "tokens_per_s"):
+        assert hasattr(s, field)
