@@ -282,6 +282,9 @@ def load_bundle(path: str | Path | None = None, target: str | None = None) -> Bu
         raise CtxdraftError(f"{path / 'bundle.json'} is not a ctxdraft bundle (missing format/target/arms)")
     if info.get("version", 0) > BUNDLE_VERSION:
         raise CtxdraftError(f"bundle {path} has format version {info['version']}; this ctxdraft reads up to {BUNDLE_VERSION}")
+    names = [a.get("name") for a in info["arms"]]
+    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise CtxdraftError(f"{path / 'bundle.json'}: arm names must be unique non-empty strings, got {names}")
     bundle = Bundle(path, info)
     if target is not None:
         t = load_target(target)

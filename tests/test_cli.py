@@ -152,3 +152,10 @@ def test_add_arm_model_and_lookup(tiny_bundle, tiny_model_dir, tmp_path):
         assert b.generate("abc abc", draft=arm, max_new_tokens=12).token_ids == plain.token_ids
     assert_clean_error(invoke("add-arm", str(tiny_bundle), "--kind", "model"), "needs --path")
     assert_clean_error(invoke("add-arm", str(tiny_bundle), "--kind", "lookup", "--draft-len", "0"), "--draft-len")
+
+
+def test_duplicate_arm_names_are_refused(tiny_bundle):
+    info = json.loads((tiny_bundle / "bundle.json").read_text())
+    info["arms"].append(dict(info["arms"][1]))
+    (tiny_bundle / "bundle.json").write_text(json.dumps(info))
+    assert_clean_error(invoke("info", "--bundle", str(tiny_bundle)), "unique")
