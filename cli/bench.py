@@ -1,7 +1,6 @@
 """`ctxdraft bench`: ctxdraft's arms and policy against HF generate, interleaved, with an equality check."""
 from __future__ import annotations
 
-import sys
 
 import click
 

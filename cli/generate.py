@@ -24,6 +24,11 @@ def _read_prompt(prompt: str | None) -> str:
     return prompt
 
 
+def _print_piece(piece: str) -> None:
+    click.echo(piece, nl=False)
+    sys.stdout.flush()
+
+
 @main.command()
 @click.argument("prompt", required=False)
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="Bundle directory (default: the shipped bundle of the default model).")
@@ -50,13 +55,9 @@ def generate(prompt, bundle_dir, target, draft, max_new_tokens, temperature, top
     """
     text = _read_prompt(prompt)
     bundle = load_bundle(bundle_dir, target=target)
-    on_text = None
-    if stream and not as_json:
-        def on_text(piece):
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
     result = bundle.generate(text, draft=draft, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, seed=seed, chat=not no_chat, stop=list(stop), on_text=on_text)
+                             top_p=top_p, seed=seed, chat=not no_chat, stop=list(stop),
+                             on_text=_print_piece if stream and not as_json else None)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from .decoding import GenerationConfig, GenerationStats, prefill, speculative_decode
 from .drafts import Draft, build_draft

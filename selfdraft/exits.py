@@ -53,7 +53,7 @@ from torch import nn
 
 from .drafts import DRAFT_FACTORIES, Draft, DraftOutput
 from .errors import CtxdraftError
-from .fileio import atomic_path, read_json, write_json_atomic
+from .fileio import atomic_path, write_json_atomic
 from .layers import LayerStack
 from .sampling import probs_from_logits
 

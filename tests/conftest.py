@@ -28,7 +28,12 @@ def specbench_path():
     return SHARED_DATA
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Keep converted checkpoints in the user's cache (shared across tests), but never write elsewhere."""
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only add synchronisation (and stall on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)

@@ -24,6 +24,7 @@ from ctxdraft.selfdraft.bundle import Bundle, load_bundle, new_bundle_info
 from ctxdraft.selfdraft.errors import CtxdraftError
 from ctxdraft.selfdraft.fileio import write_json_atomic
 from ctxdraft.selfdraft.target import load_target
+from cli_helpers import assert_clean_error
 
 ROWS = [
     {"id": "p1", "domain": "qa", "prompt": "the cat sat on the mat. the cat sat"},
@@ -49,13 +50,7 @@ def _tokens_policy(bundle_dir, info):
     return spec
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine each op would wait for a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +201,6 @@ def test_select_prompts_reads_train_policy_report(tmp_path):
 # -- CLI ------------------------------------------------------------------------------------------------
 def invoke(*args):
     return CliRunner().invoke(main, ["bench", *args])
-
-
-def assert_clean_error(result, needle):
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    assert needle in result.output, result.output
 
 
 @pytest.fixture()

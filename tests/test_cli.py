@@ -10,17 +10,11 @@ from ctxdraft.cli.main import main
 from ctxdraft.selfdraft.bundle import load_bundle, new_bundle_info
 from ctxdraft.selfdraft.fileio import write_json_atomic
 from ctxdraft.selfdraft.target import load_target
+from cli_helpers import assert_clean_error
 
 
 def invoke(*args, input=None):
     return CliRunner().invoke(main, list(args), input=input)
-
-
-def assert_clean_error(result, needle):
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    assert needle in result.output, result.output
 
 
 @pytest.fixture()

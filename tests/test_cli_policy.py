@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from ctxdraft.cli.main import main
@@ -12,6 +11,7 @@ from ctxdraft.selfdraft.bundle import new_bundle_info
 from ctxdraft.selfdraft.fileio import write_json_atomic
 from ctxdraft.selfdraft.target import load_target
 from tiny import char_tokenizer, save_model_dir, tiny_llama
+from cli_helpers import assert_clean_error
 
 pytest.importorskip("onnxruntime")
 
@@ -19,23 +19,11 @@ PROMPTS = ["abc abc abc", "hello there", "1 2 3 4 1 2 3", "go go go go", "xyz", 
 FAST = ["--max-new-tokens", "10"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_clean_error(result, needle):
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    assert needle in result.output, result.output
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from ctxdraft.selfdraft.exits import (
     ExitDraft,
     ExitHead,
     ExitSettings,
-    ExitTrainConfig,
     distill_loss,
     simulate,
     split_rows,

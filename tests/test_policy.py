@@ -12,7 +12,6 @@ from ctxdraft.selfdraft.policy import (
     evaluate,
     load_rewards,
     policy_inputs,
-    policy_report,
     report_markdown,
     rewards_from_rows,
     split_indices,
