@@ -202,20 +202,20 @@ def speculative_decode(
         _grow(stats.drafted_per_position, K)
         _grow(stats.accepted_per_position, num_accepted)
         if on_tokens is not None:
-            on_tokens(_visible(emitted, config.max_new_tokens - (len(new_ids) - len(emitted)), eos_ids))
+            room = config.max_new_tokens - (len(new_ids) - len(emitted))
+            on_tokens(emitted[: _kept(emitted, room, eos_ids)])
 
     stats.new_tokens = len(new_ids)
     stats.wall_s = pre.seconds + (time.perf_counter() - t0)
     return new_ids, stats
 
 
-def _visible(emitted: list[int], room: int, eos_ids) -> list[int]:
-    """The part of a step's tokens that will be returned (before EOS, within max_new_tokens)."""
-    shown = emitted[: max(room, 0)]
-    for i, token in enumerate(shown):
+def _kept(tokens: list[int], room: int, eos_ids) -> int:
+    """How many of ``tokens`` are returned: those before the first EOS, at most ``room``."""
+    for i, token in enumerate(tokens[: max(room, 0)]):
         if token in eos_ids:
-            return shown[:i]
-    return shown
+            return i
+    return max(0, min(room, len(tokens)))
 
 
 def _grow(per_position: list[int], count: int) -> None:
@@ -227,9 +227,9 @@ def _grow(per_position: list[int], count: int) -> None:
 
 def _finished(new_ids: list[int], max_new_tokens: int, eos_ids, stop_check) -> int | None:
     """Token count to keep if generation is over (EOS, max tokens, stop string), else None."""
-    for i, token in enumerate(new_ids):
-        if token in eos_ids:
-            return i
+    before_eos = _kept(new_ids, len(new_ids), eos_ids)
+    if before_eos < len(new_ids):
+        return before_eos
     if stop_check is not None:
         cut = stop_check(new_ids)
         if cut is not None:
