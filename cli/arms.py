@@ -7,15 +7,16 @@ import click
 
 from ctxdraft.selfdraft.bundle import add_arm
 from ctxdraft.selfdraft.errors import CtxdraftError
+from ctxdraft.selfdraft.fileio import display_path
+from ctxdraft.selfdraft.pool import lookup_arm, model_arm, none_arm
 
-from .common import echo_json
-from .main import main
+from .common import echo_json, parse_ints
 
 
-@main.command("add-arm")
+@click.command("add-arm")
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.option("--kind", type=click.Choice(["model", "lookup", "none"]), required=True, help="model: an external draft model; lookup: n-gram prompt lookup.")
-@click.option("--path", "model_path", type=click.Path(), help="kind=model: the draft model (HF directory or .gguf) with the target's tokenizer.")
+@click.option("--path", "model_path", help="kind=model: the draft model (HF directory, .gguf or registered name) with the target's tokenizer.")
 @click.option("--name", help="Arm name (default: model:<dir name>, lookup-k<K>).")
 @click.option("--draft-len", type=int, default=4, show_default=True, help="Tokens drafted per step.")
 @click.option("--ngram-sizes", default="3,2,1", show_default=True, help="kind=lookup: n-gram sizes tried, longest first.")
@@ -35,19 +36,15 @@ def add_arm_cmd(bundle_dir, kind, model_path, name, draft_len, ngram_sizes, targ
     if kind == "model":
         if not model_path:
             raise CtxdraftError("--kind model needs --path to the draft model")
-        path = Path(model_path).expanduser().resolve()
-        spec = {"name": name or f"model:{path.name}", "kind": "model", "settings": {"path": str(path), "draft_len": draft_len}}
+        path = Path(model_path).expanduser()
+        spec = model_arm(str(path.resolve()) if path.exists() else model_path, draft_len, name)
     elif kind == "lookup":
-        try:
-            sizes = [int(x) for x in ngram_sizes.split(",") if x.strip()]
-        except ValueError:
-            raise CtxdraftError(f"--ngram-sizes must be comma-separated integers, got {ngram_sizes!r}") from None
-        spec = {"name": name or f"lookup-k{draft_len}", "kind": "lookup", "settings": {"draft_len": draft_len, "ngram_sizes": sizes}}
+        spec = lookup_arm(draft_len, parse_ints(ngram_sizes, "--ngram-sizes", "3,2,1"), name)
     else:
-        spec = {"name": name or "none", "kind": "none", "settings": {}}
+        spec = none_arm(name or "none")
     bundle = add_arm(bundle_dir, spec, target=target)
     if as_json:
-        echo_json({"bundle": str(bundle.path), "added": spec, "arms": bundle.arms})
+        echo_json({"bundle": display_path(bundle.path), "added": spec, "arms": bundle.arms})
     else:
-        click.echo(f"added arm {spec['name']} to {bundle.path}; arms: {', '.join(bundle.arms)}")
+        click.echo(f"added arm {spec['name']} to {display_path(bundle.path)}; arms: {', '.join(bundle.arms)}")
         click.echo("the pool changed: run `ctxdraft train-policy` again to route over it", err=True)

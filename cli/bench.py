@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ctxdraft.selfdraft.bench import BenchConfig, run_bench, select_prompts, write_bench_outputs
+from ctxdraft.selfdraft.bench import BenchConfig, run_bench, select_prompts
+from ctxdraft.selfdraft.bench_report import bench_markdown, write_bench_outputs
 from ctxdraft.selfdraft.bundle import load_bundle
-from ctxdraft.selfdraft.fileio import read_prompts
+from ctxdraft.selfdraft.data import read_prompts
+from ctxdraft.selfdraft.fileio import display_path
 
-from .common import StageBar, echo_json
-from .main import main
+from .common import echo_json, progress_bar
 
 
 def _parse_arms(value: str) -> list[str] | None:
@@ -18,7 +19,7 @@ def _parse_arms(value: str) -> list[str] | None:
     return [a.strip() for a in value.split(",") if a.strip()]
 
 
-@main.command()
+@click.command("bench")
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="Bundle directory (default: the shipped bundle of the default model).")
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="JSONL prompts: 'prompt' (or 'text'), optional 'id' and 'domain'.")
 @click.option("--per-domain", type=int, help="Bench only the first N prompts of each domain (after the split).")
@@ -28,14 +29,14 @@ def _parse_arms(value: str) -> list[str] | None:
               help="hf: also HF prompt lookup and HF early exit; none: only plain HF generate (always run: the reference).")
 @click.option("--repeats", default=1, show_default=True, type=int, help="Time each prompt and method R times; the median counts.")
 @click.option("--split", type=click.Choice(["eval", "all"]), default="eval", show_default=True,
-              help="eval: only the prompts the bundle held out from policy training (all prompts if it records none).")
+              help="eval: only the prompts no part of the bundle trained on (all prompts if it records none).")
 @click.option("--out", "out_dir", default="bench_out", show_default=True, type=click.Path(file_okay=False),
               help="Directory for bench.json, bench.md and bench.png.")
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="> 0: seeded sampling runs (no equality check).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", type=int, help="torch threads during the bench (default: torch's; 1 avoids spin-waiting on a busy shared machine).")
 @click.option("--json", "as_json", is_flag=True, help="Print bench.json instead of the Markdown table.")
-def bench(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, repeats, split, out_dir, temperature, seed, threads, as_json):
+def bench_cmd(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, repeats, split, out_dir, temperature, seed, threads, as_json):
     """Time ctxdraft against HF generate on a prompt file; check greedy outputs are identical.
 
     Every prompt runs every method (HF generate, HF prompt lookup, HF early exit, each arm of the
@@ -55,17 +56,14 @@ def bench(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, repeats
     rows = read_prompts(data)
     bundle = load_bundle(bundle_dir)
     rows, notes = select_prompts(rows, bundle, split, per_domain)
-    bar = StageBar()
-    try:
+    with progress_bar(as_json) as bar:
         report = run_bench(bundle, rows, config, progress=bar)
-    finally:
-        bar.close()
     report.notes[:0] = notes
     written = write_bench_outputs(report, out_dir)
     if as_json:
         echo_json(report.to_dict())
     else:
-        click.echo(report.markdown())
-        click.echo(f"wrote {', '.join(str(p) for p in written.values())}")
+        click.echo(bench_markdown(report))
+        click.echo(f"wrote {', '.join(display_path(p) for p in written.values())}")
     if not report.ok:
         click.echo(report.status_line(), err=True)

@@ -34,3 +34,33 @@ class StageBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def __enter__(self) -> "StageBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress_bar(as_json: bool = False) -> StageBar:
+    """Progress on a terminal; none with --json or when stderr is not a terminal."""
+    return StageBar(enabled=sys.stderr.isatty() and not as_json)
+
+
+def parse_ints(value: str, option: str, example: str) -> list[int]:
+    from ctxdraft.selfdraft.errors import CtxdraftError
+
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise CtxdraftError(f"{option} must be comma-separated integers such as {example}, got {value!r}") from None
+
+
+def with_options(options):
+    """Apply a list of click options (shared between commands) to a command function."""
+    def wrap(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return wrap

@@ -1,25 +1,14 @@
 """`ctxdraft add-exits`: train early-exit heads and add them to a bundle."""
 from __future__ import annotations
 
-import json
-import sys
-
 import click
 
-from ctxdraft.selfdraft.errors import CtxdraftError
+from ctxdraft.selfdraft.fileio import display_path
 
-from .common import StageBar
-from .main import main
-
-
-def _parse_layers(value: str) -> list[int]:
-    try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise CtxdraftError(f"--layers must be comma-separated integers such as 10,16,22, got {value!r}") from None
+from .common import echo_json, parse_ints, progress_bar
 
 
-@main.command("add-exits")
+@click.command("add-exits")
 @click.argument("target", required=False)
 @click.option("--layers", required=True, help="Comma-separated exit layers, each in 1..L-1 (e.g. 10,16,22).")
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="JSONL with a 'prompt' (or 'text') field.")
@@ -41,20 +30,22 @@ def add_exits_cmd(target, layers, data_path, out_dir, head, draft_vocab, steps, 
     Training text is the prompts plus the target's own greedy continuations; each head is distilled
     from the target's next-token distribution (the target stays frozen). The report gives, per exit,
     its top-1 agreement with the target on held-out prompts, the cost of a draft token relative to a
-    target token and the speed-up that implies for the best draft length.
+    target step, and the draft length and confidence stop with the best modelled speed-up (the same
+    cost model collect uses for the policy's rewards).
 
     \b
-    Example (the embedded default target; 4 exits on 240 prompts: ~15 min on 2 busy CPU cores):
-      ctxdraft add-exits --layers 10,16,20,24 --draft-vocab 8192 --data prompts.jsonl --out my_bundle
+    Examples (the embedded default target):
+      ctxdraft add-exits --layers 10,24 --draft-vocab 8192 --data prompts.jsonl --out my_bundle
       ctxdraft add-exits ./my-hf-model --layers 4 --head layer --draft-vocab 8192 \\
           --data prompts.jsonl --out my_bundle --json
     """
-    from ctxdraft.selfdraft.exits import ExitTrainConfig, add_exits
-    from ctxdraft.selfdraft.fileio import read_prompts
+    from ctxdraft.selfdraft.data import read_prompts
+    from ctxdraft.selfdraft.exits.add import add_exits
+    from ctxdraft.selfdraft.exits.train import ExitTrainConfig
     from ctxdraft.selfdraft.target import DEFAULT_TARGET, load_target
 
     config = ExitTrainConfig(
-        layers=_parse_layers(layers), head=head, draft_vocab=draft_vocab, steps=steps,
+        layers=parse_ints(layers, "--layers", "10,16,22"), head=head, draft_vocab=draft_vocab, steps=steps,
         self_distill_tokens=self_distill_tokens, max_prompt_tokens=max_prompt_tokens, max_prompts=max_prompts,
         eval_frac=eval_frac, seed=seed, resume=resume,
     )
@@ -62,18 +53,17 @@ def add_exits_cmd(target, layers, data_path, out_dir, head, draft_vocab, steps, 
     spec = target or DEFAULT_TARGET
     loaded = load_target(spec)
     config.validate(loaded.num_layers, loaded.vocab_size)
-    bar = StageBar(enabled=sys.stderr.isatty() and not as_json)
-    try:
+    with progress_bar(as_json) as bar:
         report = add_exits(loaded, spec, rows, out_dir, config, progress=bar)
-    finally:
-        bar.close()
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        echo_json(report)
         return
-    click.echo(f"Added {len(report['exits'])} exit(s) to {out_dir} in {report['total_s']:.0f} s "
+    click.echo(f"Added {len(report['exits'])} exit(s) to {display_path(out_dir)} in {report['total_s']:.0f} s "
                f"({report['data']['num_train']} training / {report['data']['num_heldout']} held-out prompts).")
-    click.echo(f"{'arm':<10} {'head':<7} {'vocab':>6} {'params':>8} {'agree':>6} {'cost':>5} {'K':>2} {'thr':>4} {'accept':>6} {'speed-up':>8}")
+    click.echo(f"{'arm':<10} {'head':<7} {'vocab':>6} {'params':>8} {'agree':>6} {'cost':>5} {'K':>2} {'thr':>4} "
+               f"{'accept':>6} {'tok/fwd':>7} {'speed-up':>8}")
     for e in report["exits"]:
         vocab = e["draft_vocab"] or "full"
         click.echo(f"{e['arm']:<10} {e['head']:<7} {vocab:>6} {e['num_params']:>8} {e['agreement']:>6.1%} "
-                   f"{e['cost_ratio']:>5.2f} {e['draft_len']:>2} {e['threshold']:>4.1f} {e['acceptance']:>6.1%} {e['speedup']:>7.2f}x")
+                   f"{e['cost_ratio']:>5.2f} {e['draft_len']:>2} {e['threshold']:>4.1f} {e['acceptance']:>6.1%} "
+                   f"{e['tokens_per_forward']:>7.2f} {e['speedup']:>7.2f}x")

@@ -7,9 +7,9 @@ import click
 
 from ctxdraft.selfdraft.bundle import load_bundle
 from ctxdraft.selfdraft.errors import CtxdraftError
+from ctxdraft.selfdraft.fileio import display_path
 
 from .common import echo_json
-from .main import main
 
 
 def _read_prompt(prompt: str | None) -> str:
@@ -29,7 +29,7 @@ def _print_piece(piece: str) -> None:
     sys.stdout.flush()
 
 
-@main.command()
+@click.command("generate")
 @click.argument("prompt", required=False)
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="Bundle directory (default: the shipped bundle of the default model).")
 @click.option("--target", help="Target: registered name, HF model directory or .gguf file (default: the bundle's target).")
@@ -42,7 +42,7 @@ def _print_piece(piece: str) -> None:
 @click.option("--no-chat", is_flag=True, help="Do not apply the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print prompt_ids, token_ids, text, arm and stats as JSON.")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
-def generate(prompt, bundle_dir, target, draft, max_new_tokens, temperature, top_p, seed, stop, no_chat, as_json, stream):
+def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature, top_p, seed, stop, no_chat, as_json, stream):
     """Generate text; the output is exactly what the target alone would produce.
 
     PROMPT is the text to continue, or '-' to read it from stdin.
@@ -74,10 +74,10 @@ def generate(prompt, bundle_dir, target, draft, max_new_tokens, temperature, top
     )
 
 
-@main.command()
+@click.command("info")
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="Bundle directory (default: the shipped bundle).")
 @click.option("--json", "as_json", is_flag=True)
-def info(bundle_dir, as_json):
+def info_cmd(bundle_dir, as_json):
     """Show a bundle: its target, arms, exits and what has been trained.
 
     \b
@@ -87,7 +87,7 @@ def info(bundle_dir, as_json):
     bundle = load_bundle(bundle_dir)
     info = bundle.info
     summary = {
-        "path": str(bundle.path),
+        "path": display_path(bundle.path),
         "target": info["target"],
         "arms": info["arms"],
         "default_arm": info.get("default_arm"),
@@ -101,7 +101,7 @@ def info(bundle_dir, as_json):
         echo_json(summary)
         return
     t = info["target"]
-    click.echo(f"bundle   {bundle.path}")
+    click.echo(f"bundle   {display_path(bundle.path)}")
     click.echo(f"target   {t.get('name')} (spec {t.get('spec')}, hash {t.get('hash')})")
     click.echo(f"arms     {', '.join(bundle.arms)}  (default: {info.get('default_arm')})")
     for e in info.get("exits") or []:

@@ -1,4 +1,5 @@
-"""The `ctxdraft` command: a thin click layer over the library."""
+"""The `ctxdraft` command: a thin click layer over the library. Each command lives in its own module and is
+registered here, in one place."""
 from __future__ import annotations
 
 import sys
@@ -6,6 +7,12 @@ import sys
 import click
 
 from ctxdraft.selfdraft.errors import CtxdraftError
+
+from .arms import add_arm_cmd
+from .bench import bench_cmd
+from .exits import add_exits_cmd
+from .generate import generate_cmd, info_cmd
+from .policy import collect_cmd, export_policy_cmd, train_policy_cmd
 
 
 class _Group(click.Group):
@@ -37,12 +44,9 @@ def main():
     """
 
 
-def _register() -> None:
-    # Each command lives in its own module; importing it attaches it to `main`.
-    from . import arms, bench, exits, generate, policy  # noqa: F401
-
-
-_register()
+for command in (generate_cmd, info_cmd, add_arm_cmd, add_exits_cmd, collect_cmd, train_policy_cmd, export_policy_cmd,
+                bench_cmd):
+    main.add_command(command)
 
 if __name__ == "__main__":
     sys.exit(main())

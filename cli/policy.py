@@ -1,44 +1,12 @@
 """`ctxdraft collect`, `ctxdraft train-policy` and `ctxdraft export-policy`."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import click
 
-from ctxdraft.selfdraft.errors import CtxdraftError
+from ctxdraft.selfdraft.bundle import load_bundle
+from ctxdraft.selfdraft.fileio import display_path
 
-from .common import echo_json
-from .main import main
-
-
-def _open_bundle(bundle_dir: str):
-    from ctxdraft.selfdraft.bundle import load_bundle
-
-    return load_bundle(bundle_dir)
-
-
-def _run_collect(bundle, data_path, out, config, as_json: bool) -> dict:
-    from ctxdraft.selfdraft.collect import collect
-    from ctxdraft.selfdraft.fileio import read_prompts
-
-    rows = read_prompts(data_path)
-    bar = None
-    if sys.stderr.isatty() and not as_json:
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, desc="collect", unit="prompt", file=sys.stderr, leave=False)
-
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-    try:
-        return collect(bundle, rows, out, config, progress)
-    finally:
-        if bar is not None:
-            bar.close()
+from .common import echo_json, progress_bar, with_options
 
 
 def _print_collect(summary: dict) -> None:
@@ -46,10 +14,11 @@ def _print_collect(summary: dict) -> None:
                f"({summary['num_skipped']} already there; {summary['num_rows']} rows in all) "
                f"in {summary['seconds']['total']:.0f} s.")
     prof = summary["cost_profile"]
-    fwd = prof["target_forward_ms"]
+    step = prof["target_step_ms"]
+    longest = max(step, key=int)
     click.echo(f"Cost profile at {prof['context_tokens']} context tokens"
-               f"{' (measured now)' if summary['profiled_now'] else ''}: target step {fwd['1']:.1f} ms for 1 position, "
-               f"{fwd[max(fwd, key=int)]:.1f} ms for {max(map(int, fwd))}.")
+               f"{' (measured now)' if summary['profiled_now'] else ''}: target step {step['1']:.1f} ms for 1 position, "
+               f"{step[longest]:.1f} ms for {longest}.")
     check = summary["exactness_check"]
     if check["arm"]:
         click.echo(f"Simulated trajectories of {check['arm']} equal the real run on {check['exact']}/{check['prompts']} prompts.")
@@ -86,20 +55,11 @@ _COLLECT_OPTIONS = [
 ]
 
 
-def _with_options(options):
-    def wrap(fn):
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return wrap
-
-
-@main.command("collect")
+@click.command("collect")
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="JSONL prompts: 'prompt' (or 'text'), optional 'id', 'domain'.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Rewards JSONL to write (one row per prompt).")
-@_with_options(_COLLECT_OPTIONS)
+@with_options(_COLLECT_OPTIONS)
 @click.option("--resume", is_flag=True, help="Keep the rows already in --out and collect only the missing prompts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def collect_cmd(bundle_dir, data_path, out_path, max_new_tokens, draft_len, wallclock_sample, reprofile, resume, as_json):
@@ -114,12 +74,15 @@ def collect_cmd(bundle_dir, data_path, out_path, max_new_tokens, draft_len, wall
       ctxdraft collect my_bundle --data prompts.jsonl --out rewards.jsonl
       ctxdraft collect my_bundle --data prompts.jsonl --out rewards.jsonl --resume --wallclock-sample 6 --json
     """
-    from ctxdraft.selfdraft.collect import CollectConfig
+    from ctxdraft.selfdraft.collect import CollectConfig, collect
+    from ctxdraft.selfdraft.data import read_prompts
 
     config = CollectConfig(max_new_tokens=max_new_tokens, draft_len=draft_len, resume=resume,
                            wallclock_sample=wallclock_sample, reprofile=reprofile)
     config.validate()
-    summary = _run_collect(_open_bundle(bundle_dir), data_path, out_path, config, as_json)
+    rows = read_prompts(data_path)
+    with progress_bar(as_json) as bar:
+        summary = collect(load_bundle(bundle_dir), rows, out_path, config, bar)
     if as_json:
         echo_json(summary)
     else:
@@ -127,7 +90,7 @@ def collect_cmd(bundle_dir, data_path, out_path, max_new_tokens, draft_len, wall
 
 
 def _print_report(report: dict) -> None:
-    from ctxdraft.selfdraft.policy import report_markdown
+    from ctxdraft.selfdraft.policy_report import report_markdown
 
     click.echo(report_markdown(report), nl=False)
     onnx = report.get("onnx", {})
@@ -136,7 +99,7 @@ def _print_report(report: dict) -> None:
                    f"one routing decision {onnx['choose_median_ms']:.3f} ms")
 
 
-@main.command("train-policy")
+@click.command("train-policy")
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.option("--rewards", "rewards_path", type=click.Path(dir_okay=False), help="Rewards JSONL from `ctxdraft collect`.")
 @click.option("--data", "data_path", type=click.Path(dir_okay=False), help="Prompts JSONL: collect into BUNDLE/rewards.jsonl first (resumes).")
@@ -145,7 +108,7 @@ def _print_report(report: dict) -> None:
 @click.option("--epochs", type=int, default=300, show_default=True)
 @click.option("--eval-frac", type=float, default=0.25, show_default=True, help="Held-out fraction (stratified by domain).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@_with_options(_COLLECT_OPTIONS)
+@with_options(_COLLECT_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def train_policy_cmd(bundle_dir, rewards_path, data_path, feature_kind, epochs, eval_frac, seed, max_new_tokens, draft_len,
                      wallclock_sample, reprofile, as_json):
@@ -160,51 +123,29 @@ def train_policy_cmd(bundle_dir, rewards_path, data_path, feature_kind, epochs, 
       ctxdraft train-policy my_bundle --rewards rewards.jsonl
       ctxdraft train-policy my_bundle --data prompts.jsonl --features tokens --json
     """
-    from ctxdraft.selfdraft.collect import CollectConfig, pool_key
-    from ctxdraft.selfdraft.fileio import read_prompts
+    from ctxdraft.selfdraft.collect import CollectConfig
     from ctxdraft.selfdraft.policy import PolicyConfig
-    from ctxdraft.selfdraft.routing import train_bundle_policy
+    from ctxdraft.selfdraft.train_policy import train_policy
 
-    if (rewards_path is None) == (data_path is None):
-        raise CtxdraftError("give either --rewards FILE (from `ctxdraft collect`) or --data FILE (collects first)")
-    if epochs < 1:
-        raise CtxdraftError(f"--epochs must be >= 1, got {epochs}")
-    if not 0 < eval_frac < 1:
-        raise CtxdraftError(f"--eval-frac must be between 0 and 1, got {eval_frac}")
-    bundle = _open_bundle(bundle_dir)
-    ids = None
-    collected = None
-    if data_path is not None:
-        rewards_path = Path(bundle_dir) / "rewards.jsonl"
-        config = CollectConfig(max_new_tokens=max_new_tokens, draft_len=draft_len, wallclock_sample=wallclock_sample,
-                               reprofile=reprofile, resume=_can_resume(rewards_path, pool_key(bundle, draft_len), max_new_tokens))
-        config.validate()
-        collected = _run_collect(bundle, data_path, rewards_path, config, as_json)
-        ids = {r["id"] for r in read_prompts(data_path)}
-        if not as_json:
-            _print_collect(collected)
-            click.echo()
-    config = PolicyConfig(feature_kind=feature_kind, epochs=epochs, seed=seed)
-    report = train_bundle_policy(bundle, rewards_path, config, eval_frac, ids=ids)
+    bundle = load_bundle(bundle_dir)
+    collect_config = CollectConfig(max_new_tokens=max_new_tokens, draft_len=draft_len, wallclock_sample=wallclock_sample,
+                                   reprofile=reprofile)
+    with progress_bar(as_json) as bar:
+        result = train_policy(bundle, rewards=rewards_path, data=data_path, collect_config=collect_config,
+                              config=PolicyConfig(feature_kind=feature_kind, epochs=epochs, seed=seed),
+                              eval_frac=eval_frac, progress=bar)
+    policy_path = display_path(bundle.path / bundle.info["policy"])
     if as_json:
-        echo_json({"report": report, "collect": collected, "policy": str(Path(bundle_dir) / "policy.onnx")})
+        echo_json({"report": result.report, "collect": result.collected, "policy": policy_path})
         return
-    _print_report(report)
-    click.echo(f"Wrote {Path(bundle_dir) / 'policy.onnx'}; `ctxdraft generate --bundle {bundle_dir} ...` now routes with it.")
+    if result.collected is not None:
+        _print_collect(result.collected)
+        click.echo()
+    _print_report(result.report)
+    click.echo(f"Wrote {policy_path}; `ctxdraft generate --bundle {display_path(bundle.path)} ...` now routes with it.")
 
 
-def _can_resume(path: Path, key: str, max_new_tokens: int) -> bool:
-    """Whether an existing rewards file can be continued (same pool and settings); otherwise start over."""
-    from ctxdraft.selfdraft.collect import read_rows_for_resume
-
-    try:
-        rows = read_rows_for_resume(path)
-    except CtxdraftError:
-        return False
-    return bool(rows) and all(r.get("pool") == key and r.get("max_new_tokens") == max_new_tokens for r in rows)
-
-
-@main.command("export-policy")
+@click.command("export-policy")
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the file's metadata as JSON.")
 def export_policy_cmd(bundle_dir, as_json):
@@ -215,11 +156,11 @@ def export_policy_cmd(bundle_dir, as_json):
       ctxdraft export-policy my_bundle --json
     """
     from ctxdraft.export.onnx_export import read_metadata
-    from ctxdraft.selfdraft.routing import export_bundle_policy
+    from ctxdraft.selfdraft.train_policy import export_bundle_policy
 
-    path = export_bundle_policy(_open_bundle(bundle_dir))
+    path = export_bundle_policy(load_bundle(bundle_dir))
     meta = read_metadata(path)
     if as_json:
-        echo_json({"path": str(path), **meta})
+        echo_json({"path": display_path(path), **meta})
         return
-    click.echo(f"Wrote {path}: {meta['features']['kind']} features, arms {', '.join(a['name'] for a in meta['arms'])}.")
+    click.echo(f"Wrote {display_path(path)}: {meta['features']['kind']} features, arms {', '.join(a['name'] for a in meta['arms'])}.")

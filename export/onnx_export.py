@@ -26,7 +26,9 @@ from torch import nn
 from ctxdraft.selfdraft.errors import CtxdraftError
 from ctxdraft.selfdraft.fileio import atomic_path
 
-from .router import ARM_NAMES_OUTPUT, INPUT_NAMES, PROBS_OUTPUT, decode_metadata
+from ctxdraft.selfdraft.features import INPUT_NAMES
+
+from .router import ARM_NAMES_OUTPUT, PROBS_OUTPUT, decode_metadata
 
 
 class _ProbsGraph(nn.Module):

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from ctxdraft.selfdraft.errors import CtxdraftError
+from ctxdraft.selfdraft.features import INPUT_NAMES, PADDING_ID
 
 METADATA_KEYS = ("ctxdraft.arms", "ctxdraft.features", "ctxdraft.target", "ctxdraft.version")
 PROBS_OUTPUT = "probs"
 ARM_NAMES_OUTPUT = "arm_names"
-INPUT_NAMES = {"hidden": "features", "tokens": "token_ids"}
-PADDING_ID = -1
 
 
 def decode_metadata(props: dict, where: str) -> dict:

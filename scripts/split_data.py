@@ -3,43 +3,42 @@
 
     python scripts/split_data.py ../shared/data/specbench_dev.jsonl OUT_DIR [--heldout-frac 0.25] [--seed 0]
 
-Writes OUT_DIR/train.jsonl and OUT_DIR/heldout.jsonl. The default bundle's exits and policy are trained on
-train.jsonl only, and the README's benchmark runs on heldout.jsonl, so no measured prompt was trained on.
+Writes OUT_DIR/train.jsonl and OUT_DIR/heldout.jsonl (the rows as they were). The default bundle's exits and
+policy are trained on train.jsonl only, and the README's benchmark runs on heldout.jsonl, so no measured
+prompt was trained on. The split is ``ctxdraft.selfdraft.data.stratified_split``, the one add-exits and
+train-policy use.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import random
-from collections import defaultdict
+import sys
 from pathlib import Path
 
+from ctxdraft.selfdraft.data import stratified_split
+from ctxdraft.selfdraft.errors import CtxdraftError
+from ctxdraft.selfdraft.fileio import read_jsonl, write_text_atomic
 
-def main() -> None:
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data")
     ap.add_argument("out_dir")
     ap.add_argument("--heldout-frac", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    lines = [line for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
-    by_domain = defaultdict(list)
-    for line in lines:
-        by_domain[json.loads(line).get("domain", "all")].append(line)
-    rng = random.Random(args.seed)
-    train, heldout = [], []
-    for domain in sorted(by_domain):
-        rows = by_domain[domain][:]
-        rng.shuffle(rows)
-        n_held = max(1, round(len(rows) * args.heldout_frac))
-        heldout += rows[:n_held]
-        train += rows[n_held:]
+    try:
+        rows = read_jsonl(args.data)
+        train_idx, held_idx = stratified_split([str(r.get("domain", "all")) for r in rows], args.heldout_frac, args.seed)
+    except CtxdraftError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train.jsonl").write_text("\n".join(train) + "\n", encoding="utf-8")
-    (out / "heldout.jsonl").write_text("\n".join(heldout) + "\n", encoding="utf-8")
-    print(f"{len(train)} training prompts -> {out / 'train.jsonl'}; {len(heldout)} held out -> {out / 'heldout.jsonl'}")
+    for name, idx in (("train.jsonl", train_idx), ("heldout.jsonl", held_idx)):
+        write_text_atomic(out / name, "".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in idx))
+    print(f"{len(train_idx)} training prompts -> {out / 'train.jsonl'}; {len(held_idx)} held out -> {out / 'heldout.jsonl'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,13 +1,14 @@
 """A bundle: a target identity plus the draft pool, exit heads, cost profile and routing policy.
 
-``BUNDLE/bundle.json`` (written atomically) is what the commands pass to each other::
+``BUNDLE/bundle.json`` (written atomically, the files are named in ``layout.py``) is what the commands pass
+to each other::
 
     {"format": "ctxdraft-bundle", "version": 1,
      "target": {"spec": "smollm2-135m-instruct", "name": "...", "hash": "<content hash>"},
      "arms": [{"name": "none", "kind": "none", "settings": {}}, {"name": "lookup", "kind": "lookup", ...}],
      "default_arm": "lookup",
-     "exits": [...], "features": {...}, "policy": "policy.onnx" | null, "cost_profile": {...},
-     "versions": {...}}
+     "exits": [...], "features": {...}, "policy": "policy.onnx" | null, "policy_model": {...},
+     "cost_profile": {...}, "trained_on": {"add-exits": [ids], "train-policy": [ids]}, "versions": {...}}
 """
 from __future__ import annotations
 
@@ -16,25 +17,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from .decoding import GenerationConfig, GenerationStats, prefill, speculative_decode
-from .drafts import Draft, build_draft
+from .draft import Draft
 from .errors import CtxdraftError
-from .fileio import read_json, write_json_atomic
+from .features import features_from_prefill
+from .fileio import display_path, read_json, write_json_atomic
 from .layers import LayerStack
+from .layout import BUNDLE_FILE
+from .pool import base_arms, build_draft
 from .target import DEFAULT_TARGET, Target, load_target
 
 BUNDLE_FORMAT = "ctxdraft-bundle"
 BUNDLE_VERSION = 1
 DEFAULT_BUNDLE_DIR = Path(__file__).parent / "default_bundle"
-# Prompt lookup with different draft lengths behaves very differently per prompt (short drafts are cheap
-# when matches are rare, long ones pay off on copy-heavy prompts), so each length is its own arm.
-BASE_ARMS = [
-    {"name": "none", "kind": "none", "settings": {}},
-    {"name": "lookup", "kind": "lookup", "settings": {"draft_len": 4, "ngram_sizes": [3, 2, 1]}},
-    {"name": "lookup-k2", "kind": "lookup", "settings": {"draft_len": 2, "ngram_sizes": [3, 2, 1]}},
-    {"name": "lookup-k8", "kind": "lookup", "settings": {"draft_len": 8, "ngram_sizes": [3, 2, 1]}},
-]
 
 
 def versions() -> dict:
@@ -52,7 +47,7 @@ def new_bundle_info(target: Target, spec: str) -> dict:
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
         "target": {"spec": spec, "name": target.name, "hash": target.content_hash},
-        "arms": [dict(a) for a in BASE_ARMS],
+        "arms": base_arms(),
         "default_arm": "lookup",
         "exits": [],
         "features": None,
@@ -60,6 +55,32 @@ def new_bundle_info(target: Target, spec: str) -> dict:
         "cost_profile": None,
         "versions": versions(),
     }
+
+
+def validate_info(info, where: str) -> dict:
+    """The one check of a bundle.json's content, applied on every read."""
+    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT or not isinstance(info.get("arms"), list) \
+            or not isinstance(info.get("target"), dict):
+        raise CtxdraftError(f"{where} is not a ctxdraft bundle (missing format/target/arms)")
+    if info.get("version", 0) > BUNDLE_VERSION:
+        raise CtxdraftError(f"{where} has format version {info['version']}; this ctxdraft reads up to {BUNDLE_VERSION}")
+    names = [a.get("name") if isinstance(a, dict) else None for a in info["arms"]]
+    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise CtxdraftError(f"{where}: arm names must be unique non-empty strings, got {names}")
+    return info
+
+
+def record_training_ids(info: dict, command: str, ids: list) -> None:
+    """Remember which prompt ids ``command`` trained on, so that ``bench --split eval`` can leave them out."""
+    info.setdefault("trained_on", {})[command] = list(ids)
+
+
+def trained_ids(info: dict) -> set[str] | None:
+    """Every prompt id any part of the bundle trained on (as strings), or None when nothing is recorded."""
+    recorded = info.get("trained_on") or {}
+    if not recorded:
+        return None
+    return {str(i) for ids in recorded.values() for i in ids}
 
 
 @dataclass
@@ -114,7 +135,7 @@ class Bundle:
         expected = self.info["target"].get("hash")
         if expected and target.content_hash != expected:
             raise CtxdraftError(
-                f"bundle {self.path} was made for target {self.info['target'].get('name')} (hash {expected}), "
+                f"bundle {display_path(self.path)} was made for target {self.info['target'].get('name')} (hash {expected}), "
                 f"but {target.name} has hash {target.content_hash}; use the matching target or rebuild the bundle"
             )
 
@@ -132,7 +153,7 @@ class Bundle:
     def save(self) -> None:
         if self.path is None:
             raise CtxdraftError("this bundle has no directory; give one to save it")
-        write_json_atomic(self.path / "bundle.json", self.info)
+        write_json_atomic(self.path / BUNDLE_FILE, self.info)
 
     # -- routing ---------------------------------------------------------------------------------
     @property
@@ -181,7 +202,7 @@ class Bundle:
         routed = False
         if draft == "auto":
             if router is not None:
-                arm = router.choose(self._features(router, pre))
+                arm = router.choose(features_from_prefill(router.features, prompt_ids, pre.pooled_hidden))
                 routed = True
             else:
                 arm = self.info.get("default_arm") or "none"
@@ -190,9 +211,7 @@ class Bundle:
         route_s = time.perf_counter() - t0
         tokenizer = target.tokenizer
         stop_check = _stop_checker(tokenizer, config.stop) if config.stop else None
-        on_tokens = None
-        if on_text is not None:
-            on_tokens = _streamer(tokenizer, on_text)
+        on_tokens = _streamer(tokenizer, on_text) if on_text is not None else None
         new_ids, stats = speculative_decode(self.stack, pre, self.draft(arm), config, target.eos_ids, on_tokens, stop_check)
         stats.route_s = route_s
         stats.wall_s += route_s
@@ -201,11 +220,6 @@ class Bundle:
             if s in text:
                 text = text[: text.index(s)]
         return GenerationResult(prompt_ids, new_ids, text, arm, stats, routed)
-
-    def _features(self, router, pre):
-        from .features import features_from_prefill
-
-        return features_from_prefill(router.features, pre)
 
 
 def _stop_checker(tokenizer, stops: list[str]):
@@ -238,6 +252,23 @@ def _streamer(tokenizer, on_text):
     return on_tokens
 
 
+def open_or_create_bundle(out_dir: Path, target: Target, spec: str, ignore: tuple[str, ...] = ()) -> Bundle:
+    """The bundle in ``out_dir`` (checked against ``target``), or a new one in memory when the directory does not
+    exist or holds nothing but ``ignore``d entries. Nothing is written."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CtxdraftError(f"--out {display_path(out_dir)} exists and is not a directory")
+    if (out_dir / BUNDLE_FILE).is_file():
+        bundle = load_bundle(out_dir)
+        bundle.check_target(target)
+        bundle._target = target
+        return bundle
+    if out_dir.is_dir() and any(p.name not in ignore for p in out_dir.iterdir()):
+        raise CtxdraftError(f"--out {display_path(out_dir)} is a non-empty directory without a {BUNDLE_FILE}; "
+                            "give a new or bundle directory")
+    return Bundle(out_dir, new_bundle_info(target, spec), _target=target)
+
+
 def add_arm(bundle_dir: str | Path, spec: dict, target: str | None = None) -> Bundle:
     """Add (or replace) one arm ``{"name", "kind", "settings"}`` in a bundle, creating the bundle if needed.
 
@@ -246,7 +277,7 @@ def add_arm(bundle_dir: str | Path, spec: dict, target: str | None = None) -> Bu
     matches, so it is dropped from bundle.json (retrain with ``train-policy``).
     """
     bundle_dir = Path(bundle_dir)
-    if (bundle_dir / "bundle.json").exists():
+    if (bundle_dir / BUNDLE_FILE).exists():
         bundle = load_bundle(bundle_dir, target=target)
     else:
         spec_target = target or DEFAULT_TARGET
@@ -275,15 +306,8 @@ def load_bundle(path: str | Path | None = None, target: str | None = None) -> Bu
         return Bundle(None, new_bundle_info(t, target), _target=t)
     path = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
     if not path.is_dir():
-        raise CtxdraftError(f"bundle not found: {path} (make one with `ctxdraft add-exits ... --out {path}`)")
-    info = read_json(path / "bundle.json", "bundle file")
-    if info.get("format") != BUNDLE_FORMAT or not isinstance(info.get("arms"), list) or "target" not in info:
-        raise CtxdraftError(f"{path / 'bundle.json'} is not a ctxdraft bundle (missing format/target/arms)")
-    if info.get("version", 0) > BUNDLE_VERSION:
-        raise CtxdraftError(f"bundle {path} has format version {info['version']}; this ctxdraft reads up to {BUNDLE_VERSION}")
-    names = [a.get("name") for a in info["arms"]]
-    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
-        raise CtxdraftError(f"{path / 'bundle.json'}: arm names must be unique non-empty strings, got {names}")
+        raise CtxdraftError(f"bundle not found: {display_path(path)} (make one with `ctxdraft add-exits ... --out {path}`)")
+    info = validate_info(read_json(path / BUNDLE_FILE, "bundle file"), display_path(path / BUNDLE_FILE))
     bundle = Bundle(path, info)
     if target is not None:
         t = load_target(target)

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from ctxdraft.triton_kernels import verify_greedy, verify_sampling
 
-from .drafts import Draft, DraftOutput
+from .draft import DecodeState, Draft, DraftOutput
 from .errors import CtxdraftError
 from .layers import LayerStack
 from .sampling import top_p_filter
@@ -83,19 +83,6 @@ class Prefill:
     last_logits: torch.Tensor  # [1, 1, V]
     pooled_hidden: torch.Tensor | None  # [D] mean over the prompt of the residual stream after layer `feature_layer`
     seconds: float
-
-
-@dataclass
-class DecodeState:
-    """What a draft may look at while proposing."""
-
-    stack: LayerStack
-    cache: DynamicCache
-    tokens: list[int]  # prompt + committed new tokens; the last one is not yet in the target's cache
-    vocab_size: int
-    temperature: float
-    top_p: float
-    generator: torch.Generator | None
 
 
 @torch.inference_mode()
@@ -203,19 +190,16 @@ def speculative_decode(
         _grow(stats.accepted_per_position, num_accepted)
         if on_tokens is not None:
             room = config.max_new_tokens - (len(new_ids) - len(emitted))
-            on_tokens(emitted[: _kept(emitted, room, eos_ids)])
+            on_tokens(emitted[: min(num_before_eos(emitted, eos_ids), max(room, 0))])
 
     stats.new_tokens = len(new_ids)
     stats.wall_s = pre.seconds + (time.perf_counter() - t0)
     return new_ids, stats
 
 
-def _kept(tokens: list[int], room: int, eos_ids) -> int:
-    """How many of ``tokens`` are returned: those before the first EOS, at most ``room``."""
-    for i, token in enumerate(tokens[: max(room, 0)]):
-        if token in eos_ids:
-            return i
-    return max(0, min(room, len(tokens)))
+def num_before_eos(tokens: list[int], eos_ids) -> int:
+    """How many of ``tokens`` come before the first EOS (all of them when there is none): what is returned."""
+    return next((i for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
 
 
 def _grow(per_position: list[int], count: int) -> None:
@@ -227,7 +211,7 @@ def _grow(per_position: list[int], count: int) -> None:
 
 def _finished(new_ids: list[int], max_new_tokens: int, eos_ids, stop_check) -> int | None:
     """Token count to keep if generation is over (EOS, max tokens, stop string), else None."""
-    before_eos = _kept(new_ids, len(new_ids), eos_ids)
+    before_eos = num_before_eos(new_ids, eos_ids)
     if before_eos < len(new_ids):
         return before_eos
     if stop_check is not None:

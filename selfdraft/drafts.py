@@ -1,60 +1,22 @@
-"""The draft pool: things that propose tokens for the target to verify.
-
-A ``Draft`` proposes up to ``max_len`` tokens that continue ``state.tokens`` (the committed sequence;
-its last token is the one the target has not consumed yet). It may return its distribution q for
-each proposed token (needed for exact speculative sampling; without it q is one-hot). After the
-target has verified, ``accept(state, committed_len)`` tells the draft how many tokens of the sequence
-are final so it can roll back whatever state it keeps.
-
-Kinds: ``none`` (never proposes: plain decoding), ``lookup`` (n-gram prompt lookup, model-free),
-``model`` (an external causal LM with the target's vocabulary) and ``exit`` (see ``exits.py``).
+"""The model-free and external drafts: ``none``, ``lookup`` (n-gram prompt lookup) and ``model`` (an external
+causal LM with the target's vocabulary). Self-drafts on the target's own layers live in ``exits/``; the
+registry that builds any of them from an arm spec is ``pool.py``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .draft import DecodeState, Draft, DraftOutput, DraftRun, PredictionTeacherForced, TeacherForced, TeacherPass, draft_loop
 from .errors import CtxdraftError
 from .layers import LayerStack
 from .sampling import probs_from_logits
 
-if TYPE_CHECKING:
-    from .decoding import DecodeState
-
-
-@dataclass
-class DraftOutput:
-    ids: list[int]  # the K proposed tokens (K may be 0)
-    probs: torch.Tensor | None = None  # [K, V] q for each proposed token; None: one-hot (greedy or model-free)
-    # Exit drafts: layer-E residual states of the first K input positions (pending token, d1..d_{K-1}),
-    # so verification only runs layers [E, L) for them; K+1 positions (d_K too) when the draft already ran them.
-    exit_hidden: torch.Tensor | None = None  # [1, K, D] or [1, K+1, D]
-    exit_layer: int = 0
-
-
-class Draft:
-    """Base class: proposes nothing (the ``none`` arm)."""
-
-    kind = "none"
-
-    def __init__(self, name: str = "none"):
-        self.name = name
-
-    def start(self, state: "DecodeState") -> None:
-        """Called once per generation, after the target's prefill."""
-
-    def propose(self, state: "DecodeState", max_len: int) -> DraftOutput:
-        return DraftOutput([])
-
-    def accept(self, state: "DecodeState", committed_len: int) -> None:
-        """The first ``committed_len`` tokens of ``state.tokens`` are final; drop state beyond them."""
-
 
 class NoneDraft(Draft):
-    pass
+    """Proposes nothing: the speculative loop becomes plain decoding."""
 
 
 @dataclass
@@ -63,10 +25,10 @@ class LookupSettings:
     ngram_sizes: list[int] = field(default_factory=lambda: [3, 2, 1])  # tried longest first
 
     def __post_init__(self):
-        if self.draft_len < 1:
-            raise CtxdraftError(f"lookup draft_len must be >= 1, got {self.draft_len}")
-        if not self.ngram_sizes or min(self.ngram_sizes) < 1:
-            raise CtxdraftError(f"lookup ngram_sizes must be positive integers, got {self.ngram_sizes}")
+        if not isinstance(self.draft_len, int) or self.draft_len < 1:
+            raise CtxdraftError(f"lookup draft_len must be an integer >= 1, got {self.draft_len!r}")
+        if not self.ngram_sizes or not all(isinstance(n, int) and n >= 1 for n in self.ngram_sizes):
+            raise CtxdraftError(f"lookup ngram_sizes must be positive integers, got {self.ngram_sizes!r}")
         self.ngram_sizes = sorted(set(self.ngram_sizes), reverse=True)
 
 
@@ -104,6 +66,7 @@ class LookupDraft(Draft):
     def __init__(self, name: str = "lookup", settings: LookupSettings | None = None):
         super().__init__(name)
         self.settings = settings or LookupSettings()
+        self.draft_len = self.settings.draft_len
         self.index = NgramIndex(self.settings.ngram_sizes)
 
     def start(self, state):
@@ -113,11 +76,31 @@ class LookupDraft(Draft):
         self.index.update(state.tokens)
         return DraftOutput(self.index.lookup(state.tokens, min(max_len, self.settings.draft_len)))
 
+    def teacher_forced(self, tp, vocab_size):
+        return LookupTeacherForced(self.settings)
+
+
+class LookupTeacherForced(TeacherForced):
+    """Prompt lookup over the true prefix (it reads committed tokens only), with ``LookupDraft``'s own index."""
+
+    def __init__(self, settings: LookupSettings):
+        self.draft_len = settings.draft_len
+        self.index = NgramIndex(settings.ngram_sizes)
+
+    def propose(self, seq, pending, max_len):
+        tokens = seq[: pending + 1]
+        self.index.update(tokens)
+        return DraftRun(self.index.lookup(tokens, min(max_len, self.draft_len)), 1, False)
+
 
 @dataclass
 class ModelDraftSettings:
     path: str = ""
     draft_len: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.draft_len, int) or self.draft_len < 1:
+            raise CtxdraftError(f"model draft_len must be an integer >= 1, got {self.draft_len!r}")
 
 
 class ModelDraft(Draft):
@@ -130,6 +113,7 @@ class ModelDraft(Draft):
         self.model = model
         self.stack = LayerStack(model)
         self.settings = settings
+        self.draft_len = settings.draft_len
         self.cache = None
         self.cached_len = 0
 
@@ -137,7 +121,7 @@ class ModelDraft(Draft):
     def from_path(cls, path: str | Path, target, draft_len: int = 4, name: str | None = None) -> "ModelDraft":
         from .target import load_target
 
-        draft_target = load_target(path)
+        draft_target = load_target(path, dtype=getattr(target, "dtype", None) or torch.float32)
         check_same_vocab(target, draft_target)
         settings = ModelDraftSettings(str(path), draft_len)
         return cls(name or f"model:{Path(path).name}", draft_target.model, settings)
@@ -146,35 +130,54 @@ class ModelDraft(Draft):
         self.cache = self.stack.new_cache()
         self.cached_len = 0
 
-    def propose(self, state, max_len):
-        K = min(max_len, self.settings.draft_len)
-        if K <= 0:
-            return DraftOutput([])
+    def propose(self, state: DecodeState, max_len: int) -> DraftOutput:
         V = state.vocab_size
-        tokens = state.tokens
-        new = torch.tensor([tokens[self.cached_len :]])
-        positions = torch.arange(self.cached_len, len(tokens))
-        ids, probs = [], []
-        for _ in range(K):
-            logits = self.stack.logits(self.stack.run(self.stack.embed(new), 0, self.stack.num_layers, self.cache, positions)[:, -1:])
-            self.cached_len = positions[-1].item() + 1
-            logits = logits[0, -1, :V]
-            if state.temperature > 0:
+        sampling = state.temperature > 0
+        stack = self.stack
+        probs: list[torch.Tensor] = []
+        current: dict[str, torch.Tensor] = {}
+        taken: list[int] = []
+
+        def evaluate(j: int) -> float:
+            # The first evaluation catches up on every committed token the draft model has not seen.
+            new = state.tokens[self.cached_len :] if j == 0 else taken[-1:]
+            positions = torch.arange(self.cached_len, self.cached_len + len(new))
+            hidden = stack.run(stack.embed(torch.tensor([new])), 0, stack.num_layers, self.cache, positions)
+            self.cached_len += len(new)
+            current["logits"] = stack.logits(hidden[:, -1:])[0, -1, :V]
+            return 1.0
+
+        def take() -> int:
+            logits = current["logits"]
+            if sampling:
                 q = probs_from_logits(logits, state.temperature, state.top_p)
-                token = int(torch.multinomial(q, 1, generator=state.generator))
                 probs.append(q)
+                token = int(torch.multinomial(q, 1, generator=state.generator))
             else:
                 token = int(logits.argmax())
-            ids.append(token)
-            new = torch.tensor([[token]])
-            positions = torch.tensor([self.cached_len])
-        # The last drafted token was never fed to the draft model; its cache ends one token earlier.
-        return DraftOutput(ids, torch.stack(probs) if probs else None)
+            taken.append(token)
+            return token
+
+        # The last drafted token is never fed to the draft model; its cache ends one token earlier.
+        run = draft_loop(min(max_len, self.settings.draft_len), 0.0, evaluate, take)
+        return DraftOutput(run.ids, torch.stack(probs) if probs else None)
 
     def accept(self, state, committed_len):
         if self.cached_len > committed_len:
             self.stack.crop(self.cache, committed_len)
             self.cached_len = committed_len
+
+    @torch.inference_mode()
+    def teacher_forced(self, tp: TeacherPass, vocab_size: int, chunk: int = 256) -> TeacherForced:
+        """The draft model's greedy token after every prefix: one forward of it over the sequence."""
+        stack = self.stack
+        cache = stack.new_cache()
+        predictions: list[int] = []
+        for start in range(0, len(tp.token_ids), chunk):
+            ids = tp.token_ids[start : start + chunk]
+            hidden = stack.run(stack.embed(torch.tensor([ids])), 0, stack.num_layers, cache, torch.arange(start, start + len(ids)))
+            predictions += stack.logits(hidden)[0, :, :vocab_size].argmax(-1).tolist()
+        return PredictionTeacherForced(predictions, self.settings.draft_len)
 
 
 def check_same_vocab(target, draft_target) -> None:
@@ -189,40 +192,3 @@ def check_same_vocab(target, draft_target) -> None:
         raise CtxdraftError(
             f"draft model {draft_target.path} has {draft_target.vocab_size} output logits, fewer than the target's {target.vocab_size}"
         )
-
-
-# Arm kinds -> factory(arm_spec, target, bundle_dir) -> Draft. exits.py registers "exit".
-DRAFT_FACTORIES: dict[str, Callable] = {}
-
-
-def _lookup_factory(spec, target, bundle_dir):
-    settings = spec.get("settings", {})
-    return LookupDraft(spec["name"], LookupSettings(**settings))
-
-
-def _model_factory(spec, target, bundle_dir):
-    settings = dict(spec.get("settings", {}))
-    path = Path(settings.get("path", ""))
-    if not path.is_absolute() and bundle_dir is not None and (Path(bundle_dir) / path).exists():
-        path = Path(bundle_dir) / path
-    return ModelDraft.from_path(path, target, settings.get("draft_len", 4), spec["name"])
-
-
-DRAFT_FACTORIES.update(
-    none=lambda spec, target, bundle_dir: NoneDraft(spec["name"]),
-    lookup=_lookup_factory,
-    model=_model_factory,
-)
-
-
-def build_draft(spec: dict, target, bundle_dir: Path | None = None) -> Draft:
-    """Instantiate the draft for one arm spec ``{"name", "kind", "settings"}``."""
-    kind = spec.get("kind")
-    if kind == "exit":
-        from . import exits  # noqa: F401  (registers the factory)
-    if kind not in DRAFT_FACTORIES:
-        raise CtxdraftError(f"arm {spec.get('name')!r} has unknown kind {kind!r} (known: {sorted(DRAFT_FACTORIES)})")
-    try:
-        return DRAFT_FACTORIES[kind](spec, target, bundle_dir)
-    except TypeError as e:
-        raise CtxdraftError(f"arm {spec.get('name')!r}: bad settings ({e})") from None

@@ -1,4 +1,4 @@
-"""Atomic file writes and JSONL reading with errors a user can act on."""
+"""Atomic file writes, JSON/JSONL reading with errors a user can act on, and paths as users should see them."""
 from __future__ import annotations
 
 import json
@@ -41,48 +41,48 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> dict:
+def read_json(path: str | os.PathLike, what: str = "file"):
     path = Path(path)
     if not path.is_file():
-        raise CtxdraftError(f"{what} not found: {path}")
+        raise CtxdraftError(f"{what} not found: {display_path(path)}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CtxdraftError(f"{what} {path} is not valid JSON ({e}); delete it or rebuild it") from None
+        raise CtxdraftError(f"{what} {display_path(path)} is not valid JSON ({e}); delete it or rebuild it") from None
 
 
 def read_jsonl(path: str | os.PathLike, what: str = "data file") -> list[dict]:
     """Read a JSONL file: one JSON object per line, blank lines skipped."""
     path = Path(path)
     if not path.is_file():
-        raise CtxdraftError(f"{what} not found: {path}")
+        raise CtxdraftError(f"{what} not found: {display_path(path)}")
     rows = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise CtxdraftError(f"{what} {path} is not UTF-8 text") from None
+        raise CtxdraftError(f"{what} {display_path(path)} is not UTF-8 text") from None
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CtxdraftError(f"{what} {path}, line {lineno}: not valid JSON ({e.msg})") from None
+            raise CtxdraftError(f"{what} {display_path(path)}, line {lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise CtxdraftError(f"{what} {path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            raise CtxdraftError(f"{what} {display_path(path)}, line {lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     if not rows:
-        raise CtxdraftError(f"{what} {path} is empty")
+        raise CtxdraftError(f"{what} {display_path(path)} is empty")
     return rows
 
 
-def read_prompts(path: str | os.PathLike) -> list[dict]:
-    """Read prompt rows: each needs a non-empty ``prompt`` (or ``text``) string; ``id``/``domain`` optional."""
-    rows = read_jsonl(path)
-    out = []
-    for i, row in enumerate(rows):
-        prompt = row.get("prompt", row.get("text"))
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise CtxdraftError(f"data file {path}, row {i + 1}: needs a non-empty 'prompt' (or 'text') string field")
-        out.append({"id": row.get("id", i), "domain": row.get("domain", "all"), "prompt": prompt})
-    return out
+def display_path(path: str | os.PathLike | None) -> str | None:
+    """``path`` as a user should read it in a report: relative to the working directory when it lies below
+    it, else as given (reports must not carry one machine's absolute paths)."""
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(path)

@@ -17,6 +17,8 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .sampling import softcap
+
 
 class LayerStack:
     def __init__(self, model: torch.nn.Module):
@@ -28,6 +30,7 @@ class LayerStack:
         self.layer_types = list(getattr(self.config, "layer_types", None) or ["full_attention"] * self.num_layers)
         rotary_params = inspect.signature(self.backbone.rotary_emb.forward).parameters
         self._rotary_per_type = "layer_type" in rotary_params
+        self.logit_softcap = getattr(self.config, "final_logit_softcapping", None)
 
     # -- cache ---------------------------------------------------------------------------------
     def new_cache(self) -> DynamicCache:
@@ -96,8 +99,4 @@ class LayerStack:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, V]
         """The model's own final norm + LM head (+ logit soft-capping where the model has it)."""
-        logits = self.model.lm_head(self.backbone.norm(hidden))
-        softcap = getattr(self.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
+        return softcap(self.model.lm_head(self.backbone.norm(hidden)), self.logit_softcap)

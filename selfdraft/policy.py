@@ -22,167 +22,16 @@ Two feature kinds, each with its own network (`nn.Module` holds only weights and
 """
 from __future__ import annotations
 
-import math
-import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import CtxdraftError
-from .fileio import read_jsonl
-
-FEATURE_KINDS = ("hidden", "tokens")
-PADDING_ID = -1
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass
-class RewardData:
-    """The logged bandit table: one row per prompt, one column per arm."""
-
-    ids: list
-    domains: list[str]
-    arm_names: list[str]
-    rewards: torch.Tensor  # [N, A] float32 speed-ups
-    prompt_lens: list[int]
-    hidden: torch.Tensor | None = None  # [N, F] float32, or None when rows carry no hidden features
-    tokens: list[list[int]] | None = None  # N prompt token id lists, or None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def _finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def rewards_from_rows(rows: list[dict], source: str = "rewards") -> RewardData:
-    """Build a RewardData from parsed `collect` rows (see `load_rewards` for the row format)."""
-    if not rows:
-        raise CtxdraftError(f"{source} has no rows; run `ctxdraft collect` first")
-    ids, domains, prompt_lens, reward_rows, hidden_rows, token_rows = [], [], [], [], [], []
-    arm_names: list[str] | None = None
-    first_line_of_id: dict = {}
-    for i, row in enumerate(rows):
-        where = f"{source}, row {i + 1}"
-        arms = row.get("arms")
-        if not isinstance(arms, dict) or not arms:
-            raise CtxdraftError(f"{where}: needs an 'arms' object mapping arm name -> {{'speedup': ...}}")
-        if arm_names is None:
-            arm_names = list(arms)
-        elif set(arms) != set(arm_names):
-            missing = sorted(set(arm_names) - set(arms))
-            extra = sorted(set(arms) - set(arm_names))
-            raise CtxdraftError(
-                f"{where}: its arms differ from row 1 (missing {missing}, extra {extra}); all rows must be "
-                "collected with the same pool; re-run `ctxdraft collect` for this bundle into a fresh file"
-            )
-        reward_row = []
-        for name in arm_names:
-            arm = arms[name]
-            speedup = arm.get("speedup") if isinstance(arm, dict) else None
-            if not _finite_number(speedup) or speedup <= 0:
-                raise CtxdraftError(f"{where}: arm {name!r} needs a positive finite 'speedup', got {speedup!r}")
-            reward_row.append(float(speedup))
-        reward_rows.append(reward_row)
-
-        row_id = row.get("id", i)
-        if not isinstance(row_id, (str, int)) or isinstance(row_id, bool):
-            raise CtxdraftError(f"{where}: 'id' must be a string or an integer, got {row_id!r}")
-        if row_id in first_line_of_id:
-            raise CtxdraftError(
-                f"{where}: id {row_id!r} already appeared in row {first_line_of_id[row_id] + 1}; "
-                "remove the duplicate (an interrupted collect resumed without --resume?)"
-            )
-        first_line_of_id[row_id] = i
-        ids.append(row_id)
-        domain = row.get("domain", "all")
-        domains.append(str(domain) if domain is not None else "all")
-
-        features = row.get("features")
-        if not isinstance(features, dict):
-            raise CtxdraftError(f"{where}: needs a 'features' object with 'hidden' and/or 'tokens'")
-        hidden = features.get("hidden")
-        if hidden is not None:
-            if not isinstance(hidden, list) or not hidden or not all(_finite_number(v) for v in hidden):
-                raise CtxdraftError(f"{where}: features.hidden must be a non-empty list of finite numbers")
-            if hidden_rows and len(hidden) != len(hidden_rows[0]):
-                raise CtxdraftError(
-                    f"{where}: features.hidden has {len(hidden)} values but row 1 has {len(hidden_rows[0])}; "
-                    "rows were collected with different feature layers or targets"
-                )
-        hidden_rows.append(hidden)
-        tokens = features.get("tokens")
-        if tokens is not None:
-            if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                      for t in tokens):
-                raise CtxdraftError(f"{where}: features.tokens must be a list of non-negative integer token ids")
-        token_rows.append(tokens)
-
-        prompt_len = row.get("prompt_len", len(tokens) if tokens is not None else None)
-        if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or prompt_len < 0:
-            raise CtxdraftError(f"{where}: needs a non-negative integer 'prompt_len', got {prompt_len!r}")
-        prompt_lens.append(prompt_len)
-
-    def all_or_none(values: list, name: str):
-        present = [v is not None for v in values]
-        if all(present):
-            return values
-        if not any(present):
-            return None
-        first_missing = present.index(False) if present[0] else present.index(True)
-        raise CtxdraftError(
-            f"{source}: features.{name} is present in some rows and missing in others (see row "
-            f"{first_missing + 1}); re-collect so every row has the same features"
-        )
-
-    hidden_rows = all_or_none(hidden_rows, "hidden")
-    token_rows = all_or_none(token_rows, "tokens")
-    return RewardData(
-        ids=ids,
-        domains=domains,
-        arm_names=list(arm_names),
-        rewards=torch.tensor(reward_rows, dtype=torch.float32),
-        prompt_lens=prompt_lens,
-        hidden=torch.tensor(hidden_rows, dtype=torch.float32) if hidden_rows is not None else None,
-        tokens=token_rows,
-    )
-
-
-def load_rewards(path: str | os.PathLike) -> RewardData:
-    """Read the rows `ctxdraft collect` wrote, one JSON object per prompt:
-
-    {"id": ..., "domain": "qa", "prompt_len": 123,
-     "features": {"hidden": [F floats], "tokens": [token ids]},
-     "arms": {"none": {"speedup": 1.0, ...}, "lookup": {"speedup": 1.7, ...}, ...}}
-
-    Every row must have the same set of arms; an arm's reward is its "speedup".
-    """
-    return rewards_from_rows(read_jsonl(path, what="rewards file"), source=f"rewards file {path}")
-
-
-def split_indices(domains: list[str], eval_frac: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Seeded train/eval split, stratified by domain: each domain gives round(eval_frac * n) eval rows
-    (at least one when it has two or more rows, never all of them)."""
-    if not 0.0 < eval_frac < 1.0:
-        raise CtxdraftError(f"eval fraction must be between 0 and 1 (exclusive), got {eval_frac}")
-    generator = torch.Generator().manual_seed(seed)
-    train_idx, eval_idx = [], []
-    for domain in sorted(set(domains)):
-        rows = [i for i, d in enumerate(domains) if d == domain]
-        order = [rows[j] for j in torch.randperm(len(rows), generator=generator).tolist()]
-        num_eval = min(max(round(eval_frac * len(rows)), 1 if len(rows) >= 2 else 0), len(rows) - 1)
-        eval_idx += order[:num_eval]
-        train_idx += order[num_eval:]
-    if not eval_idx:
-        raise CtxdraftError(f"eval fraction {eval_frac} leaves no held-out rows; use more data or a larger fraction")
-    return sorted(train_idx), sorted(eval_idx)
+from .features import FEATURE_KINDS, PADDING_ID, hidden_spec, tokens_spec
+from .rewards import RewardData
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,10 +284,6 @@ def train_supervised(data: RewardData, train_idx: list[int], config: PolicyConfi
     return policy.eval()
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation and the report
-
-
 @torch.no_grad()
 def choose_arms(policy: nn.Module, inputs: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [B] arm indices
     was_training = policy.training
@@ -448,148 +293,11 @@ def choose_arms(policy: nn.Module, inputs: torch.Tensor) -> torch.Tensor:  # [B,
     return choices
 
 
-def _summary(rewards: torch.Tensor, choices: torch.Tensor, arm_names: list[str]) -> dict:
-    """Mean speed-ups of the policy's greedy choices, of each arm alone and of the oracle on these rows."""
-    policy_speedup = rewards.gather(1, choices[:, None]).mean().item()
-    oracle_speedup = rewards.max(1).values.mean().item()
-    arm_speedups = {name: rewards[:, a].mean().item() for a, name in enumerate(arm_names)}
-    best_arm = max(arm_speedups, key=arm_speedups.get)
-    counts = torch.bincount(choices, minlength=len(arm_names)).tolist()
-    return {
-        "num_prompts": len(rewards),
-        "policy": policy_speedup,
-        "oracle": oracle_speedup,
-        "regret": 1.0 - policy_speedup / oracle_speedup,
-        "best_single_arm": best_arm,
-        "best_single_arm_speedup": arm_speedups[best_arm],
-        "gain_over_best_single_arm": policy_speedup / arm_speedups[best_arm] - 1.0,
-        "arms": arm_speedups,
-        "choices": dict(zip(arm_names, counts)),
-    }
-
-
-def evaluate(policy: nn.Module, data: RewardData, idx: list[int]) -> dict:
-    """Held-out report of one policy, overall and per domain. The best single arm is picked on the
-    same rows, so the comparison flatters the fixed-arm baseline, not the policy."""
-    if not idx:
-        raise CtxdraftError("nothing to evaluate: the evaluation split is empty")
-    choices = choose_arms(policy, policy_inputs(data, idx, policy.feature_kind))
-    rewards = data.rewards[idx]
-    report = {"overall": _summary(rewards, choices, data.arm_names), "domains": {}}
-    domains = [data.domains[i] for i in idx]
-    for domain in sorted(set(domains)):
-        rows = torch.tensor([j for j, d in enumerate(domains) if d == domain])
-        report["domains"][domain] = _summary(rewards[rows], choices[rows], data.arm_names)
-    return report
-
-
-@dataclass
-class PolicyTrainResult:
-    """What `train_policies` produced: both networks, the split and the report."""
-
-    reinforce: nn.Module
-    supervised: nn.Module
-    train_idx: list[int]
-    eval_idx: list[int]
-    report: dict = field(default_factory=dict)
-
-
-def train_policies(data: RewardData, config: PolicyConfig | None = None, eval_frac: float = 0.25,
-                   split_seed: int | None = None) -> PolicyTrainResult:
-    """Split (stratified by domain), train REINFORCE and the supervised baseline on the training rows,
-    and build the held-out report (`policy_report`). The REINFORCE policy is the one to export."""
-    config = config or PolicyConfig()
-    train_idx, eval_idx = split_indices(data.domains, eval_frac, config.seed if split_seed is None else split_seed)
-    reinforce = train_reinforce(data, train_idx, config)
-    supervised = train_supervised(data, train_idx, config)
-    report = policy_report(data, train_idx, eval_idx, {"reinforce": reinforce, "supervised": supervised}, config)
-    return PolicyTrainResult(reinforce, supervised, train_idx, eval_idx, report)
-
-
-def policy_report(data: RewardData, train_idx: list[int], eval_idx: list[int], policies: dict[str, nn.Module],
-                  config: PolicyConfig) -> dict:
-    """The dict written to reports/train_policy.json: config, split sizes and each policy's `evaluate`."""
-    from dataclasses import asdict
-
-    return {
-        "feature_kind": config.feature_kind,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
-        "arms": list(data.arm_names),
-        "num_train": len(train_idx),
-        "num_eval": len(eval_idx),
-        "eval_ids": [data.ids[i] for i in eval_idx],
-        "policies": {name: evaluate(policy, data, eval_idx) for name, policy in policies.items()},
-    }
-
-
-def report_markdown(report: dict) -> str:
-    """Held-out mean speed-ups as a Markdown table: rows are the policies, each single arm and the
-    oracle; columns are the domains and overall. Regret and choices follow below the table."""
-    policies = report["policies"]
-    first = next(iter(policies.values()))
-    columns = sorted(first["domains"]) + ["overall"]
-
-    def cell(summary: dict, key: str, arm: str | None = None) -> float:
-        return summary["arms"][arm] if arm is not None else summary[key]
-
-    def block(evaluation: dict, column: str) -> dict:
-        return evaluation["overall"] if column == "overall" else evaluation["domains"][column]
-
-    counts = [str(block(first, c)["num_prompts"]) for c in columns]
-    lines = [
-        f"Held-out mean speed-up over plain decoding ({report['num_eval']} prompts, "
-        f"policy trained on {report['num_train']}, features: {report['feature_kind']}).",
-        "",
-        "| | " + " | ".join(columns) + " |",
-        "| --- | " + " | ".join("---:" for _ in columns) + " |",
-        "| prompts | " + " | ".join(counts) + " |",
-    ]
-    for name, evaluation in policies.items():
-        lines.append(f"| **policy ({name})** | " + " | ".join(
-            f"**{block(evaluation, c)['policy']:.3f}**" for c in columns) + " |")
-    for arm in report["arms"]:
-        lines.append(f"| {arm} | " + " | ".join(f"{cell(block(first, c), '', arm):.3f}" for c in columns) + " |")
-    lines.append("| oracle (per prompt) | " + " | ".join(f"{block(first, c)['oracle']:.3f}" for c in columns) + " |")
-    lines.append("")
-    for name, evaluation in policies.items():
-        overall = evaluation["overall"]
-        chosen = ", ".join(f"{arm} {n}" for arm, n in overall["choices"].items() if n)
-        lines.append(
-            f"- {name}: regret to the oracle {overall['regret']:.1%}, "
-            f"{overall['gain_over_best_single_arm']:+.1%} vs the best single arm "
-            f"({overall['best_single_arm']}, {overall['best_single_arm_speedup']:.3f}); chose: {chosen}"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def feature_spec(policy: nn.Module, layer: int | None = None) -> dict:
-    """The feature description stored with an exported policy (`ctxdraft.features`), read from the
-    network itself so it cannot drift from it. `layer` is the target layer the hidden state was pooled at."""
+    """The feature description stored with an exported policy (``features.py``'s schema), read from the
+    network itself so that it cannot drift from it. ``layer``: where the hidden state was pooled."""
     if policy.feature_kind == "hidden":
         if layer is None:
             raise CtxdraftError("a hidden-feature policy needs the layer its features were pooled at")
-        return {
-            "kind": "hidden",
-            "layer": int(layer),
-            "pooling": "mean",
-            "dim": policy.feature_dim,
-            "input": {
-                "name": "features", "dtype": "float32", "shape": ["batch", policy.feature_dim],
-                "description": f"the target's hidden state after decoder layer {layer} during prefill, mean over "
-                               f"all prompt positions ({policy.feature_dim - 1} values), then log(prompt_len); "
-                               "raw values: the normalisation is inside the graph",
-            },
-        }
-    return {
-        "kind": "tokens",
-        "layer": None,
-        "pooling": "mean",
-        "dim": None,
-        "num_buckets": policy.num_buckets,
-        "padding_id": PADDING_ID,
-        "input": {
-            "name": "token_ids", "dtype": "int64", "shape": ["batch", "time"],
-            "description": "the prompt's token ids from the target's tokenizer (chat template applied, as fed to "
-                           f"the target), right-padded with {PADDING_ID}; hashed inside the graph",
-        },
-    }
+        return hidden_spec(layer, policy.feature_dim)
+    return tokens_spec(policy.num_buckets)

@@ -4,6 +4,11 @@ from __future__ import annotations
 import torch
 
 
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma-style logit soft-capping, cap * tanh(logits / cap); identity when the model has no cap."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def top_p_filter(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Set logits outside the top-p nucleus (of softmax(logits / T)) to -inf; shape is kept. [..., V]"""
     if top_p >= 1.0 or temperature <= 0:

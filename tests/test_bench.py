@@ -18,8 +18,8 @@ from ctxdraft.selfdraft.bench import (
     hf_generate,
     run_bench,
     select_prompts,
-    write_bench_outputs,
 )
+from ctxdraft.selfdraft.bench_report import bench_markdown, write_bench_outputs
 from ctxdraft.selfdraft.bundle import Bundle, load_bundle, new_bundle_info
 from ctxdraft.selfdraft.errors import CtxdraftError
 from ctxdraft.selfdraft.fileio import write_json_atomic
@@ -38,7 +38,8 @@ def _tokens_policy(bundle_dir, info):
     """A small untrained tokens policy over the bundle's arms, exported to bundle_dir/policy.onnx."""
     pytest.importorskip("onnxruntime")
     from ctxdraft.export import export_policy
-    from ctxdraft.selfdraft.policy import PolicyConfig, build_policy, feature_spec, rewards_from_rows
+    from ctxdraft.selfdraft.policy import PolicyConfig, build_policy, feature_spec
+    from ctxdraft.selfdraft.rewards import rewards_from_rows
 
     rows = [{"id": i, "domain": "all", "prompt_len": 3, "features": {"tokens": [3 + i, 4, 5]},
              "arms": {a["name"]: {"speedup": 1.0 + 0.1 * j * (i % 2)} for j, a in enumerate(info["arms"])}} for i in range(6)]
@@ -50,7 +51,6 @@ def _tokens_policy(bundle_dir, info):
     return spec
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_broken_method_is_reported(bundle):
     assert "broken on p2" in report.status_line()
     broken = next(s for s in report.summary["overall"] if s.method == "broken")
     assert broken.mismatches == 1 and broken.tokens_per_forward is None
-    assert "MISMATCH: broken on prompt p2" in report.markdown()
+    assert "MISMATCH: broken on prompt p2" in bench_markdown(report)
     assert report.to_dict()["mismatches"][0]["method"] == "broken"
 
 
@@ -179,24 +179,18 @@ def test_select_prompts_split_and_per_domain():
     bundle = Bundle(None, {"arms": []})
     kept, notes = select_prompts(rows, bundle, "eval", 2)
     assert [r["id"] for r in kept] == [0, 1, 3, 4, 5]
-    assert "no held-out split" in notes[0]
-    bundle.info["policy_split"] = {"eval_ids": ["1", 2, 4, 5]}  # ids match whether stored as str or int
+    assert "records no training prompts" in notes[0]
+    # Ids trained on by any command are left out, whether stored as str or int.
+    bundle.info["trained_on"] = {"add-exits": ["0", 3], "train-policy": [0]}
     kept, notes = select_prompts(rows, bundle, "eval", 1)
-    assert [r["id"] for r in kept] == [1, 4, 5] and "held-out split (4 of 6" in notes[0]
+    assert [r["id"] for r in kept] == [1, 4, 5] and "4 of 6 prompts the bundle did not train on" in notes[0]
     kept, _ = select_prompts(rows, bundle, "all", None)
     assert len(kept) == 6
-    bundle.info["policy_split"] = {"eval_ids": ["nope"]}
-    with pytest.raises(CtxdraftError, match="held-out prompt ids are in the data file"):
+    bundle.info["trained_on"] = {"train-policy": [0, 1, 2, 3, 4, 5]}
+    with pytest.raises(CtxdraftError, match="every prompt of the data file was used to train"):
         select_prompts(rows, bundle, "eval")
     with pytest.raises(CtxdraftError, match="per-domain must be >= 1"):
         select_prompts(rows, bundle, "all", 0)
-
-
-def test_select_prompts_reads_train_policy_report(tmp_path):
-    write_json_atomic(tmp_path / "reports" / "train_policy.json", {"eval_ids": [0, 5]})
-    kept, _ = select_prompts(_rows(["a", "a", "b", "b", "c", "c"]), Bundle(tmp_path, {"arms": []}), "eval")
-    assert [r["id"] for r in kept] == [0, 5]
-
 
 # -- CLI ------------------------------------------------------------------------------------------------
 def invoke(*args):
@@ -226,7 +220,7 @@ def test_cli_bench(bundle_dir, data_file, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert data["ok"] is True and [m["name"] for m in data["methods"]] == [REFERENCE, "lookup", ORACLE]
-    assert any("no held-out split" in n for n in data["notes"])
+    assert any("records no training prompts" in n for n in data["notes"])
     assert data["environment"]["torch_threads"] == 2 and torch.get_num_threads() == 1  # set for the bench only
 
 

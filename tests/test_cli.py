@@ -99,7 +99,9 @@ def test_corrupt_checkpoint(tmp_path):
     d = tmp_path / "broken"
     d.mkdir()
     (d / "config.json").write_text("{")
-    assert_clean_error(invoke("generate", "hi", "--target", str(d)), "cannot load")
+    assert_clean_error(invoke("generate", "hi", "--target", str(d)), "no *.safetensors weights")
+    (d / "model.safetensors").write_bytes(b"\x00" * 16)
+    assert_clean_error(invoke("generate", "hi", "--target", str(d)), "config.json is not valid JSON")
     assert_clean_error(invoke("generate", "hi", "--target", str(tmp_path / "missing")), "cannot load target")
 
 

@@ -19,7 +19,6 @@ PROMPTS = ["abc abc abc", "hello there", "1 2 3 4 1 2 3", "go go go go", "xyz", 
 FAST = ["--max-new-tokens", "10"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(*args):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.fileio import read_prompts
+from ctxdraft.selfdraft.data import first_per_domain, read_prompts, rotated, round_robin, stratified_split
 
 SPLIT = Path(__file__).resolve().parents[1] / "scripts" / "split_data.py"
 
@@ -45,3 +45,36 @@ def test_text_field_and_defaults(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"prompt": "hi", "id": "x", "domain": "qa"}) + "\n")
     assert read_prompts(path) == [{"id": 0, "domain": "all", "prompt": "hello"}, {"id": "x", "domain": "qa", "prompt": "hi"}]
+
+
+def test_split_is_stratified_seeded_and_disjoint():
+    domains = ["a"] * 10 + ["b"] * 3 + ["c"] * 1
+    train_idx, eval_idx = stratified_split(domains, 0.3, seed=5)
+    assert sorted(train_idx + eval_idx) == list(range(14))
+    assert [domains[i] for i in eval_idx].count("a") == 3
+    assert [domains[i] for i in eval_idx].count("b") == 1
+    assert 13 in train_idx  # a one-row domain stays in training
+    assert stratified_split(domains, 0.3, seed=5) == (train_idx, eval_idx)
+    assert stratified_split(domains, 0.3, seed=6) != (train_idx, eval_idx)
+    with pytest.raises(CtxdraftError, match="held-out fraction"):
+        stratified_split(domains, 1.0)
+
+
+def test_read_prompts_refuses_duplicate_and_bad_ids(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
+    with pytest.raises(CtxdraftError, match="row 2: duplicate id 'a' \\(first in row 1\\)"):
+        read_prompts(path)
+    path.write_text('{"id": [1], "prompt": "x"}\n')
+    with pytest.raises(CtxdraftError, match="'id' must be a string or an integer"):
+        read_prompts(path)
+
+
+def test_first_per_domain_round_robin_and_rotation():
+    rows = [{"id": i, "domain": d} for i, d in enumerate("aaabbc")]
+    assert [r["id"] for r in first_per_domain(rows, 2)] == [0, 1, 3, 4, 5]
+    assert [r["id"] for r in round_robin(rows, 4)] == [0, 3, 5, 1]  # a, b, c, then a again
+    assert [r["id"] for r in round_robin(rows, 10)] == [0, 3, 5, 1, 4, 2]
+    assert rotated([1, 2, 3], 1) == [2, 3, 1] and rotated([1, 2, 3], 5) == [3, 1, 2] and rotated([], 3) == []
+    with pytest.raises(CtxdraftError, match="per-domain"):
+        first_per_domain(rows, 0)

@@ -52,7 +52,9 @@ def test_public_api_shape(bundle):
     assert bundle.path.is_dir() and "none" in bundle.arms and "lookup" in bundle.arms
     assert bundle.target.name == "smollm2-135m-instruct"
     r = bundle.generate("Say hello.", draft="auto", max_new_tokens=8)
-    assert r.arm in bundle.arms and r.prompt_ids and 0 < len(r.token_ids) <= 8 and isinstance(r.text, str)
+    assert r.routed and r.arm in bundle.arms and r.prompt_ids == bundle.target.encode("Say hello.")
+    assert 0 < len(r.token_ids) <= 8 and r.text == bundle.target.tokenizer.decode(r.token_ids, skip_special_tokens=True)
     s = r.stats
-    for field in ("target_forwards", "drafted_tokens", "accepted_tokens", "accepted_per_position", "route_s", "wall_s", "tokens_per_s"):
-        assert hasattr(s, field)
+    assert s.new_tokens == len(r.token_ids) <= 1 + s.accepted_tokens + (s.target_forwards - 1)
+    assert 0 <= s.accepted_tokens <= s.drafted_tokens and sum(s.accepted_per_position) == s.accepted_tokens
+    assert 0 < s.route_s < s.wall_s and s.tokens_per_s == pytest.approx(s.new_tokens / s.wall_s)

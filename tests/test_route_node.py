@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ctxdraft.export import OnnxRouter, export_policy
-from ctxdraft.selfdraft.policy import PolicyConfig, build_policy, feature_spec, rewards_from_rows
+from ctxdraft.selfdraft.policy import PolicyConfig, build_policy, feature_spec
+from ctxdraft.selfdraft.rewards import rewards_from_rows
 
 pytest.importorskip("onnxruntime")
 

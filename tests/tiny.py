@@ -46,3 +46,59 @@ def save_model_dir(path: Path, model, tokenizer) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_random(arch: str = "llama", vocab_size: int = 61, seed: int = 0, layers: int = 4):
+    """A tiny random Llama or Gemma 3 with a wide weight init (varied logits) and no EOS, frozen.
+
+    The Gemma 3 stack mixes sliding-window (window 4, shorter than prompt + draft) and full-attention layers,
+    so rolled-back drafts cross the window."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
+    elif arch == "gemma3":
+        types = (["sliding_attention", "full_attention"] + ["sliding_attention"] * layers)[:layers]
+        model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=8, sliding_window=4, layer_types=types, **common))
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    return model.eval().requires_grad_(False)
+
+
+def word_tokenizer(words: list[str]):
+    """A whitespace word-level tokenizer: <unk>=0, <eos>=1, then ``words``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+
+
+WORDS = "the a cat dog sat on mat ran fast slow red blue big small house tree sun moon and or is was".split()
+
+
+def save_word_target(path: Path, seed: int = 0) -> Path:
+    """A tiny random Llama over a whitespace word vocabulary (no EOS), saved as an HF directory."""
+    tok = word_tokenizer(WORDS)
+    model = tiny_random(vocab_size=len(tok), seed=seed)
+    model.generation_config.eos_token_id = None
+    return save_model_dir(path, model, tok)
+
+
+def write_word_prompts(path: Path, n: int = 8) -> Path:
+    """``n`` prompts of 6, 7, ... random words from ``WORDS``, alternating domains "a" and "b"."""
+    import json
+
+    rng = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(n):
+        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (6 + i,), generator=rng)]
+        lines.append(json.dumps({"id": i, "domain": "ab"[i % 2], "prompt": " ".join(words)}))
+    path.write_text("\n".join(lines) + "\n")
+    return path

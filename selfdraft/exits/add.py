@@ -1,0 +1,206 @@
+"""``ctxdraft add-exits`` end to end: train exit heads at some layers and add them as ``exit@E`` arms.
+
+1. Data: the prompts (a stratified train/held-out split) with the target's greedy continuations and its
+   states at the exit layers (``exits.data``), cached in ``BUNDLE/.add_exits_work`` for ``--resume``.
+2. Heads: distilled on the training prompts (``exits.train``); top-1 agreement on the held-out ones.
+3. Settings, with the one cost model (``costs.py``): a cost profile of the bundle's whole pool is measured
+   on this machine, each exit's exact greedy trajectories on the held-out prompts are replayed for every
+   draft length and confidence threshold (``trajectories.replay``), and the setting with the best mean
+   modelled speed-up becomes the arm. ``collect`` computes the policy's rewards from the same profile and
+   the same replay, so an exit's speed-up here is the reward collect gives it on the same prompts.
+4. Write: weights, report, then bundle.json (the commit point), each atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from ..bundle import open_or_create_bundle, record_training_ids
+from ..costs import context_ids, max_positions, measure_profile
+from ..data import stratified_split, subsample
+from ..draft import PredictionTeacherForced, TeacherForced
+from ..errors import CtxdraftError
+from ..fileio import display_path, read_json, write_json_atomic
+from ..layers import LayerStack
+from ..layout import EXITS_FILE, EXITS_REPORT
+from ..pool import build_draft, cost_key, exit_arm
+from ..trajectories import replay
+from .data import build_examples, reduced_vocab
+from .draft import ExitDraft, ExitSettings
+from .head import ExitHead, save_heads
+from .train import ExitTrainConfig, agreement, train_head
+
+WORK_DIR = ".add_exits_work"
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def _data_key(target, rows: list[dict], config: ExitTrainConfig) -> str:
+    """What the cached training text and states depend on (head checkpoints carry their own settings)."""
+    h = hashlib.sha256()
+    h.update(target.content_hash.encode())
+    h.update(json.dumps([r["prompt"] for r in rows]).encode())
+    relevant = {k: getattr(config, k) for k in ("self_distill_tokens", "max_prompt_tokens", "max_prompts",
+                                                "eval_frac", "seed", "teacher_topk")}
+    relevant["layers"] = sorted(config.layers)
+    relevant["extend"] = max(config.draft_lens)
+    h.update(json.dumps(relevant, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _head_ckpt_name(E: int, config: ExitTrainConfig) -> str:
+    tag = hashlib.sha256(json.dumps([config.head, config.draft_vocab, config.steps, config.batch_size, config.lr,
+                                     config.ridge]).encode()).hexdigest()[:8]
+    return f"exit{E}-{tag}.safetensors"
+
+
+def _prepare_work(work: Path, key: str, resume: bool) -> None:
+    if resume and work.is_dir():
+        found = read_json(work / "key.json", "add-exits checkpoint key") if (work / "key.json").is_file() else {}
+        if not isinstance(found, dict) or found.get("key") != key:
+            raise CtxdraftError(f"the checkpoint in {display_path(work)} was made with other data or settings; "
+                                "run without --resume to start over")
+    elif work.is_dir():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(work / "key.json", {"key": key})
+
+
+def choose_settings(draft: ExitDraft, held_out: list, plain: list, profile, config: ExitTrainConfig,
+                    max_new_tokens: int, eos_ids, vocab_size: int) -> list[dict]:
+    """Every (draft length, threshold) of ``config`` replayed on the held-out examples and costed with
+    ``profile``: mean speed-up over plain decoding, acceptance and tokens per target forward, per setting."""
+    key = draft.cost_key
+    full = [draft.teacher_forced(ex.tp, vocab_size) for ex in held_out]
+    options = []
+    for K in config.draft_lens:
+        for threshold in config.thresholds:
+            trajs = [replay(PredictionTeacherForced(tf.predictions, K, tf.confidence, threshold), ex.tp.token_ids,
+                            ex.tp.prompt_len, max_new_tokens, eos_ids) for tf, ex in zip(full, held_out)]
+            speedups = [profile.speedup(t, p, key) for t, p in zip(trajs, plain)]
+            drafted = sum(t.drafted_tokens for t in trajs)
+            options.append({
+                "draft_len": K, "threshold": threshold, "speedup": statistics.fmean(speedups),
+                "speedups": speedups,
+                "acceptance": sum(t.accepted_tokens for t in trajs) / drafted if drafted else 0.0,
+                "tokens_per_forward": statistics.fmean(t.tokens_per_forward for t in trajs),
+            })
+    return options
+
+
+def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, config: ExitTrainConfig,
+              progress: Progress | None = None) -> dict:
+    """Train exit heads at ``config.layers`` and add them (weights, arms ``exit@E``, report) to the bundle.
+
+    ``rows``: prompt rows as ``data.read_prompts`` returns them. ``out_dir`` may hold an existing bundle for the
+    same target (the exits are added to it; an exit at a layer it already has is replaced).
+    Returns the report (also written to ``BUNDLE/reports/add_exits.json``).
+    """
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    config.layers = [int(x) for x in config.layers]
+    config.validate(target.num_layers, target.vocab_size)
+    bundle = open_or_create_bundle(out_dir, target, target_spec, ignore=(WORK_DIR,))
+    info = bundle.info
+    if len(rows) < 2:
+        raise CtxdraftError(f"need at least 2 prompts (training + held-out), the data has {len(rows)}")
+    rows = [rows[i] for i in subsample(len(rows), config.max_prompts, config.seed)]
+    train_idx, held_idx = stratified_split([r["domain"] for r in rows], config.eval_frac, config.seed)
+
+    work = out_dir / WORK_DIR
+    _prepare_work(work, _data_key(target, rows, config), config.resume)
+    layers = sorted(config.layers)
+    t0 = time.perf_counter()
+    examples = build_examples(target, rows, layers, max_prompt_tokens=config.max_prompt_tokens,
+                              new_tokens=config.self_distill_tokens, topk=min(config.teacher_topk, target.vocab_size),
+                              extend=max(config.draft_lens), work=work, progress=progress)
+    data_s = time.perf_counter() - t0
+    train_ex, held_ex = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
+
+    vocab_ids = reduced_vocab(target, train_ex, config.draft_vocab) if config.draft_vocab else None
+    heads, trained = [], []
+    for E in layers:
+        head = ExitHead(target.model, E, config.head, vocab_ids)
+        train_info = train_head(head, train_ex, config, work / _head_ckpt_name(E, config), progress)
+        heads.append(head)
+        trained.append((train_info, agreement(head, held_ex)))
+
+    # The cost profile of the whole pool the bundle will have (exits at their longest candidate length).
+    candidates = {}
+    for head in heads:
+        spec = exit_arm(ExitSettings(head.exit_layer, max(config.draft_lens), 0.0, head.kind, head.draft_vocab))
+        candidates[spec["name"]] = ExitDraft(spec["name"], head, ExitSettings(**spec["settings"]))
+        candidates[spec["name"]].cost_key = cost_key(spec)
+    kept_arms = [a for a in info["arms"] if a["name"] not in candidates]
+    drafts = {a["name"]: build_draft(a, target, out_dir) for a in kept_arms}
+    drafts.update(candidates)
+    if progress:
+        progress("timing", 0, 1)
+    stack = LayerStack(target.model)
+    context = context_ids([ex.tp.token_ids[: ex.tp.prompt_len] for ex in held_ex], config.self_distill_tokens,
+                          target.max_context, max_positions(drafts))
+    profile = measure_profile(stack, drafts, context, target.vocab_size, config.timing_reps, target.content_hash)
+    if progress:
+        progress("timing", 1, 1)
+
+    max_new = max(config.self_distill_tokens, 1)
+    plain = [replay(TeacherForced(), ex.tp.token_ids, ex.tp.prompt_len, max_new, target.eos_ids) for ex in held_ex]
+    L = target.num_layers
+    target_params = sum(p.numel() for p in target.model.parameters())
+    domains = [ex.row["domain"] for ex in held_ex]
+    exit_entries, arms = [], []
+    for head, (train_info, agree) in zip(heads, trained):
+        E = head.exit_layer
+        draft = candidates[f"exit@{E}"]
+        options = choose_settings(draft, held_ex, plain, profile, config, max_new, target.eos_ids, target.vocab_size)
+        best = max(options, key=lambda o: o["speedup"])
+        by_domain = {d: statistics.fmean(s for s, dd in zip(best["speedups"], domains) if dd == d) for d in sorted(set(domains))}
+        settings = ExitSettings(E, best["draft_len"], best["threshold"], head.kind, head.draft_vocab, EXITS_FILE)
+        arms.append(exit_arm(settings))
+        entry = profile.drafts[draft.cost_key]
+        exit_entries.append({
+            "layer": E, "arm": f"exit@{E}", "head": head.kind, "draft_vocab": head.draft_vocab,
+            "num_params": head.num_params, "params_frac_of_target": head.num_params / target_params,
+            **agree,
+            "cost_ratio": entry["evaluation_s"] / profile.target_step_s[1],
+            "draft_len": best["draft_len"], "threshold": best["threshold"], "acceptance": best["acceptance"],
+            "tokens_per_forward": best["tokens_per_forward"], "speedup": best["speedup"],
+            # Verification skips layers [0, E) for the K positions the draft already ran.
+            "verify_layer_tokens_saved": best["draft_len"] * E / ((best["draft_len"] + 1) * L),
+            "by_domain": by_domain,
+            "all_settings": [{k: v for k, v in o.items() if k != "speedups"} for o in options],
+            "train": train_info,
+        })
+
+    # Write: weights, then the report, then bundle.json (the commit point), each atomically.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_heads(out_dir / EXITS_FILE, heads)
+    new_layers = {e["layer"] for e in exit_entries}
+    old_exits = [e for e in info.get("exits") or [] if e.get("layer") not in new_layers]
+    info["exits"] = sorted(old_exits + [{k: v for k, v in e.items() if k not in ("all_settings", "by_domain", "train")}
+                                        for e in exit_entries], key=lambda e: e["layer"])
+    info["arms"] = kept_arms + arms
+    info["cost_profile"] = profile.to_dict()
+    record_training_ids(info, "add-exits", [rows[i]["id"] for i in train_idx])
+    report = {
+        "target": {"spec": target_spec, "name": target.name, "hash": target.content_hash, "num_layers": L,
+                   "num_params": target_params},
+        "config": {k: v for k, v in asdict(config).items() if k != "resume"},
+        "data": {"num_prompts": len(rows), "num_train": len(train_idx), "num_heldout": len(held_idx),
+                 "heldout_ids": [rows[i]["id"] for i in held_idx],
+                 "train_positions": sum(ex.num_positions for ex in train_ex),
+                 "heldout_positions": sum(ex.num_positions for ex in held_ex), "build_s": round(data_s, 1)},
+        "costs": {"target_step_s": profile.target_step_s[1], "context_tokens": profile.context_tokens},
+        "speedup": "mean over held-out prompts of the modelled speed-up over plain decoding (costs.CostProfile.speedup)",
+        "exits": exit_entries,
+        "total_s": round(time.perf_counter() - t_start, 1),
+    }
+    write_json_atomic(out_dir / EXITS_REPORT, report)
+    bundle.save()
+    shutil.rmtree(work, ignore_errors=True)
+    return report

@@ -1,0 +1,131 @@
+"""Training text for exit heads: each prompt plus the target's own greedy continuation, with the target's
+states at the exit layers, its LM head input and its top-k next-token distribution, from one teacher pass
+(``trajectories.teacher_pass``: the same pass collect replays drafts on). Cached per prompt in safetensors,
+so an interrupted ``add-exits --resume`` skips what is done (never pickle: the work directory is a user's file).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..draft import TeacherPass
+from ..errors import CtxdraftError
+from ..fileio import atomic_path, display_path
+from ..layers import LayerStack
+from ..trajectories import greedy_continuation, teacher_pass
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class Example:
+    """One training text: the prompt (chat template applied) + the target's greedy continuation."""
+
+    row: dict
+    tp: TeacherPass
+    num_positions: int  # positions with a known next token: the prompt and the returned continuation
+
+    def states(self, layer: int) -> torch.Tensor:  # [T, D]
+        return self.tp.states[layer][: self.num_positions]
+
+    @property
+    def lm_input(self) -> torch.Tensor:  # [T, D]
+        return self.tp.lm_input[: self.num_positions]
+
+    @property
+    def teacher_ids(self) -> torch.Tensor:  # [T, k]
+        return self.tp.topk_ids[: self.num_positions]
+
+    @property
+    def teacher_logp(self) -> torch.Tensor:  # [T, k]
+        return self.tp.topk_logp[: self.num_positions]
+
+
+def encode_prompt(target, prompt: str, max_prompt_tokens: int) -> list[int]:
+    """The prompt cut to ``max_prompt_tokens`` (before the chat template), as the target sees it."""
+    raw = target.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(raw) > max_prompt_tokens:
+        prompt = target.tokenizer.decode(raw[:max_prompt_tokens])
+    return target.encode(prompt, chat=True)
+
+
+def _save(path: Path, ex: Example) -> None:
+    from safetensors.torch import save_file
+
+    tp = ex.tp
+    tensors = {"token_ids": torch.tensor(tp.token_ids, dtype=torch.int64), "lm_input": tp.lm_input.contiguous(),
+               "topk_ids": tp.topk_ids.contiguous(), "topk_logp": tp.topk_logp.contiguous()}
+    tensors.update({f"states.{E}": s.contiguous() for E, s in tp.states.items()})
+    meta = {"prompt_len": tp.prompt_len, "num_new": tp.num_new, "num_positions": ex.num_positions}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"ctxdraft": json.dumps(meta)})
+
+
+def _load(path: Path, row: dict) -> Example:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["ctxdraft"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        states = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("states.")}
+        tp = TeacherPass(tensors["token_ids"].tolist(), int(meta["prompt_len"]), int(meta["num_new"]), states,
+                         tensors["lm_input"], tensors["topk_ids"], tensors["topk_logp"])
+        return Example(row, tp, int(meta["num_positions"]))
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+        raise CtxdraftError(f"work file {display_path(path)} is damaged ({type(e).__name__}); "
+                            "run again without --resume to start over") from None
+
+
+@torch.inference_mode()
+def build_examples(target, rows: list[dict], layers: list[int], *, max_prompt_tokens: int, new_tokens: int,
+                   topk: int, extend: int, work: Path | None = None, progress: Progress | None = None) -> list[Example]:
+    """The target's greedy continuation of each row (``new_tokens``) and one teacher pass over it, keeping the
+    states after ``layers``, the LM head's input and the top-``topk`` log-probabilities. Each finished prompt
+    is saved under ``work`` and read back from there when present."""
+    stack = LayerStack(target.model)
+    examples = []
+    for i, row in enumerate(rows):
+        saved = work / f"example_{i}.safetensors" if work is not None else None
+        if saved is not None and saved.is_file():
+            examples.append(_load(saved, row))
+        else:
+            prompt_ids = encode_prompt(target, row["prompt"], max_prompt_tokens)
+            run = greedy_continuation(stack, prompt_ids, new_tokens, target.eos_ids) if new_tokens > 0 else None
+            new_ids = run.new_ids if run is not None else []
+            ended = run.ended_on_eos if run is not None else False
+            tp = teacher_pass(stack, prompt_ids, new_ids, target.eos_ids, ended_on_eos=ended, layers=layers,
+                              extend=extend, topk=topk, lm_input=True)
+            examples.append(Example(row, tp, len(prompt_ids) + len(new_ids)))
+            if saved is not None:
+                _save(saved, examples[-1])
+        if progress:
+            progress("generate", i + 1, len(rows))
+    return examples
+
+
+def reduced_vocab(target, examples: list[Example], size: int) -> torch.Tensor:
+    """The ``size`` most frequent ids of the training text (and of the teacher's top-1) plus special tokens."""
+    counts: Counter = Counter()
+    for ex in examples:
+        counts.update(ex.tp.token_ids[: ex.num_positions + 1])
+        counts.update(ex.teacher_ids[:, 0].tolist())
+    special = set(getattr(target.tokenizer, "all_special_ids", []) or []) | set(target.eos_ids)
+    special = {i for i in special if 0 <= i < target.vocab_size}
+    keep = list(special)
+    for token, _ in counts.most_common():
+        if len(keep) >= size:
+            break
+        if token not in special:
+            keep.append(token)
+    for token in range(target.vocab_size):  # tiny data: fill up with the lowest ids
+        if len(keep) >= size:
+            break
+        if token not in special and token not in counts:
+            keep.append(token)
+    return torch.tensor(sorted(keep[:max(size, len(special))]), dtype=torch.long)

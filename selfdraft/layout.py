@@ -1,0 +1,10 @@
+"""The files of a bundle directory, one name each (see ``bundle.py`` for what they hold)."""
+
+BUNDLE_FILE = "bundle.json"  # target identity, the pool, exits, features, policy, cost profile: the commit point
+EXITS_FILE = "exits.safetensors"  # exit-head weights (+ reduced-vocab ids)
+POLICY_FILE = "policy.onnx"  # the routing policy, for onnxruntime anywhere
+POLICY_WEIGHTS_FILE = "policy.safetensors"  # the same policy's torch weights (export-policy redoes the ONNX file)
+REWARDS_FILE = "rewards.jsonl"  # what `train-policy --data` collects into
+EXITS_REPORT = "reports/add_exits.json"
+COLLECT_REPORT = "reports/collect.json"
+POLICY_REPORT = "reports/train_policy.json"

@@ -1,0 +1,132 @@
+"""The pool a bundle routes between: arm specs, the one registry of draft kinds, and building drafts.
+
+An *arm* is a draft with its settings, ``{"name", "kind", "settings"}`` in bundle.json: ``lookup`` with
+K = 2 and K = 8 are two arms of one draft. ``DRAFT_KINDS`` maps each kind to the function that builds its
+draft from an arm spec; it is filled here, in one place.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+from .draft import Draft
+from .drafts import LookupDraft, LookupSettings, ModelDraft, NoneDraft
+from .errors import CtxdraftError
+from .exits.draft import ExitDraft, ExitSettings, exit_arm
+from .exits.head import load_head
+
+# Prompt lookup with different draft lengths behaves very differently per prompt (short drafts are cheap
+# when matches are rare, long ones pay off on copy-heavy prompts), so each length is its own arm.
+BASE_ARMS = [
+    {"name": "none", "kind": "none", "settings": {}},
+    {"name": "lookup", "kind": "lookup", "settings": {"draft_len": 4, "ngram_sizes": [3, 2, 1]}},
+    {"name": "lookup-k2", "kind": "lookup", "settings": {"draft_len": 2, "ngram_sizes": [3, 2, 1]}},
+    {"name": "lookup-k8", "kind": "lookup", "settings": {"draft_len": 8, "ngram_sizes": [3, 2, 1]}},
+]
+
+
+def base_arms() -> list[dict]:
+    return copy.deepcopy(BASE_ARMS)
+
+
+def lookup_arm(draft_len: int, ngram_sizes=(3, 2, 1), name: str | None = None) -> dict:
+    settings = LookupSettings(draft_len, list(ngram_sizes))  # validates
+    return {"name": name or f"lookup-k{draft_len}", "kind": "lookup",
+            "settings": {"draft_len": settings.draft_len, "ngram_sizes": list(ngram_sizes)}}
+
+
+def model_arm(path: str, draft_len: int = 4, name: str | None = None) -> dict:
+    """An external draft model: ``path`` is a model directory, a .gguf file or a registered name."""
+    if not path:
+        raise CtxdraftError("a model arm needs the draft model's path or registered name")
+    if not isinstance(draft_len, int) or draft_len < 1:
+        raise CtxdraftError(f"draft_len must be an integer >= 1, got {draft_len!r}")
+    return {"name": name or f"model:{Path(path).name}", "kind": "model", "settings": {"path": str(path), "draft_len": draft_len}}
+
+
+def none_arm(name: str = "none") -> dict:
+    return {"name": name, "kind": "none", "settings": {}}
+
+
+def _build_none(spec, target, bundle_dir):
+    return NoneDraft(spec["name"])
+
+
+def _build_lookup(spec, target, bundle_dir):
+    return LookupDraft(spec["name"], LookupSettings(**spec.get("settings", {})))
+
+
+def _build_model(spec, target, bundle_dir):
+    settings = dict(spec.get("settings", {}))
+    path = Path(settings.get("path", ""))
+    if not path.is_absolute() and bundle_dir is not None and (Path(bundle_dir) / path).exists():
+        path = Path(bundle_dir) / path
+    return ModelDraft.from_path(path, target, settings.get("draft_len", 4), spec["name"])
+
+
+def _build_exit(spec, target, bundle_dir):
+    settings = ExitSettings(**spec.get("settings", {}))
+    if bundle_dir is None:
+        raise CtxdraftError(f"arm {spec['name']!r} needs the bundle directory that holds its weights")
+    if not settings.exit_layer < target.num_layers:
+        raise CtxdraftError(f"arm {spec['name']!r}: exit layer {settings.exit_layer} is outside 1..{target.num_layers - 1}")
+    head = load_head(target.model, Path(bundle_dir) / settings.weights, settings.exit_layer, settings.head)
+    return ExitDraft(spec["name"], head, settings)
+
+
+DRAFT_KINDS: dict[str, Callable[[dict, object, Path | None], Draft]] = {
+    "none": _build_none,
+    "lookup": _build_lookup,
+    "model": _build_model,
+    "exit": _build_exit,
+}
+
+
+def cost_key(spec: dict) -> str:
+    """What the cost profile measures an arm under: its draft without the settings that leave the cost of one
+    draft evaluation alone (draft length, threshold, n-gram sizes)."""
+    kind, settings = spec.get("kind"), spec.get("settings") or {}
+    if kind == "exit":
+        return f"exit@{settings.get('exit_layer')}:{settings.get('head', 'linear')}:{settings.get('draft_vocab') or 'full'}"
+    if kind == "model":
+        return f"model:{settings.get('path')}"
+    return str(kind)
+
+
+def build_draft(spec: dict, target, bundle_dir: Path | None = None) -> Draft:
+    """Instantiate the draft for one arm spec ``{"name", "kind", "settings"}``."""
+    kind = spec.get("kind")
+    if kind not in DRAFT_KINDS:
+        raise CtxdraftError(f"arm {spec.get('name')!r} has unknown kind {kind!r} (known: {', '.join(sorted(DRAFT_KINDS))})")
+    try:
+        draft = DRAFT_KINDS[kind](spec, target, bundle_dir)
+    except TypeError as e:
+        raise CtxdraftError(f"arm {spec.get('name')!r}: bad settings ({e})") from None
+    draft.cost_key = cost_key(spec)
+    return draft
+
+
+def build_drafts(arms: list[dict], target, bundle_dir: Path | None = None) -> dict[str, Draft]:
+    return {spec["name"]: build_draft(spec, target, bundle_dir) for spec in arms}
+
+
+def with_draft_len(arms: list[dict], draft_len: int | None) -> list[dict]:
+    """A copy of ``arms`` with every drafting arm's draft length set to ``draft_len`` (None: unchanged)."""
+    arms = copy.deepcopy(arms)
+    if draft_len is not None:
+        for arm in arms:
+            if arm["kind"] != "none":
+                arm.setdefault("settings", {})["draft_len"] = draft_len
+    return arms
+
+
+def pool_key(arms: list[dict]) -> str:
+    """A short hash of the arms and their settings: rows collected for another pool cannot train this one."""
+    return hashlib.sha256(json.dumps(arms, sort_keys=True).encode()).hexdigest()[:12]
+
+
+__all__ = ["BASE_ARMS", "DRAFT_KINDS", "base_arms", "build_draft", "build_drafts", "cost_key", "exit_arm",
+           "lookup_arm", "model_arm", "none_arm", "pool_key", "with_draft_len"]

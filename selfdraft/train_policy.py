@@ -1,0 +1,246 @@
+"""``ctxdraft train-policy`` end to end: (collect, then) train a bundle's routing policy and export it.
+
+``train_policy`` is the whole flow: with a prompt file it first collects rewards into
+``BUNDLE/rewards.jsonl`` (continuing that file when it was made for the same pool and settings), then
+``train_bundle_policy`` splits the rows (stratified by domain), trains REINFORCE (the paper's method) and the
+supervised baseline, writes the held-out report, exports the REINFORCE network to ``BUNDLE/policy.onnx``
+(``export.export_policy``) and its weights to ``BUNDLE/policy.safetensors`` so that ``export_bundle_policy``
+can redo the ONNX file later. bundle.json gets ``policy``, ``policy_model`` (what rebuilds the network),
+``features`` (what the router feeds it) and the ids it trained on (``trained_on``).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .bundle import record_training_ids, versions
+from .collect import CollectConfig, can_resume, collect
+from .data import read_prompts, stratified_split
+from .errors import CtxdraftError
+from .fileio import atomic_path, display_path, read_jsonl, write_json_atomic, write_text_atomic
+from .layout import POLICY_FILE, POLICY_REPORT, POLICY_WEIGHTS_FILE, REWARDS_FILE
+from .policy import HiddenPolicy, PolicyConfig, TokenPolicy, feature_spec, policy_inputs, train_reinforce, train_supervised
+from .policy_report import policy_report, report_markdown
+from .pool import pool_key, with_draft_len
+from .rewards import RewardData, rewards_from_rows
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class PolicyTrainResult:
+    """What ``train_policies`` produced: both networks, the split and the report."""
+
+    reinforce: torch.nn.Module
+    supervised: torch.nn.Module
+    train_idx: list[int]
+    eval_idx: list[int]
+    report: dict = field(default_factory=dict)
+
+
+def train_policies(data: RewardData, config: PolicyConfig | None = None, eval_frac: float = 0.25,
+                   split_seed: int | None = None) -> PolicyTrainResult:
+    """Split (stratified by domain), train REINFORCE and the supervised baseline on the training rows,
+    and build the held-out report. The REINFORCE policy is the one to export."""
+    config = config or PolicyConfig()
+    train_idx, eval_idx = stratified_split(data.domains, eval_frac, config.seed if split_seed is None else split_seed)
+    reinforce = train_reinforce(data, train_idx, config)
+    supervised = train_supervised(data, train_idx, config)
+    report = policy_report(data, train_idx, eval_idx, {"reinforce": reinforce, "supervised": supervised}, config)
+    return PolicyTrainResult(reinforce, supervised, train_idx, eval_idx, report)
+
+
+def _hidden_layer(rows: list[dict], source: str) -> int | None:
+    layers = {r.get("features", {}).get("hidden_layer") for r in rows if isinstance(r.get("features"), dict)}
+    if len(layers) > 1:
+        raise CtxdraftError(f"{source}: rows pooled their hidden features at different layers {sorted(map(str, layers))}; "
+                            "re-collect into a fresh file")
+    return next(iter(layers), None)
+
+
+def _target_identity(bundle) -> dict:
+    return {"name": bundle.info["target"].get("name"), "hash": bundle.info["target"].get("hash")}
+
+
+def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig | None = None, eval_frac: float = 0.25,
+                        split_seed: int | None = None, ids: set | None = None) -> dict:
+    """Train the bundle's policy on a rewards file and export it. ``ids``: use only these rows.
+
+    Returns the report written to ``BUNDLE/reports/train_policy.json`` (and a Markdown table beside it).
+    """
+    if bundle.path is None:
+        raise CtxdraftError("train-policy needs a bundle directory to write policy.onnx into")
+    config = config or PolicyConfig()
+    t0 = time.perf_counter()
+    source = f"rewards file {display_path(rewards_path)}"
+    rows = read_jsonl(rewards_path, what="rewards file")
+    if ids is not None:
+        rows = [r for r in rows if r.get("id") in ids]
+        if not rows:
+            raise CtxdraftError(f"{source} has no rows for the prompts of the data file; collect them first")
+    key = pool_key(bundle.info["arms"])
+    stale = [i + 1 for i, r in enumerate(rows) if r.get("pool", key) != key]
+    if stale:
+        raise CtxdraftError(f"{source}: row {stale[0]} (and {len(stale) - 1} more) was collected for another pool of arms "
+                            "or with --draft-len; re-run `ctxdraft collect` for this bundle")
+    data = rewards_from_rows(rows, source=source)
+    if set(data.arm_names) != set(bundle.arms):
+        raise CtxdraftError(f"{source} has arms {data.arm_names} but the bundle has {bundle.arms}; "
+                            "re-run `ctxdraft collect` for this bundle")
+    layer = _hidden_layer(rows, source) if config.feature_kind == "hidden" else None
+    if config.feature_kind == "hidden" and layer is None:
+        raise CtxdraftError(f"{source} does not say which layer its hidden features come from (features.hidden_layer); "
+                            "re-collect with `ctxdraft collect`")
+
+    result = train_policies(data, config, eval_frac, split_seed)
+    train_s = time.perf_counter() - t0
+    policy = result.reinforce
+    spec = feature_spec(policy, layer)
+    _save_weights(bundle.path / POLICY_WEIGHTS_FILE, policy)
+    _export(bundle, policy, [bundle.arm_spec(name) for name in data.arm_names], spec)
+    bundle.info["policy"] = POLICY_FILE
+    bundle.info["policy_model"] = {
+        "weights": POLICY_WEIGHTS_FILE,
+        "feature_kind": config.feature_kind,
+        "feature_dim": getattr(policy, "feature_dim", None),
+        "layer": layer,
+        "arms": list(data.arm_names),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+    }
+    bundle.info["features"] = spec
+    record_training_ids(bundle.info, "train-policy", [data.ids[i] for i in result.train_idx])
+    bundle._router = None
+    bundle.save()
+
+    report = result.report
+    report["rewards"] = display_path(rewards_path)
+    report["exported"] = "reinforce"
+    report["train_s"] = round(train_s, 1)
+    report["onnx"] = onnx_check(bundle, policy, data, result.eval_idx)
+    write_json_atomic(bundle.path / POLICY_REPORT, report)
+    write_text_atomic((bundle.path / POLICY_REPORT).with_suffix(".md"), report_markdown(report))
+    return report
+
+
+@dataclass
+class TrainPolicyResult:
+    report: dict  # train_bundle_policy's report
+    collected: dict | None  # collect's summary when the flow collected first
+
+
+def train_policy(bundle, *, rewards: str | Path | None = None, data: str | Path | None = None,
+                 collect_config: CollectConfig | None = None, config: PolicyConfig | None = None,
+                 eval_frac: float = 0.25, progress: Progress | None = None) -> TrainPolicyResult:
+    """What ``ctxdraft train-policy`` does: train on a rewards file, or on a prompt file it collects first into
+    ``BUNDLE/rewards.jsonl`` (continued when that file was made for this pool and these settings)."""
+    if (rewards is None) == (data is None):
+        raise CtxdraftError("give either --rewards FILE (from `ctxdraft collect`) or --data FILE (collects first)")
+    if not 0 < eval_frac < 1:
+        raise CtxdraftError(f"--eval-frac must be between 0 and 1, got {eval_frac}")
+    config = config or PolicyConfig()
+    if config.epochs < 1:
+        raise CtxdraftError(f"--epochs must be >= 1, got {config.epochs}")
+    if bundle.path is None:
+        raise CtxdraftError("train-policy needs a bundle directory to write policy.onnx into")
+    ids = None
+    collected = None
+    if data is not None:
+        collect_config = collect_config or CollectConfig()
+        collect_config.validate()
+        rewards = bundle.path / REWARDS_FILE
+        key = pool_key(with_draft_len(bundle.info["arms"], collect_config.draft_len))
+        collect_config.resume = can_resume(rewards, key, collect_config.max_new_tokens)
+        rows = read_prompts(data)
+        collected = collect(bundle, rows, rewards, collect_config, progress)
+        ids = {r["id"] for r in rows}
+    report = train_bundle_policy(bundle, rewards, config, eval_frac, ids=ids)
+    return TrainPolicyResult(report, collected)
+
+
+def _save_weights(path: Path, policy: torch.nn.Module) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in policy.state_dict().items()}, str(tmp),
+                  metadata={"format": "ctxdraft-policy"})
+
+
+def _export(bundle, policy, arm_specs: list[dict], spec: dict) -> Path:
+    from ctxdraft.export.onnx_export import export_policy
+
+    return export_policy(policy, bundle.path / POLICY_FILE, arm_specs, spec, _target_identity(bundle),
+                         versions().get("ctxdraft") or "0+unknown")
+
+
+def load_bundle_policy(bundle) -> torch.nn.Module:
+    """Rebuild the bundle's trained policy network from ``policy_model`` and its saved weights."""
+    from safetensors.torch import load_file
+
+    meta = bundle.info.get("policy_model")
+    if not meta or bundle.path is None:
+        raise CtxdraftError(f"bundle {display_path(bundle.path)} has no trained policy; run `ctxdraft train-policy` first")
+    path = bundle.path / meta.get("weights", POLICY_WEIGHTS_FILE)
+    if not path.is_file():
+        raise CtxdraftError(f"policy weights not found: {display_path(path)}; run `ctxdraft train-policy` again")
+    cfg = dict(meta["config"])
+    cfg["hidden_sizes"] = tuple(cfg.get("hidden_sizes", ()))
+    config = PolicyConfig(**cfg)
+    num_arms = len(meta["arms"])
+    policy = HiddenPolicy(meta["feature_dim"], num_arms, config) if meta["feature_kind"] == "hidden" else TokenPolicy(num_arms, config)
+    try:
+        policy.load_state_dict(load_file(str(path)))
+    except (RuntimeError, OSError) as e:
+        raise CtxdraftError(f"{display_path(path)} does not fit the policy described in bundle.json "
+                            f"({str(e).splitlines()[0]}); run `ctxdraft train-policy` again") from None
+    return policy.eval()
+
+
+def export_bundle_policy(bundle) -> Path:
+    """Redo ``BUNDLE/policy.onnx`` from the saved weights (e.g. after upgrading the exporter)."""
+    policy = load_bundle_policy(bundle)
+    meta = bundle.info["policy_model"]
+    missing = [a for a in meta["arms"] if a not in bundle.arms]
+    if missing:
+        raise CtxdraftError(f"the saved policy routes to arms {missing} that the bundle no longer has; "
+                            "run `ctxdraft train-policy` again")
+    spec = feature_spec(policy, meta.get("layer"))
+    path = _export(bundle, policy, [bundle.arm_spec(name) for name in meta["arms"]], spec)
+    bundle.info["policy"] = POLICY_FILE
+    bundle.info["features"] = spec
+    bundle._router = None
+    bundle.save()
+    return path
+
+
+def onnx_check(bundle, policy, data: RewardData, idx: list[int]) -> dict:
+    """onnxruntime vs torch on the held-out rows (max abs difference of the probabilities), and the
+    median time of one ``OnnxRouter.choose``."""
+    try:
+        from ctxdraft.export.router import OnnxRouter
+
+        router = OnnxRouter(bundle.path / POLICY_FILE, expected=bundle.info)
+    except CtxdraftError as e:
+        return {"skipped": str(e)}
+    inputs = policy_inputs(data, idx, policy.feature_kind)
+    with torch.no_grad():
+        expected = torch.softmax(policy(inputs), dim=-1).numpy()
+    if policy.feature_kind == "tokens":
+        batch = [data.tokens[i] for i in idx]
+        singles = batch
+    else:
+        batch = inputs.numpy()
+        singles = list(batch)
+    got = router.probs(batch)
+    times = []
+    for features in singles[:50]:
+        t = time.perf_counter()
+        router.choose(features)
+        times.append(time.perf_counter() - t)
+    return {"provider": router.provider, "max_abs_diff": float(np.abs(got - expected).max()),
+            "choose_median_ms": round(statistics.median(times) * 1e3, 4) if times else None}

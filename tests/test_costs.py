@@ -1,0 +1,98 @@
+"""The one cost model: the formula, the stored profile, measuring it, and that add-exits' speed-up of an exit
+is exactly the reward collect gives the same arm on the same prompts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ctxdraft.selfdraft.bundle import load_bundle
+from ctxdraft.selfdraft.collect import CollectConfig, collect
+from ctxdraft.selfdraft.costs import CostProfile, max_positions, measure_profile
+from ctxdraft.selfdraft.data import read_prompts
+from ctxdraft.selfdraft.drafts import LookupDraft, LookupSettings, NoneDraft
+from ctxdraft.selfdraft.errors import CtxdraftError
+from ctxdraft.selfdraft.exits.add import add_exits
+from ctxdraft.selfdraft.exits.train import ExitTrainConfig
+from ctxdraft.selfdraft.layers import LayerStack
+from ctxdraft.selfdraft.pool import build_drafts
+from ctxdraft.selfdraft.target import load_target
+from ctxdraft.selfdraft.trajectories import Step, Trajectory
+from tiny import save_word_target, write_word_prompts
+
+
+PROFILE = CostProfile(
+    context_tokens=100,
+    target_step_s={1: 1.0, 2: 1.2, 3: 1.5, 4: 2.0},
+    drafts={"none": {"evaluation_s": 0.0}, "m": {"evaluation_s": 0.1},
+            "e": {"evaluation_s": 0.25, "verify_s": {0: 1.0, 1: 0.9, 2: 1.1}, "verify_stopped_s": {0: 0.75, 1: 0.7, 2: 0.8}}},
+    target_hash="abc",
+)
+
+
+def test_formula():
+    traj = Trajectory([Step(3, 3, 2), Step(1, 0, 0)], new_tokens=5)
+    assert PROFILE.seconds(traj, "m") == pytest.approx(3 * 0.1 + 2.0 + 0.1 + 1.0)
+    traj = Trajectory([Step(2, 2, 2), Step(2, 1, 0, stopped=True)], new_tokens=5)
+    assert PROFILE.seconds(traj, "e") == pytest.approx(0.5 + 1.1 + 0.5 + 0.7)
+    plain = Trajectory([Step(0, 0, 0)] * 4, new_tokens=5)
+    assert PROFILE.plain_seconds(plain) == 4.0
+    assert PROFILE.speedup(traj, plain, "e") == pytest.approx(4.0 / 2.8)
+    with pytest.raises(CtxdraftError, match="no timing for verifying 5"):
+        PROFILE.seconds(Trajectory([Step(5, 5, 0)], 6), "m")
+    with pytest.raises(CtxdraftError, match="no timings for draft 'x'"):
+        PROFILE.seconds(traj, "x")
+
+
+def test_profile_round_trips_through_json_and_rejects_other_versions():
+    stored = json.loads(json.dumps(PROFILE.to_dict()))
+    assert CostProfile.from_dict(stored) == PROFILE
+    assert CostProfile.from_dict({**stored, "version": 1}) is None
+    assert CostProfile.from_dict({"version": 2, "drafts": 5}) is None
+    assert CostProfile.from_dict(None) is None
+
+
+def test_fits_needs_every_draft_and_every_length():
+    drafts = {"none": NoneDraft("none"), "l2": LookupDraft("l2", LookupSettings(2)), "l3": LookupDraft("l3", LookupSettings(3))}
+    for name in ("l2", "l3"):
+        drafts[name].cost_key = "m"  # two arms of one draft share one measurement
+    assert PROFILE.fits(drafts, "abc")
+    assert not PROFILE.fits(drafts, "other-target")
+    drafts["l4"] = LookupDraft("l4", LookupSettings(4))
+    drafts["l4"].cost_key = "m"
+    assert not PROFILE.fits(drafts, "abc")  # 5 positions: target_step_s stops at 4
+    assert not PROFILE.fits({"x": LookupDraft("x", LookupSettings(1))}, "abc")  # cost key "x" was never measured
+
+
+def test_measure_profile_shares_one_measurement_per_draft(tiny_model_dir):
+    target = load_target(tiny_model_dir)
+    arms = [{"name": "none", "kind": "none", "settings": {}},
+            {"name": "lookup", "kind": "lookup", "settings": {"draft_len": 4}},
+            {"name": "lookup-k2", "kind": "lookup", "settings": {"draft_len": 2}}]
+    drafts = build_drafts(arms, target)
+    stack = LayerStack(target.model)
+    profile = measure_profile(stack, drafts, target.encode("abc abc abc") * 3, target.vocab_size, reps=1,
+                              target_hash=target.content_hash)
+    assert set(profile.drafts) == {"none", "lookup"}
+    assert sorted(profile.target_step_s) == list(range(1, max_positions(drafts) + 1)) == [1, 2, 3, 4, 5]
+    assert all(s > 0 for s in profile.target_step_s.values()) and profile.drafts["none"]["evaluation_s"] == 0.0
+    assert profile.fits(drafts, target.content_hash)
+
+
+def test_add_exits_speedup_is_collects_reward_on_the_same_prompts(tmp_path):
+    model_dir = save_word_target(tmp_path / "model")
+    data = write_word_prompts(tmp_path / "data.jsonl", n=8)
+    target = load_target(model_dir)
+    out = tmp_path / "bundle"
+    config = ExitTrainConfig(layers=[2], steps=5, self_distill_tokens=12, eval_frac=0.25, draft_lens=[1, 2, 3],
+                             thresholds=[0.0, 0.5], timing_reps=1)
+    report = add_exits(target, str(model_dir), read_prompts(data), out, config)
+    entry = report["exits"][0]
+    held = {str(i) for i in report["data"]["heldout_ids"]}
+    rows = [r for r in read_prompts(data) if str(r["id"]) in held]
+    summary = collect(load_bundle(out, target=str(model_dir)), rows, tmp_path / "rewards.jsonl",
+                      CollectConfig(max_new_tokens=12))
+    assert not summary["profiled_now"]  # the profile add-exits measured serves collect
+    assert summary["overall"]["speedup"]["exit@2"] == pytest.approx(entry["speedup"], rel=1e-6)
+    assert summary["overall"]["tokens_per_forward"]["exit@2"] == pytest.approx(entry["tokens_per_forward"], rel=1e-6)
+    assert entry["speedup"] != pytest.approx(1.0)  # not a vacuous agreement of two 1.0s
