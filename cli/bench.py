@@ -10,7 +10,7 @@ from ctxdraft.selfdraft.bundle import load_bundle
 from ctxdraft.selfdraft.data import read_prompts
 from ctxdraft.selfdraft.fileio import display_path
 
-from .common import echo_json, progress_bar
+from .common import dtype_option, echo_json, no_calibrate_option, progress_bar
 
 
 def _parse_arms(value: str) -> list[str] | None:
@@ -35,8 +35,13 @@ def _parse_arms(value: str) -> list[str] | None:
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="> 0: seeded sampling runs (no equality check).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", type=int, help="torch threads during the bench (default: torch's; 1 avoids spin-waiting on a busy shared machine).")
+@click.option("--tie-tolerance", type=float, help="Logit gap under which a greedy divergence counts as a tie of the "
+              "target's top-2 (default by dtype: float32 1e-3, bfloat16 0.5, float16 0.1).")
+@dtype_option
+@no_calibrate_option
 @click.option("--json", "as_json", is_flag=True, help="Print bench.json instead of the Markdown table.")
-def bench_cmd(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, repeats, split, out_dir, temperature, seed, threads, as_json):
+def bench_cmd(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, repeats, split, out_dir, temperature, seed, threads,
+              tie_tolerance, dtype, no_calibrate, as_json):
     """Time ctxdraft against HF generate on a prompt file; check greedy outputs are identical.
 
     Every prompt runs every method (HF generate, HF prompt lookup, HF early exit, each arm of the
@@ -51,12 +56,13 @@ def bench_cmd(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, rep
       ctxdraft bench --data prompts.jsonl --temperature 0.7 --seed 1
     """
     config = BenchConfig(max_new_tokens=max_new_tokens, arms=_parse_arms(arms), baselines=baselines, repeats=repeats,
-                         temperature=temperature, seed=seed, threads=threads)
+                         temperature=temperature, seed=seed, threads=threads, tie_tolerance=tie_tolerance)
     config.validate()
     rows = read_prompts(data)
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, dtype=dtype, calibrate=False if no_calibrate else None)
     rows, notes = select_prompts(rows, bundle, split, per_domain)
     with progress_bar(as_json) as bar:
+        bundle.progress = bar
         report = run_bench(bundle, rows, config, progress=bar)
     report.notes[:0] = notes
     written = write_bench_outputs(report, out_dir)

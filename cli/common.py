@@ -56,6 +56,21 @@ def parse_ints(value: str, option: str, example: str) -> list[int]:
         raise CtxdraftError(f"{option} must be comma-separated integers such as {example}, got {value!r}") from None
 
 
+def dtype_option(fn):
+    """--dtype, shared by every command that loads a target."""
+    from ctxdraft.selfdraft.machine import DTYPE_CHOICES
+
+    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
+                        help="What the target and every draft run in. auto: bfloat16 on CUDA and on CPUs with native "
+                             "bf16 (avx512_bf16 / AMX), else float32 (CTXDRAFT_DTYPE overrides auto).")(fn)
+
+
+def no_calibrate_option(fn):
+    return click.option("--no-calibrate", is_flag=True,
+                        help="Route with the bundle's shipped policy instead of one calibrated to this machine "
+                             "(which is made once, on first use; also CTXDRAFT_NO_CALIBRATE=1).")(fn)
+
+
 def with_options(options):
     """Apply a list of click options (shared between commands) to a command function."""
     def wrap(fn):

@@ -5,7 +5,7 @@ import click
 
 from ctxdraft.selfdraft.fileio import display_path
 
-from .common import echo_json, parse_ints, progress_bar
+from .common import dtype_option, echo_json, parse_ints, progress_bar
 
 
 @click.command("add-exits")
@@ -22,9 +22,10 @@ from .common import echo_json, parse_ints, progress_bar
 @click.option("--eval-frac", type=float, default=0.2, show_default=True, help="Fraction of prompts held out for evaluation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoints in BUNDLE/.add_exits_work.")
+@dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def add_exits_cmd(target, layers, data_path, out_dir, head, draft_vocab, steps, self_distill_tokens, max_prompt_tokens,
-                  max_prompts, eval_frac, seed, resume, as_json):
+                  max_prompts, eval_frac, seed, resume, dtype, as_json):
     """Train early-exit heads on intermediate layers and add `exit@E` arms to a bundle.
 
     Training text is the prompts plus the target's own greedy continuations; each head is distilled
@@ -51,7 +52,7 @@ def add_exits_cmd(target, layers, data_path, out_dir, head, draft_vocab, steps, 
     )
     rows = read_prompts(data_path)
     spec = target or DEFAULT_TARGET
-    loaded = load_target(spec)
+    loaded = load_target(spec, dtype=dtype)
     config.validate(loaded.num_layers, loaded.vocab_size)
     with progress_bar(as_json) as bar:
         report = add_exits(loaded, spec, rows, out_dir, config, progress=bar)

@@ -9,7 +9,7 @@ from ctxdraft.selfdraft.bundle import load_bundle
 from ctxdraft.selfdraft.errors import CtxdraftError
 from ctxdraft.selfdraft.fileio import display_path
 
-from .common import echo_json
+from .common import dtype_option, echo_json, no_calibrate_option, progress_bar
 
 
 def _read_prompt(prompt: str | None) -> str:
@@ -42,7 +42,10 @@ def _print_piece(piece: str) -> None:
 @click.option("--no-chat", is_flag=True, help="Do not apply the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print prompt_ids, token_ids, text, arm and stats as JSON.")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
-def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature, top_p, seed, stop, no_chat, as_json, stream):
+@dtype_option
+@no_calibrate_option
+def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature, top_p, seed, stop, no_chat, as_json, stream,
+                 dtype, no_calibrate):
     """Generate text; the output is exactly what the target alone would produce.
 
     PROMPT is the text to continue, or '-' to read it from stdin.
@@ -54,10 +57,12 @@ def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature,
       ctxdraft generate --bundle my_bundle --temperature 0.7 --seed 1 "Write a haiku."
     """
     text = _read_prompt(prompt)
-    bundle = load_bundle(bundle_dir, target=target)
-    result = bundle.generate(text, draft=draft, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, seed=seed, chat=not no_chat, stop=list(stop),
-                             on_text=_print_piece if stream and not as_json else None)
+    bundle = load_bundle(bundle_dir, target=target, dtype=dtype, calibrate=False if no_calibrate else None)
+    with progress_bar(as_json) as bar:
+        bundle.progress = bar  # a first calibration, on a terminal
+        result = bundle.generate(text, draft=draft, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, seed=seed, chat=not no_chat, stop=list(stop),
+                                 on_text=_print_piece if stream and not as_json else None)
     if as_json:
         echo_json(result.to_dict())
         return
@@ -77,15 +82,18 @@ def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature,
 @click.command("info")
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="Bundle directory (default: the shipped bundle).")
 @click.option("--json", "as_json", is_flag=True)
-def info_cmd(bundle_dir, as_json):
+@dtype_option
+@no_calibrate_option
+def info_cmd(bundle_dir, as_json, dtype, no_calibrate):
     """Show a bundle: its target, arms, exits and what has been trained.
 
     \b
     Example:
       ctxdraft info --bundle my_bundle --json
     """
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, dtype=dtype, calibrate=False if no_calibrate else None)
     info = bundle.info
+    calibration = bundle.calibration(create=False)
     summary = {
         "path": display_path(bundle.path),
         "target": info["target"],
@@ -95,6 +103,11 @@ def info_cmd(bundle_dir, as_json):
         "features": info.get("features"),
         "policy": info.get("policy"),
         "cost_profile": bool(info.get("cost_profile")),
+        "dtype": str(bundle.dtype).removeprefix("torch."),
+        "routing_policy": bundle.calibration_note(),
+        "calibration": None if calibration is None else {
+            "path": display_path(calibration.path), "machine": calibration.machine, "created": calibration.report.get("created"),
+            "policy_speedup": calibration.report.get("policy", {}).get("policy")},
         "versions": info.get("versions"),
     }
     if as_json:
@@ -107,5 +120,6 @@ def info_cmd(bundle_dir, as_json):
     for e in info.get("exits") or []:
         click.echo(f"exit     layer {e.get('layer')} head {e.get('head')}  agreement {e.get('agreement', float('nan')):.3f}")
     click.echo(f"policy   {info.get('policy') or 'none (generate --draft auto uses the default arm)'}")
+    click.echo(f"routing  {bundle.calibration_note()} [{summary['dtype']}]")
     if info.get("features"):
         click.echo(f"features {info['features'].get('kind')} (layer {info['features'].get('layer')}, dim {info['features'].get('dim')})")

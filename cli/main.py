@@ -2,6 +2,7 @@
 registered here, in one place."""
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -10,6 +11,7 @@ from ctxdraft.selfdraft.errors import CtxdraftError
 
 from .arms import add_arm_cmd
 from .bench import bench_cmd
+from .calibrate import calibrate_cmd
 from .exits import add_exits_cmd
 from .generate import generate_cmd, info_cmd
 from .policy import collect_cmd, export_policy_cmd, train_policy_cmd
@@ -29,6 +31,19 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+def _show_library_notices() -> None:
+    """The library reports long waits and one-off work (a first download, a calibration) with logging: show it
+    on stderr, one line each; progress-level detail (INFO) only on a terminal."""
+    logger = logging.getLogger("ctxdraft")
+    if not any(getattr(h, "_ctxdraft_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._ctxdraft_cli = True
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if sys.stderr.isatty() else logging.WARNING)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ctxdraft")
 def main():
@@ -41,11 +56,13 @@ def main():
       ctxdraft train-policy my_bundle --data prompts.jsonl
       ctxdraft generate --bundle my_bundle "..."
       ctxdraft bench --bundle my_bundle --data prompts.jsonl
+      ctxdraft calibrate                              # the policy, recomputed for this machine's costs
     """
+    _show_library_notices()
 
 
 for command in (generate_cmd, info_cmd, add_arm_cmd, add_exits_cmd, collect_cmd, train_policy_cmd, export_policy_cmd,
-                bench_cmd):
+                calibrate_cmd, bench_cmd):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import click
 from ctxdraft.selfdraft.bundle import load_bundle
 from ctxdraft.selfdraft.fileio import display_path
 
-from .common import echo_json, progress_bar, with_options
+from .common import dtype_option, echo_json, progress_bar, with_options
 
 
 def _print_collect(summary: dict) -> None:
@@ -61,8 +61,9 @@ _COLLECT_OPTIONS = [
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Rewards JSONL to write (one row per prompt).")
 @with_options(_COLLECT_OPTIONS)
 @click.option("--resume", is_flag=True, help="Keep the rows already in --out and collect only the missing prompts.")
+@dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def collect_cmd(bundle_dir, data_path, out_path, max_new_tokens, draft_len, wallclock_sample, reprofile, resume, as_json):
+def collect_cmd(bundle_dir, data_path, out_path, max_new_tokens, draft_len, wallclock_sample, reprofile, resume, dtype, as_json):
     """Log every arm's speed-up on every prompt: the offline data for `train-policy`.
 
     Per prompt the target's greedy continuation is generated once; every arm's exact speculative
@@ -82,7 +83,7 @@ def collect_cmd(bundle_dir, data_path, out_path, max_new_tokens, draft_len, wall
     config.validate()
     rows = read_prompts(data_path)
     with progress_bar(as_json) as bar:
-        summary = collect(load_bundle(bundle_dir), rows, out_path, config, bar)
+        summary = collect(load_bundle(bundle_dir, dtype=dtype, calibrate=False), rows, out_path, config, bar)
     if as_json:
         echo_json(summary)
     else:
@@ -109,9 +110,10 @@ def _print_report(report: dict) -> None:
 @click.option("--eval-frac", type=float, default=0.25, show_default=True, help="Held-out fraction (stratified by domain).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @with_options(_COLLECT_OPTIONS)
+@dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def train_policy_cmd(bundle_dir, rewards_path, data_path, feature_kind, epochs, eval_frac, seed, max_new_tokens, draft_len,
-                     wallclock_sample, reprofile, as_json):
+                     wallclock_sample, reprofile, dtype, as_json):
     """Train the routing policy (REINFORCE, as in the paper; plus a supervised baseline) and write
     BUNDLE/policy.onnx, which `generate --draft auto` then uses.
 
@@ -127,7 +129,7 @@ def train_policy_cmd(bundle_dir, rewards_path, data_path, feature_kind, epochs, 
     from ctxdraft.selfdraft.policy import PolicyConfig
     from ctxdraft.selfdraft.train_policy import train_policy
 
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, dtype=dtype, calibrate=False)
     collect_config = CollectConfig(max_new_tokens=max_new_tokens, draft_len=draft_len, wallclock_sample=wallclock_sample,
                                    reprofile=reprofile)
     with progress_bar(as_json) as bar:
@@ -158,7 +160,7 @@ def export_policy_cmd(bundle_dir, as_json):
     from ctxdraft.export.onnx_export import read_metadata
     from ctxdraft.selfdraft.train_policy import export_bundle_policy
 
-    path = export_bundle_policy(load_bundle(bundle_dir))
+    path = export_bundle_policy(load_bundle(bundle_dir, calibrate=False))
     meta = read_metadata(path)
     if as_json:
         echo_json({"path": display_path(path), **meta})

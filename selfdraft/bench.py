@@ -31,12 +31,15 @@ from typing import Callable
 
 import torch
 
-from .bundle import DEFAULT_BUNDLE_DIR, Bundle, trained_ids, versions
+from .bundle import DEFAULT_BUNDLE_DIR, Bundle
+from .bundle_info import trained_ids, versions
 from .data import first_per_domain, rotated
 from .decoding import num_before_eos
 from .errors import CtxdraftError
 from .bench_report import ORACLE, OVERALL, REFERENCE, BenchReport, Mismatch, PromptResult, oracle_results, summaries
 from .fileio import display_path
+from .machine import dtype_name, machine_fingerprint
+from .ties import compare_greedy
 
 BASELINES = ("hf", "none")
 SPLITS = ("eval", "all")
@@ -60,6 +63,7 @@ class BenchConfig:
     hf_lookup_ngram: int = 2  # HF's max_matching_ngram_size (its default)
     warmup: bool = True
     threads: int | None = None  # torch intra-op threads during the bench (None: leave torch's setting)
+    tie_tolerance: float | None = None  # logit gap of a legitimate tie (None: ties.TIE_TOLERANCE of the dtype)
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
@@ -240,34 +244,24 @@ def build_methods(bundle: Bundle, config: BenchConfig) -> tuple[list[Method], li
 # ----------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------
-def _first_diff(a: list[int], b: list[int]) -> int:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return min(len(a), len(b))
-
-
 def _environment(bundle: Bundle) -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     target = bundle.target
+    fingerprint = machine_fingerprint(target.dtype)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.node(),
         "platform": platform.platform(),
-        "cpu": cpu,
+        "cpu": fingerprint["processor"],
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
+        "device": fingerprint["device"],
+        "dtype": dtype_name(target.dtype),
+        "machine": fingerprint,
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "versions": versions(),
         "target": {"name": target.name, "hash": target.content_hash, "num_layers": target.num_layers},
         "bundle": ("the shipped default bundle" if bundle.path is not None and Path(bundle.path).resolve() == DEFAULT_BUNDLE_DIR.resolve()
                    else display_path(bundle.path)),
+        "routing_policy": bundle.calibration_note(),
     }
 
 
@@ -348,8 +342,10 @@ def _run_bench(bundle: Bundle, rows: list[dict], config: BenchConfig, progress: 
                 for repeat, out in enumerate(runs[(prompt.index, method.name)]):
                     if out.token_ids != expected:
                         bad.add((prompt.index, method.name))
-                        mismatches.append(Mismatch(prompt.id, prompt.domain, method.name, repeat,
-                                                   _first_diff(expected, out.token_ids), len(expected), len(out.token_ids)))
+                        d = compare_greedy(bundle.stack, prompt.prompt_ids, expected, out.token_ids, target.eos_ids,
+                                           config.tie_tolerance)
+                        mismatches.append(Mismatch(prompt.id, prompt.domain, method.name, repeat, d.position,
+                                                   len(expected), len(out.token_ids), d.kind, d.gap))
     if progress:
         progress("bench", total, total)
 
@@ -374,6 +370,7 @@ def _run_bench(bundle: Bundle, rows: list[dict], config: BenchConfig, progress: 
     summary[OVERALL] = summaries(results, method_rows, mismatches, None)
     if environment.get("load_average_start") is not None:
         environment["load_average_end"] = list(os.getloadavg())
+    environment["routing_policy"] = bundle.calibration_note()  # after the runs: auto may have calibrated on its first
     config_dict = dict(asdict(config), greedy=config.greedy, num_prompts=len(prompts))
     return BenchReport(
         config=config_dict,

@@ -37,6 +37,9 @@ class PromptResult:
 
 @dataclass
 class Mismatch:
+    """A greedy output that differs from hf-generate's: a ``tie`` (the target's top-2 logits at the divergence
+    are within the dtype's rounding tolerance: legitimate in bf16/fp16, see ``ties.py``) or a ``mismatch``."""
+
     prompt_id: object
     domain: str
     method: str
@@ -44,6 +47,8 @@ class Mismatch:
     first_diff: int  # first differing position (the shorter length when one output is a prefix of the other)
     expected_tokens: int
     got_tokens: int
+    kind: str = "mismatch"  # "tie" or "mismatch"
+    gap: float | None = None  # the target's top-1 minus top-2 logit at first_diff
 
 
 @dataclass
@@ -77,7 +82,16 @@ class BenchReport:
 
     @property
     def ok(self) -> bool:
-        return not self.mismatches
+        """No real mismatch (ties at the dtype's rounding are legitimate)."""
+        return not self.real_mismatches
+
+    @property
+    def real_mismatches(self) -> list[Mismatch]:
+        return [m for m in self.mismatches if m.kind == "mismatch"]
+
+    @property
+    def ties(self) -> list[Mismatch]:
+        return [m for m in self.mismatches if m.kind == "tie"]
 
     def overall(self, method: str) -> MethodSummary:
         return next(s for s in self.summary[OVERALL] if s.method == method)
@@ -87,7 +101,9 @@ class BenchReport:
             "format": "ctxdraft-bench",
             "version": 1,
             "ok": self.ok,
-            "num_mismatches": len(self.mismatches),
+            "num_identical": self.num_compared - len(self.mismatches),
+            "num_ties": len(self.ties),
+            "num_mismatches": len(self.real_mismatches),
             "mismatches": [asdict(m) for m in self.mismatches],
             "config": self.config,
             "environment": self.environment,
@@ -100,15 +116,25 @@ class BenchReport:
             "total_s": round(self.total_s, 1),
         }
 
+    @property
+    def num_compared(self) -> int:
+        return sum(len(r.seconds_all) for r in self.results if r.method != ORACLE)
+
     def status_line(self) -> str:
         if not self.config["greedy"]:
             return "Sampling run: outputs are not compared (they differ by design); speed and acceptance only."
-        n = sum(1 for r in self.results if r.method != ORACLE)
+        n = self.num_compared
+        ties = self.ties
+        tie_note = (f"; {len(ties)} diverged at a tie of the target's top-2 logits (gap <= {max(m.gap for m in ties):.3g}, "
+                    f"legitimate in {self.environment.get('dtype', 'this dtype')})") if ties else ""
         if self.ok:
-            return f"All {n} greedy outputs are identical to HF generate's."
-        where = ", ".join(f"{m.method} on {m.prompt_id}" for m in self.mismatches[:8])
-        more = f" and {len(self.mismatches) - 8} more" if len(self.mismatches) > 8 else ""
-        return f"MISMATCH: {len(self.mismatches)} greedy outputs differ from HF generate ({where}{more})."
+            if not ties:
+                return f"All {n} greedy outputs are identical to HF generate's."
+            return f"{n - len(ties)} of {n} greedy outputs are identical to HF generate's{tie_note}; no mismatch."
+        bad = self.real_mismatches
+        where = ", ".join(f"{m.method} on {m.prompt_id}" for m in bad[:8])
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        return f"MISMATCH: {len(bad)} greedy outputs differ from HF generate ({where}{more}){tie_note}."
 
 
 
@@ -160,7 +186,8 @@ def summaries(results: list[PromptResult], method_rows: list[dict], mismatches: 
             speedup=tps / ref_tps if ref_tps > 0 else None,
             median_speedup=_median_or_none(speedups),
             tokens_per_forward=(sum(r.new_tokens for r in forwards) / steps) if forwards and len(forwards) == len(rs) and steps > 0 else None,
-            mismatches=sum(1 for m in mismatches if m.method == row["name"] and (domain is None or m.domain == domain)),
+            mismatches=sum(1 for m in mismatches if m.kind == "mismatch" and m.method == row["name"]
+                           and (domain is None or m.domain == domain)),
             arms_chosen=dict(sorted(arms_chosen.items(), key=lambda kv: -kv[1])),
         ))
     return out
@@ -185,8 +212,10 @@ def bench_markdown(report: BenchReport) -> str:
         "# ctxdraft bench",
         "",
         f"{env['date']} on {env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch threads"
-        + (f", load average {load[0]:.2f} at start" if load else "") + f"); target {env['target']['name']}"
-        + (f", bundle `{env['bundle']}`" if env.get("bundle") else "") + ".",
+        + (f", load average {load[0]:.2f} at start" if load else "") + f"); target {env['target']['name']} in "
+        f"{env.get('dtype', 'float32')} (the HF baselines run the same model in the same dtype)"
+        + (f"; bundle `{env['bundle']}`" if env.get("bundle") else "")
+        + (f"; auto routed with {env['routing_policy']}" if env.get("routing_policy") else "") + ".",
         f"{cfg['num_prompts']} prompts, {mode}, max_new_tokens {cfg['max_new_tokens']}, {cfg['repeats']} repeat(s) "
         "(median time), methods interleaved prompt by prompt.",
         "",
@@ -213,8 +242,10 @@ def bench_markdown(report: BenchReport) -> str:
     for s in chosen:
         lines.append(f"- {s.method} chose: " + ", ".join(f"{arm} x{n}" for arm, n in s.arms_chosen.items()))
     for m in report.mismatches:
-        lines.append(f"- MISMATCH: {m.method} on prompt {m.prompt_id} ({m.domain}), repeat {m.repeat}: first differs at "
-                     f"token {m.first_diff} ({m.got_tokens} tokens vs {m.expected_tokens} from hf-generate)")
+        label = "MISMATCH" if m.kind == "mismatch" else "tie"
+        gap = f", target's top-2 logit gap {m.gap:.3g}" if m.gap is not None else ""
+        lines.append(f"- {label}: {m.method} on prompt {m.prompt_id} ({m.domain}), repeat {m.repeat}: first differs at "
+                     f"token {m.first_diff} ({m.got_tokens} tokens vs {m.expected_tokens} from hf-generate{gap})")
     lines += [f"- {n}" for n in report.notes]
     lines += ["", "tok/s: new tokens / wall seconds (prefill included), total and median over prompts. Speed-up: over "
               "hf-generate, total tokens/s ratio and median of per-prompt ratios. Tokens/forward: new tokens per target "

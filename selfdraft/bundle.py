@@ -12,10 +12,13 @@ to each other::
 """
 from __future__ import annotations
 
-import importlib.metadata
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from .decoding import GenerationConfig, GenerationStats, prefill, speculative_decode
 from .draft import Draft
@@ -24,63 +27,15 @@ from .features import features_from_prefill
 from .fileio import display_path, read_json, write_json_atomic
 from .layers import LayerStack
 from .layout import BUNDLE_FILE
-from .pool import base_arms, build_draft
+from .bundle_info import new_bundle_info, validate_info
+from .calibrate import auto_calibrate_default, calibrate, find_calibration
+from .layout import TRAJECTORIES_FILE
+from .pool import build_draft
 from .target import DEFAULT_TARGET, Target, load_target
 
-BUNDLE_FORMAT = "ctxdraft-bundle"
-BUNDLE_VERSION = 1
+log = logging.getLogger(__name__)
+
 DEFAULT_BUNDLE_DIR = Path(__file__).parent / "default_bundle"
-
-
-def versions() -> dict:
-    def v(dist):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {name: v(name) for name in ("ctxdraft", "torch", "transformers")}
-
-
-def new_bundle_info(target: Target, spec: str) -> dict:
-    return {
-        "format": BUNDLE_FORMAT,
-        "version": BUNDLE_VERSION,
-        "target": {"spec": spec, "name": target.name, "hash": target.content_hash},
-        "arms": base_arms(),
-        "default_arm": "lookup",
-        "exits": [],
-        "features": None,
-        "policy": None,
-        "cost_profile": None,
-        "versions": versions(),
-    }
-
-
-def validate_info(info, where: str) -> dict:
-    """The one check of a bundle.json's content, applied on every read."""
-    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT or not isinstance(info.get("arms"), list) \
-            or not isinstance(info.get("target"), dict):
-        raise CtxdraftError(f"{where} is not a ctxdraft bundle (missing format/target/arms)")
-    if info.get("version", 0) > BUNDLE_VERSION:
-        raise CtxdraftError(f"{where} has format version {info['version']}; this ctxdraft reads up to {BUNDLE_VERSION}")
-    names = [a.get("name") if isinstance(a, dict) else None for a in info["arms"]]
-    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
-        raise CtxdraftError(f"{where}: arm names must be unique non-empty strings, got {names}")
-    return info
-
-
-def record_training_ids(info: dict, command: str, ids: list) -> None:
-    """Remember which prompt ids ``command`` trained on, so that ``bench --split eval`` can leave them out."""
-    info.setdefault("trained_on", {})[command] = list(ids)
-
-
-def trained_ids(info: dict) -> set[str] | None:
-    """Every prompt id any part of the bundle trained on (as strings), or None when nothing is recorded."""
-    recorded = info.get("trained_on") or {}
-    if not recorded:
-        return None
-    return {str(i) for ids in recorded.values() for i in ids}
 
 
 @dataclass
@@ -111,6 +66,10 @@ class Bundle:
     _stack: LayerStack | None = None
     _drafts: dict[str, Draft] = field(default_factory=dict)
     _router: object = None
+    dtype: str | torch.dtype = "auto"  # what the target (and every draft) runs in; see machine.resolve_dtype
+    calibrate: bool | None = None  # route with a policy calibrated to this machine (None: unless CTXDRAFT_NO_CALIBRATE)
+    progress: Callable[[str, int, int], None] | None = None  # long work (a first calibration) reports here
+    _calibration: object = None
 
     # -- identity --------------------------------------------------------------------------------
     @property
@@ -126,7 +85,7 @@ class Bundle:
     @property
     def target(self) -> Target:
         if self._target is None:
-            target = load_target(self.info["target"]["spec"])
+            target = load_target(self.info["target"]["spec"], dtype=self.dtype)
             self.check_target(target)
             self._target = target
         return self._target
@@ -162,12 +121,47 @@ class Bundle:
         return features.get("layer") if features.get("kind") == "hidden" else None
 
     def router(self):
-        """The ONNX policy of this bundle, or None when it has none yet."""
+        """The ONNX policy of this bundle, or None when it has none yet: the one calibrated to this machine when
+        the bundle can be calibrated (made now, once, if it does not exist), else the shipped one."""
         if self._router is None and self.info.get("policy") and self.path is not None:
             from ctxdraft.export.router import OnnxRouter
 
-            self._router = OnnxRouter(self.path / self.info["policy"], expected=self.info)
+            calibration = self.calibration(create=True)
+            path = calibration.policy_path if calibration is not None else self.path / self.info["policy"]
+            self._router = OnnxRouter(path, expected=self.info)
         return self._router
+
+    def calibration(self, create: bool = False):
+        """This machine's calibration of the bundle (``calibrate.py``), or None: the bundle cannot be calibrated
+        (no policy, no trajectories), calibration is off, or none exists and ``create`` is False."""
+        if self._calibration is not None:
+            return self._calibration
+        enabled = auto_calibrate_default() if self.calibrate is None else self.calibrate
+        if not enabled or self.path is None or not self.info.get("policy_model") \
+                or not (self.path / TRAJECTORIES_FILE).is_file():
+            return None
+        found = find_calibration(self)
+        if found is None and create:
+            t = self.target
+            log.warning("calibrating the bundle's policy to this machine (%s, %d threads); once, about a minute "
+                        "(--no-calibrate or CTXDRAFT_NO_CALIBRATE=1 keeps the shipped policy)",
+                        str(t.dtype).removeprefix("torch."), torch.get_num_threads())
+            found = calibrate(self, progress=self.progress)
+        self._calibration = found
+        return found
+
+    def calibration_note(self) -> str:
+        """Which policy ``--draft auto`` routes with, in words."""
+        if not self.info.get("policy"):
+            return "no policy: auto uses the default arm"
+        calibration = self.calibration(create=False)
+        if calibration is not None:
+            return calibration.describe()
+        if self.path is None or not self.info.get("policy_model") or not (self.path / TRAJECTORIES_FILE).is_file():
+            return "the shipped policy (the bundle carries no trajectories to calibrate from)"
+        if not (auto_calibrate_default() if self.calibrate is None else self.calibrate):
+            return "the shipped policy (calibration is off)"
+        return "the shipped policy until the first `--draft auto` calibrates it to this machine"
 
     # -- generation ------------------------------------------------------------------------------
     def generate(
@@ -295,22 +289,29 @@ def add_arm(bundle_dir: str | Path, spec: dict, target: str | None = None) -> Bu
     return bundle
 
 
-def load_bundle(path: str | Path | None = None, target: str | None = None) -> Bundle:
+def load_bundle(path: str | Path | None = None, target: str | None = None, dtype: str | torch.dtype = "auto",
+                calibrate: bool | None = None) -> Bundle:
     """Open a bundle directory (None: the default bundle of the embedded default target).
 
     ``target`` (a spec for ``load_target``) without ``path`` makes an in-memory bundle with the
-    model-free arms (``none``, ``lookup``) for any model.
+    model-free arms (``none``, ``lookup``) for any model. ``dtype``: "auto" (bfloat16 where the machine has
+    native bf16, else float32), "bfloat16", "float16", "float32" or a torch dtype; the target and every draft
+    run in it. ``calibrate``: route with a policy calibrated to this machine, made on first use (default:
+    yes, unless CTXDRAFT_NO_CALIBRATE is set); False keeps the shipped policy.
     """
+    from .machine import resolve_dtype
+
+    dtype = resolve_dtype(dtype)  # a bad dtype fails here, before any model work
     if path is None and target is not None and target != DEFAULT_TARGET:
-        t = load_target(target)
-        return Bundle(None, new_bundle_info(t, target), _target=t)
+        t = load_target(target, dtype=dtype)
+        return Bundle(None, new_bundle_info(t, target), _target=t, dtype=dtype, calibrate=calibrate)
     path = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
     if not path.is_dir():
         raise CtxdraftError(f"bundle not found: {display_path(path)} (make one with `ctxdraft add-exits ... --out {path}`)")
     info = validate_info(read_json(path / BUNDLE_FILE, "bundle file"), display_path(path / BUNDLE_FILE))
-    bundle = Bundle(path, info)
+    bundle = Bundle(path, info, dtype=dtype, calibrate=calibrate)
     if target is not None:
-        t = load_target(target)
+        t = load_target(target, dtype=dtype)
         bundle.check_target(t)
         bundle._target = t
     return bundle

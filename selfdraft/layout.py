@@ -5,6 +5,7 @@ EXITS_FILE = "exits.safetensors"  # exit-head weights (+ reduced-vocab ids)
 POLICY_FILE = "policy.onnx"  # the routing policy, for onnxruntime anywhere
 POLICY_WEIGHTS_FILE = "policy.safetensors"  # the same policy's torch weights (export-policy redoes the ONNX file)
 REWARDS_FILE = "rewards.jsonl"  # what `train-policy --data` collects into
+TRAJECTORIES_FILE = "trajectories.jsonl.gz"  # every arm's trajectory on the policy's prompts: what calibrate retrains from
 EXITS_REPORT = "reports/add_exits.json"
 COLLECT_REPORT = "reports/collect.json"
 POLICY_REPORT = "reports/train_policy.json"

@@ -4,11 +4,14 @@ Costs (how long a target step or a draft takes) are a property of the machine an
 anything measured on one machine is keyed by ``machine_fingerprint``. The dtype rule for ``auto``:
 bfloat16 on CUDA and on CPUs with native bf16 arithmetic (x86 ``avx512_bf16`` / ``amx_bf16``, Arm
 ``bf16``), float32 elsewhere; it is read from the CPU's feature flags, never guessed from its name.
+``CTXDRAFT_DTYPE`` (bfloat16, float16 or float32) overrides what ``auto`` means on this machine, for
+every command at once (the test suite pins float32 this way).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -23,6 +26,7 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 (AVX-512 / AM
 FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16", "asimdhp"})  # x86 (AVX-512 / AMX), Arm (half-precision SIMD)
 
 CPUINFO = Path("/proc/cpuinfo")
+DTYPE_ENV = "CTXDRAFT_DTYPE"
 
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
@@ -64,6 +68,11 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu", f
     elif not isinstance(name, str) or name not in DTYPE_CHOICES:
         raise CtxdraftError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPE_CHOICES)}")
     elif name == "auto":
+        forced = os.environ.get(DTYPE_ENV) if flags is None else None
+        if forced:
+            if forced not in DTYPES:
+                raise CtxdraftError(f"{DTYPE_ENV}={forced!r} is not a dtype; set it to one of: {', '.join(DTYPES)}")
+            return resolve_dtype(forced, device, flags)
         if device_type == "cuda":
             return torch.bfloat16
         return torch.bfloat16 if native_bf16(flags) else torch.float32

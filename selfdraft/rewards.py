@@ -6,15 +6,19 @@ profile (``recompute_rewards``), since trajectories are hardware-independent and
 """
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .costs import CostProfile
 from .errors import CtxdraftError
-from .fileio import display_path, read_jsonl
+from .fileio import atomic_path, display_path, read_jsonl
+from .layout import TRAJECTORIES_FILE
 from .trajectories import Step, Trajectory
 
 
@@ -160,6 +164,45 @@ def recompute_rewards(rows: list[dict], cost_keys: dict[str, str], profile: Cost
                 raise CtxdraftError(f"{where}: arm {name!r} has no trajectory; re-collect it")
             traj = Trajectory.from_dict(record["trajectory"], f"{where}, arm {name!r}")
             arms[name] = dict(record, speedup=profile.speedup(traj, plain, cost_keys[name]),
-                              modelled_s=profile.seconds(traj, cost_keys[name]))
+                              modelled_s=profile.seconds(traj, cost_keys[name]), tokens_per_forward=traj.tokens_per_forward)
         out.append(dict(row, arms=arms, plain_s=profile.plain_seconds(plain)))
     return out
+
+
+def write_trajectories(path: Path, rows: list[dict]) -> int:
+    """Store the hardware-independent part of collected rows (ids, domains, features, every arm's trajectory)
+    as gzipped JSONL, atomically; returns the number of rows written (0, and nothing written, when the rows
+    carry no trajectories)."""
+    keep = []
+    for row in rows:
+        arms = row.get("arms") or {}
+        if not isinstance(row.get("plain_steps"), int) or not all(isinstance(a, dict) and "trajectory" in a for a in arms.values()):
+            return 0
+        features = dict(row.get("features") or {})
+        if features.get("hidden") is not None:
+            features["hidden"] = [float(f"{x:.5g}") for x in features["hidden"]]
+        keep.append({"id": row["id"], "domain": row.get("domain", "all"), "prompt_len": row.get("prompt_len"),
+                     "max_new_tokens": row.get("max_new_tokens"), "new_tokens": row.get("new_tokens"),
+                     "plain_steps": row["plain_steps"], "features": features,
+                     "arms": {name: {"trajectory": a["trajectory"]} for name, a in arms.items()}})
+    payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in keep).encode()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as f:
+            f.write(payload)
+    return len(keep)
+
+
+def read_trajectories(bundle_dir: Path | None) -> list[dict]:
+    """The rows ``write_trajectories`` stored in a bundle."""
+    path = Path(bundle_dir) / TRAJECTORIES_FILE if bundle_dir is not None else None
+    if path is None or not path.is_file():
+        raise CtxdraftError(f"bundle {display_path(bundle_dir)} carries no trajectories ({TRAJECTORIES_FILE}), so it "
+                            "cannot be calibrated; train its policy again with `ctxdraft train-policy --data ...`")
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, EOFError, ValueError, UnicodeDecodeError) as e:
+        raise CtxdraftError(f"{display_path(path)} is damaged ({type(e).__name__}); rebuild the bundle") from None
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise CtxdraftError(f"{display_path(path)} holds no trajectory rows; rebuild the bundle")
+    return rows

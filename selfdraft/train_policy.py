@@ -19,16 +19,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .bundle import record_training_ids, versions
+from .bundle_info import record_training_ids, versions
 from .collect import CollectConfig, can_resume, collect
 from .data import read_prompts, stratified_split
 from .errors import CtxdraftError
 from .fileio import atomic_path, display_path, read_jsonl, write_json_atomic, write_text_atomic
-from .layout import POLICY_FILE, POLICY_REPORT, POLICY_WEIGHTS_FILE, REWARDS_FILE
+from .layout import POLICY_FILE, POLICY_REPORT, POLICY_WEIGHTS_FILE, REWARDS_FILE, TRAJECTORIES_FILE
 from .policy import HiddenPolicy, PolicyConfig, TokenPolicy, feature_spec, policy_inputs, train_reinforce, train_supervised
 from .policy_report import policy_report, report_markdown
 from .pool import pool_key, with_draft_len
-from .rewards import RewardData, rewards_from_rows
+from .rewards import RewardData, rewards_from_rows, write_trajectories
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -101,9 +101,10 @@ def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig |
     result = train_policies(data, config, eval_frac, split_seed)
     train_s = time.perf_counter() - t0
     policy = result.reinforce
-    spec = feature_spec(policy, layer)
-    _save_weights(bundle.path / POLICY_WEIGHTS_FILE, policy)
-    _export(bundle, policy, [bundle.arm_spec(name) for name in data.arm_names], spec)
+    spec = save_policy(bundle, policy, layer, data.arm_names, bundle.path / POLICY_FILE, bundle.path / POLICY_WEIGHTS_FILE)
+    num_trajectories = write_trajectories(bundle.path / TRAJECTORIES_FILE, rows)
+    if not num_trajectories:
+        (bundle.path / TRAJECTORIES_FILE).unlink(missing_ok=True)  # trajectories of an older pool would mislead
     bundle.info["policy"] = POLICY_FILE
     bundle.info["policy_model"] = {
         "weights": POLICY_WEIGHTS_FILE,
@@ -122,6 +123,7 @@ def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig |
     report["rewards"] = display_path(rewards_path)
     report["exported"] = "reinforce"
     report["train_s"] = round(train_s, 1)
+    report["trajectories"] = num_trajectories  # rows calibrate can retrain from (0: rows without trajectories)
     report["onnx"] = onnx_check(bundle, policy, data, result.eval_idx)
     write_json_atomic(bundle.path / POLICY_REPORT, report)
     write_text_atomic((bundle.path / POLICY_REPORT).with_suffix(".md"), report_markdown(report))
@@ -163,19 +165,21 @@ def train_policy(bundle, *, rewards: str | Path | None = None, data: str | Path 
     return TrainPolicyResult(report, collected)
 
 
-def _save_weights(path: Path, policy: torch.nn.Module) -> None:
+def save_policy(bundle, policy: torch.nn.Module, layer: int | None, arm_names: list[str], onnx_path: Path,
+                weights_path: Path) -> dict:
+    """Write ``policy`` as ONNX (with the bundle's arms, features and target in its metadata) and its torch
+    weights, each atomically; returns its feature spec."""
     from safetensors.torch import save_file
 
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in policy.state_dict().items()}, str(tmp),
-                  metadata={"format": "ctxdraft-policy"})
-
-
-def _export(bundle, policy, arm_specs: list[dict], spec: dict) -> Path:
     from ctxdraft.export.onnx_export import export_policy
 
-    return export_policy(policy, bundle.path / POLICY_FILE, arm_specs, spec, _target_identity(bundle),
-                         versions().get("ctxdraft") or "0+unknown")
+    spec = feature_spec(policy, layer)
+    export_policy(policy, onnx_path, [bundle.arm_spec(name) for name in arm_names], spec, _target_identity(bundle),
+                  versions().get("ctxdraft") or "0+unknown")
+    with atomic_path(weights_path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in policy.state_dict().items()}, str(tmp),
+                  metadata={"format": "ctxdraft-policy"})
+    return spec
 
 
 def load_bundle_policy(bundle) -> torch.nn.Module:
@@ -209,8 +213,8 @@ def export_bundle_policy(bundle) -> Path:
     if missing:
         raise CtxdraftError(f"the saved policy routes to arms {missing} that the bundle no longer has; "
                             "run `ctxdraft train-policy` again")
-    spec = feature_spec(policy, meta.get("layer"))
-    path = _export(bundle, policy, [bundle.arm_spec(name) for name in meta["arms"]], spec)
+    path = bundle.path / POLICY_FILE
+    spec = save_policy(bundle, policy, meta.get("layer"), meta["arms"], path, bundle.path / meta.get("weights", POLICY_WEIGHTS_FILE))
     bundle.info["policy"] = POLICY_FILE
     bundle.info["features"] = spec
     bundle._router = None

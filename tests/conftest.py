@@ -1,6 +1,10 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: CPU tests run the kernels interpreted
+# Tests compare tokens exactly: "auto" means float32 here, whatever the CPU (tests of bf16 ask for it by name),
+# and nothing calibrates itself on first use unless a test asks for it.
+os.environ["CTXDRAFT_DTYPE"] = "float32"
+os.environ["CTXDRAFT_NO_CALIBRATE"] = "1"
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

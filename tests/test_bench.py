@@ -20,7 +20,8 @@ from ctxdraft.selfdraft.bench import (
     select_prompts,
 )
 from ctxdraft.selfdraft.bench_report import bench_markdown, write_bench_outputs
-from ctxdraft.selfdraft.bundle import Bundle, load_bundle, new_bundle_info
+from ctxdraft.selfdraft.bundle import Bundle, load_bundle
+from ctxdraft.selfdraft.bundle_info import new_bundle_info
 from ctxdraft.selfdraft.errors import CtxdraftError
 from ctxdraft.selfdraft.fileio import write_json_atomic
 from ctxdraft.selfdraft.target import load_target

@@ -5,16 +5,8 @@ import json
 
 import pytest
 
-from ctxdraft.selfdraft.bundle import (
-    Bundle,
-    add_arm,
-    load_bundle,
-    new_bundle_info,
-    open_or_create_bundle,
-    record_training_ids,
-    trained_ids,
-    validate_info,
-)
+from ctxdraft.selfdraft.bundle import Bundle, add_arm, load_bundle, open_or_create_bundle
+from ctxdraft.selfdraft.bundle_info import new_bundle_info, record_training_ids, trained_ids, validate_info
 from ctxdraft.selfdraft.errors import CtxdraftError
 from ctxdraft.selfdraft.fileio import write_json_atomic
 from ctxdraft.selfdraft.pool import BASE_ARMS, lookup_arm

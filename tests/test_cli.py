@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from ctxdraft.cli.main import main
-from ctxdraft.selfdraft.bundle import load_bundle, new_bundle_info
+from ctxdraft.selfdraft.bundle import load_bundle
+from ctxdraft.selfdraft.bundle_info import new_bundle_info
 from ctxdraft.selfdraft.fileio import write_json_atomic
 from ctxdraft.selfdraft.target import load_target
 from cli_helpers import assert_clean_error

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ctxdraft.cli.main import main
-from ctxdraft.selfdraft.bundle import new_bundle_info
+from ctxdraft.selfdraft.bundle_info import new_bundle_info
 from ctxdraft.selfdraft.fileio import write_json_atomic
 from ctxdraft.selfdraft.target import load_target
 from tiny import char_tokenizer, save_model_dir, tiny_llama

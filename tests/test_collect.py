@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from ctxdraft.selfdraft.bundle import Bundle, new_bundle_info
+from ctxdraft.selfdraft.bundle import Bundle
+from ctxdraft.selfdraft.bundle_info import new_bundle_info
 from ctxdraft.selfdraft.collect import CollectConfig, collect, read_rows_for_resume
 from ctxdraft.selfdraft.errors import CtxdraftError
 from ctxdraft.selfdraft.rewards import load_rewards

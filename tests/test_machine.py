@@ -70,6 +70,7 @@ def test_unknown_dtypes_are_refused_with_the_choices(name):
 
 
 def test_flags_default_to_this_machines_cpuinfo(tmp_path, monkeypatch):
+    monkeypatch.delenv(machine.DTYPE_ENV, raising=False)  # the test suite pins float32 with it
     fake = tmp_path / "cpuinfo"
     fake.write_text(OLD_XEON)
     monkeypatch.setattr(machine, "CPUINFO", fake)
@@ -99,3 +100,15 @@ def test_machine_fingerprint_is_stable_and_changes_with_what_costs_depend_on(tmp
     others.append(machine_fingerprint(torch.bfloat16, threads=2))
     assert len({fp["hash"], *(o["hash"] for o in others)}) == 4
     assert machine_fingerprint(torch.float32)["threads"] == torch.get_num_threads()
+
+
+def test_the_environment_overrides_what_auto_means(monkeypatch):
+    monkeypatch.setenv(machine.DTYPE_ENV, "float32")
+    assert resolve_dtype("auto") == torch.float32
+    monkeypatch.setenv(machine.DTYPE_ENV, "bfloat16")
+    assert resolve_dtype("auto") == torch.bfloat16
+    assert resolve_dtype("float32") == torch.float32  # an explicit dtype wins
+    assert resolve_dtype("auto", flags=cpu_flags(OLD_XEON)) == torch.float32  # given flags: no override
+    monkeypatch.setenv(machine.DTYPE_ENV, "fast")
+    with pytest.raises(CtxdraftError, match="CTXDRAFT_DTYPE='fast' is not a dtype"):
+        resolve_dtype("auto")

@@ -23,7 +23,8 @@ def test_train_policies_report_and_markdown():
 
 
 def test_train_policy_collects_first_and_continues_a_matching_rewards_file(tiny_model_dir, tmp_path):
-    from ctxdraft.selfdraft.bundle import load_bundle, new_bundle_info
+    from ctxdraft.selfdraft.bundle import load_bundle
+    from ctxdraft.selfdraft.bundle_info import new_bundle_info
     from ctxdraft.selfdraft.collect import CollectConfig
     from ctxdraft.selfdraft.fileio import write_json_atomic
     from ctxdraft.selfdraft.target import load_target

@@ -21,7 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from ..bundle import open_or_create_bundle, record_training_ids
+from ..bundle import open_or_create_bundle
+from ..bundle_info import record_training_ids
 from ..costs import context_ids, max_positions, measure_profile
 from ..data import stratified_split, subsample
 from ..draft import PredictionTeacherForced, TeacherForced
@@ -125,8 +126,9 @@ def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, c
     vocab_ids = reduced_vocab(target, train_ex, config.draft_vocab) if config.draft_vocab else None
     heads, trained = [], []
     for E in layers:
-        head = ExitHead(target.model, E, config.head, vocab_ids)
+        head = ExitHead(target.model, E, config.head, vocab_ids).float()  # trained in float32, whatever the target's dtype
         train_info = train_head(head, train_ex, config, work / _head_ckpt_name(E, config), progress)
+        head.to(target.model.dtype)  # drafts in the target's dtype
         heads.append(head)
         trained.append((train_info, agreement(head, held_ex)))
 

@@ -48,13 +48,19 @@ class ExitHead(nn.Module):
             self._stack = LayerStack(SimpleNamespace(config=head_config, model=backbone))
         lm_weight = model.get_output_embeddings().weight  # [V, D], frozen and shared: never saved with the head
         self.register_buffer("vocab_ids", None if vocab_ids is None else vocab_ids.long(), persistent=False)
-        # The reduced head reads only its rows; a gathered copy in memory, never in the file.
-        self._lm_weight = lm_weight.detach() if vocab_ids is None else lm_weight.detach()[vocab_ids].contiguous()
+        # The reduced head reads only its rows (a gathered copy). A buffer, so that .to(dtype) casts it along
+        # with the head (heads train in float32 on a bfloat16 target), but never part of the file.
+        self.register_buffer("lm_weight", lm_weight.detach() if vocab_ids is None else lm_weight.detach()[vocab_ids].contiguous(),
+                             persistent=False)
         self._softcap = getattr(config, "final_logit_softcapping", None)
 
     @property
     def draft_vocab(self) -> int | None:
         return None if self.vocab_ids is None else int(self.vocab_ids.numel())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
 
     @property
     def num_params(self) -> int:
@@ -64,7 +70,8 @@ class ExitHead(nn.Module):
         return self._stack.new_cache() if self.kind == "layer" else None
 
     def transform(self, hidden: torch.Tensor, cache=None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, T, D] layer-E residual -> [B, T, D] the LM head's input."""
+        """[B, T, D] layer-E residual (any float dtype: cast to the head's) -> [B, T, D] the LM head's input."""
+        hidden = hidden.to(self.dtype)
         if self.kind == "layer":
             T = hidden.shape[1]
             if cache is None:
@@ -76,7 +83,7 @@ class ExitHead(nn.Module):
         return self.adapter(self.norm(hidden))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., N] logits over the draft vocab
-        return softcap(F.linear(x, self._lm_weight), self._softcap)
+        return softcap(F.linear(x, self.lm_weight), self._softcap)
 
     def forward(self, hidden, cache=None, positions=None):  # [B, T, D] -> [B, T, N]
         return self.project(self.transform(hidden, cache, positions))

@@ -100,7 +100,7 @@ def distill_loss(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: 
 def _ridge_init(head: ExitHead, examples: list[Example], ridge: float) -> None:
     """Least-squares fit of the adapter from the normed layer-E states to the LM head's input, pulled to I."""
     with torch.no_grad():
-        X = torch.cat([head.norm(ex.states(head.exit_layer).float()) for ex in examples]).double()  # [N, D]
+        X = torch.cat([head.norm(ex.states(head.exit_layer).to(head.dtype)) for ex in examples]).double()  # [N, D]
         Y = torch.cat([ex.lm_input for ex in examples]).double()
         D = X.shape[1]
         lam = ridge * X.shape[0] / D * X.pow(2).mean() if ridge > 0 else 0.0
@@ -126,7 +126,7 @@ def _layer_head_loss(head: ExitHead, examples: list[Example], batch_size: int, g
     total = 0.0
     for _ in range(num_seqs):
         ex = examples[int(torch.randint(0, len(examples), (1,), generator=gen))]
-        x = head.transform(ex.states(E)[None].float())[0]  # [T, D]
+        x = head.transform(ex.states(E)[None])[0]  # [T, D]
         rows = torch.randperm(x.shape[0], generator=gen)[:per_seq]
         total = total + distill_loss(head.project(x[rows]), ex.teacher_ids[rows], ex.teacher_logp[rows], local_of)
     return total / num_seqs
@@ -150,7 +150,7 @@ def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig,
         _ridge_init(head, examples, config.ridge)
     local_of = _local_of(head, examples)
     if head.kind == "linear":
-        flat_hidden = torch.cat([ex.states(E) for ex in examples]).float()
+        flat_hidden = torch.cat([ex.states(E) for ex in examples])
         flat_ids = torch.cat([ex.teacher_ids for ex in examples])
         flat_logp = torch.cat([ex.teacher_logp for ex in examples])
     head.train()
@@ -185,7 +185,7 @@ def agreement(head: ExitHead, examples: list[Example]) -> dict:
     (the continuation after its first token, which the prefill emits)."""
     agree_all = total_all = agree_cont = total_cont = 0
     for ex in examples:
-        logits = head(ex.states(head.exit_layer)[None].float())[0]  # [T, N]
+        logits = head(ex.states(head.exit_layer)[None])[0]  # [T, N]
         match = head.to_full_ids(logits.argmax(-1)) == ex.teacher_ids[:, 0].long()
         agree_all += int(match.sum())
         total_all += match.numel()
