@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from . import checks
 from .bundle import DEFAULT_BUNDLE_DIR, Bundle
 from .bundle_info import trained_ids, versions
 from .data import first_per_domain, rotated
@@ -66,16 +67,16 @@ class BenchConfig:
     tie_tolerance: float | None = None  # logit gap of a legitimate tie (None: ties.TIE_TOLERANCE of the dtype)
 
     def validate(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise CtxdraftError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if self.repeats < 1:
-            raise CtxdraftError(f"repeats must be >= 1, got {self.repeats}")
-        if self.temperature < 0:
-            raise CtxdraftError(f"temperature must be >= 0, got {self.temperature}")
+        checks.integer("max_new_tokens", self.max_new_tokens, minimum=1)
+        checks.integer("repeats", self.repeats, minimum=1)
+        checks.number("temperature", self.temperature, minimum=0.0)
+        checks.seed("seed", self.seed)
+        if self.tie_tolerance is not None:
+            checks.number("tie_tolerance", self.tie_tolerance, minimum=0.0)
         if self.baselines not in BASELINES:
             raise CtxdraftError(f"baselines must be one of {', '.join(BASELINES)}, got {self.baselines!r}")
-        if self.threads is not None and self.threads < 1:
-            raise CtxdraftError(f"threads must be >= 1, got {self.threads}")
+        if self.threads is not None:
+            checks.integer("threads", self.threads, minimum=1)
         if self.arms is not None and not self.arms:
             raise CtxdraftError("arms is empty; name arms such as none,lookup or use 'all'")
 

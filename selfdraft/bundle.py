@@ -27,6 +27,7 @@ from .features import features_from_prefill
 from .fileio import display_path, read_json, write_json_atomic
 from .layers import LayerStack
 from .layout import BUNDLE_FILE
+from . import checks
 from .bundle_info import new_bundle_info, validate_info
 from .calibrate import auto_calibrate_default, calibrate, find_calibration
 from .layout import TRAJECTORIES_FILE
@@ -176,11 +177,13 @@ class Bundle:
         stop: list[str] | None = None,
         on_text=None,
     ) -> GenerationResult:
-        """Generate a continuation of ``prompt``; output is identical to the target's alone (greedy)."""
-        config = GenerationConfig(max_new_tokens, temperature, top_p, seed, list(stop or []))
-        config.validate()
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise CtxdraftError("the prompt is empty")
+        """Generate a continuation of ``prompt``; output is identical to the target's alone (greedy).
+
+        ``stop``: a stop string or a list of them (the text is cut before the first one found)."""
+        config = GenerationConfig(max_new_tokens, temperature, top_p, seed, stop)  # checks every value
+        checks.text("prompt", prompt)
+        checks.text("draft", draft)
+        checks.flag("chat", chat)
         if draft != "auto":
             self.arm_spec(draft)  # unknown arm: fail before any model work
         target = self.target

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import checks
 from .costs import CostProfile, context_ids, max_positions, measure_profile
 from .draft import Draft, TeacherForced
 from .errors import CtxdraftError
@@ -42,14 +43,13 @@ class CollectConfig:
     profile_reps: int = 7
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise CtxdraftError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.draft_len is not None and self.draft_len < 1:
-            raise CtxdraftError(f"--draft-len must be >= 1, got {self.draft_len}")
-        if self.wallclock_sample < 0:
-            raise CtxdraftError(f"--wallclock-sample must be >= 0, got {self.wallclock_sample}")
-        if self.profile_reps < 1:
-            raise CtxdraftError("profile_reps must be >= 1")
+        checks.integer("max_new_tokens (--max-new-tokens)", self.max_new_tokens, minimum=1)
+        if self.draft_len is not None:
+            checks.integer("draft_len (--draft-len)", self.draft_len, minimum=1)
+        if self.feature_layer is not None:
+            checks.integer("feature_layer", self.feature_layer, minimum=1)
+        checks.integer("wallclock_sample (--wallclock-sample)", self.wallclock_sample, minimum=0)
+        checks.integer("profile_reps", self.profile_reps, minimum=1)
 
 
 def _round(x: float) -> float:

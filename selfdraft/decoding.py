@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from ctxdraft.triton_kernels import verify_greedy, verify_sampling
 
+from . import checks
 from .draft import DecodeState, Draft, DraftOutput
 from .errors import CtxdraftError
 from .layers import LayerStack
@@ -27,19 +28,24 @@ from .sampling import top_p_filter
 
 @dataclass
 class GenerationConfig:
+    """How to generate; checked (and ``stop`` normalised to a list) when made, so that a bad value from the API or
+    the CLI fails with one message naming it, before any model work."""
+
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)  # stop strings (the text is cut before them)
+    stop: list[str] = field(default_factory=list)  # stop strings (the text is cut before them); one string is one stop
+
+    def __post_init__(self):
+        self.validate()
 
     def validate(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise CtxdraftError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise CtxdraftError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise CtxdraftError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.max_new_tokens = checks.integer("max_new_tokens", self.max_new_tokens, minimum=1)
+        self.temperature = checks.number("temperature", self.temperature, minimum=0.0)
+        self.top_p = checks.number("top_p", self.top_p, above=0.0, maximum=1.0)
+        self.seed = checks.seed("seed", self.seed)
+        self.stop = checks.strings("stop", self.stop)
 
 
 @dataclass

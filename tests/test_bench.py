@@ -231,7 +231,7 @@ def test_cli_bench(bundle_dir, data_file, tmp_path):
         (["--data", "MISSING"], "data file not found"),
         (["--per-domain", "0"], "--per-domain must be >= 1"),
         (["--arms", "lookup,nope"], "unknown arm 'nope'"),
-        (["--max-new-tokens", "0"], "max_new_tokens must be > 0"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
         (["--repeats", "0"], "repeats must be >= 1"),
         (["--threads", "0"], "threads must be >= 1"),
     ],

@@ -67,7 +67,7 @@ def test_info(tiny_bundle):
     "args,input,needle",
     [
         (["", "--draft", "none"], None, "prompt is empty"),
-        (["hi", "--max-new-tokens", "0"], None, "max_new_tokens must be > 0"),
+        (["hi", "--max-new-tokens", "0"], None, "max_new_tokens must be >= 1"),
         (["hi", "--draft", "nope"], None, "unknown arm 'nope'"),
         (["hi", "--top-p", "0"], None, "top_p"),
         (["-"], b"\xff\xfe\xfa", "not UTF-8"),
