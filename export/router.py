@@ -86,6 +86,12 @@ class OnnxRouter:
         if inputs != [self._input_name] or PROBS_OUTPUT not in outputs or ARM_NAMES_OUTPUT not in outputs:
             raise CtxdraftError(f"{self.path}: graph inputs {inputs} / outputs {outputs} are not a ctxdraft "
                                 f"{kind} policy's ({self._input_name!r} -> 'probs', 'arm_names'); re-export it")
+        if kind == "hidden":
+            dim = self.features.get("dim")
+            graph_dim = self._session.get_inputs()[0].shape[-1]
+            if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1 or (isinstance(graph_dim, int) and graph_dim != dim):
+                raise CtxdraftError(f"{self.path}: its metadata says {dim!r} features but the graph takes {graph_dim}; "
+                                    "the file was edited or damaged, re-export it with `ctxdraft export-policy`")
         # One run warms the session up and checks the graph's arm names against the metadata.
         empty = [[]] if kind == "tokens" else np.zeros((1, self.features["dim"]), dtype=np.float32)
         probs, graph_arms = self._run(self._as_batch(empty))
@@ -157,7 +163,11 @@ class OnnxRouter:
         return np.ascontiguousarray(features)
 
     def _run(self, inputs: np.ndarray):
-        probs, arm_names = self._session.run([PROBS_OUTPUT, ARM_NAMES_OUTPUT], {self._input_name: inputs})
+        try:
+            probs, arm_names = self._session.run([PROBS_OUTPUT, ARM_NAMES_OUTPUT], {self._input_name: inputs})
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a graph that does not fit
+            raise CtxdraftError(f"{self.path} cannot route these features ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:160]}); re-export it with `ctxdraft export-policy`") from None
         return probs, arm_names
 
     def probs(self, batch) -> np.ndarray:

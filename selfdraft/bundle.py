@@ -27,9 +27,11 @@ from .features import features_from_prefill
 from .fileio import display_path, read_json, write_json_atomic
 from .layers import LayerStack
 from .layout import BUNDLE_FILE
-from . import checks
+from . import checks, traffic
 from .bundle_info import new_bundle_info, validate_info
 from .calibrate import auto_calibrate_default, calibrate, find_calibration
+from .exits.draft import ExitSettings
+from .exits.head import read_head_tensors
 from .layout import TRAJECTORIES_FILE
 from .pool import build_draft
 from .target import DEFAULT_TARGET, Target, load_target
@@ -71,6 +73,13 @@ class Bundle:
     calibrate: bool | None = None  # route with a policy calibrated to this machine (None: unless CTXDRAFT_NO_CALIBRATE)
     progress: Callable[[str, int, int], None] | None = None  # long work (a first calibration) reports here
     _calibration: object = None
+    # Served traffic (traffic.py): routed requests append one line each to `log`; `explore` is the epsilon of
+    # epsilon-greedy routing (0: always the policy's argmax); `explore_rng` (None: fresh OS entropy) draws it.
+    log: Path | None = None
+    log_features_only: bool = False  # leave the prompt ids out of the log (the features stay)
+    explore: float = 0.0
+    explore_rng: object = None
+    _log_identity: dict | None = None
 
     # -- identity --------------------------------------------------------------------------------
     @property
@@ -194,13 +203,17 @@ class Bundle:
                 f"context of {target.max_context} tokens; shorten the prompt or lower --max-new-tokens"
             )
         router = self.router() if draft == "auto" else None
+        if self.log is not None and draft == "auto" and router is None:
+            raise CtxdraftError(f"bundle {display_path(self.path)} has no policy, so no request is routed and there is "
+                                "nothing to log; train one with `ctxdraft train-policy` first")
         pre = prefill(self.stack, prompt_ids, self.feature_layer if router is not None else None)
         t0 = time.perf_counter()
         routed = False
         if draft == "auto":
             if router is not None:
-                arm = router.choose(features_from_prefill(router.features, prompt_ids, pre.pooled_hidden))
-                routed = True
+                features = features_from_prefill(router.features, prompt_ids, pre.pooled_hidden)
+                choice = traffic.choose_arm(router.arms, router.probs([features])[0], self.explore, self.explore_rng)
+                arm, routed = choice.arm, True
             else:
                 arm = self.info.get("default_arm") or "none"
         else:
@@ -209,13 +222,19 @@ class Bundle:
         tokenizer = target.tokenizer
         stop_check = _stop_checker(tokenizer, config.stop) if config.stop else None
         on_tokens = _streamer(tokenizer, on_text) if on_text is not None else None
-        new_ids, stats = speculative_decode(self.stack, pre, self.draft(arm), config, target.eos_ids, on_tokens, stop_check)
+        recorder = traffic.StepRecorder(self.draft(arm)) if routed and self.log is not None else None
+        new_ids, stats = speculative_decode(self.stack, pre, recorder or self.draft(arm), config, target.eos_ids,
+                                            on_tokens, stop_check)
         stats.route_s = route_s
         stats.wall_s += route_s
         text = tokenizer.decode(new_ids, skip_special_tokens=True)
         for s in config.stop:
             if s in text:
                 text = text[: text.index(s)]
+        if recorder is not None:
+            traffic.log_request(self, traffic.RequestLog(
+                features, router.features, prompt_ids, choice, self.explore, recorder.trajectory(len(new_ids)),
+                max_new_tokens, config.temperature, len(new_ids) < max_new_tokens, stats))
         return GenerationResult(prompt_ids, new_ids, text, arm, stats, routed)
 
 
@@ -292,8 +311,21 @@ def add_arm(bundle_dir: str | Path, spec: dict, target: str | None = None) -> Bu
     return bundle
 
 
+def _check_files(path: Path, info: dict) -> None:
+    """What can be checked of the bundle's other files without the model: every exit arm's weights are readable
+    and hold that exit, and the policy bundle.json names exists. Each failure is one error line."""
+    for arm in info["arms"]:
+        if arm["kind"] == "exit":
+            settings = ExitSettings(**arm.get("settings", {}))
+            read_head_tensors(path / settings.weights, settings.exit_layer)
+    if info.get("policy") and not (path / info["policy"]).is_file():
+        raise CtxdraftError(f"{display_path(path / info['policy'])}, the policy bundle.json names, is missing; "
+                            "run `ctxdraft export-policy` (or `train-policy`) again")
+
+
 def load_bundle(path: str | Path | None = None, target: str | None = None, dtype: str | torch.dtype = "auto",
-                calibrate: bool | None = None) -> Bundle:
+                calibrate: bool | None = None, log: str | Path | None = None, log_features_only: bool = False,
+                explore: float = 0.0) -> Bundle:
     """Open a bundle directory (None: the default bundle of the embedded default target).
 
     ``target`` (a spec for ``load_target``) without ``path`` makes an in-memory bundle with the
@@ -301,18 +333,26 @@ def load_bundle(path: str | Path | None = None, target: str | None = None, dtype
     native bf16, else float32), "bfloat16", "float16", "float32" or a torch dtype; the target and every draft
     run in it. ``calibrate``: route with a policy calibrated to this machine, made on first use (default:
     yes, unless CTXDRAFT_NO_CALIBRATE is set); False keeps the shipped policy.
+
+    Served traffic (``traffic.py``, ``online.py``): ``log`` appends one JSON line per routed request (features,
+    chosen arm, propensity, realised trajectory; ``log_features_only`` leaves the prompt ids out); ``explore``
+    routes epsilon-greedy (a uniformly random arm with that probability) so that ``update-policy`` learns about
+    arms the policy does not pick. Both are off by default.
     """
     from .machine import resolve_dtype
 
     dtype = resolve_dtype(dtype)  # a bad dtype fails here, before any model work
+    serving = {"log": traffic.log_path(log), "log_features_only": checks.flag("log_features_only", log_features_only),
+               "explore": checks.number("explore", explore, minimum=0.0, maximum=1.0)}
     if path is None and target is not None and target != DEFAULT_TARGET:
         t = load_target(target, dtype=dtype)
-        return Bundle(None, new_bundle_info(t, target), _target=t, dtype=dtype, calibrate=calibrate)
+        return Bundle(None, new_bundle_info(t, target), _target=t, dtype=dtype, calibrate=calibrate, **serving)
     path = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
     if not path.is_dir():
         raise CtxdraftError(f"bundle not found: {display_path(path)} (make one with `ctxdraft add-exits ... --out {path}`)")
     info = validate_info(read_json(path / BUNDLE_FILE, "bundle file"), display_path(path / BUNDLE_FILE))
-    bundle = Bundle(path, info, dtype=dtype, calibrate=calibrate)
+    _check_files(path, info)
+    bundle = Bundle(path, info, dtype=dtype, calibrate=calibrate, **serving)
     if target is not None:
         t = load_target(target, dtype=dtype)
         bundle.check_target(t)

@@ -45,16 +45,95 @@ def new_bundle_info(target, spec: str) -> dict:
     }
 
 
+_INT = {"type": "integer"}
+_POS_INT = {"type": "integer", "minimum": 1}
+_NUM = {"type": "number"}
+_STR = {"type": "string"}
+_NAME = {"type": "string", "minLength": 1}
+# A file inside the bundle directory: a relative path with no '..' part (checked again in _check_semantics).
+_FILE = {"type": "string", "minLength": 1, "not": {"anyOf": [{"pattern": "^/"}, {"pattern": "(^|[/\\\\])\\.\\.([/\\\\]|$)"}]}}
+
+ARM_SETTINGS = {
+    "none": {"type": "object", "additionalProperties": False, "properties": {}},
+    "lookup": {"type": "object", "additionalProperties": False,
+               "properties": {"draft_len": _POS_INT, "ngram_sizes": {"type": "array", "minItems": 1, "items": _POS_INT}}},
+    "model": {"type": "object", "additionalProperties": False, "required": ["path"],
+              "properties": {"path": _NAME, "draft_len": _POS_INT}},
+    "exit": {"type": "object", "additionalProperties": False, "required": ["exit_layer"],
+             "properties": {"exit_layer": _POS_INT, "draft_len": _POS_INT,
+                            "threshold": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                            "head": {"enum": ["linear", "layer"]}, "draft_vocab": {"type": ["integer", "null"], "minimum": 1},
+                            "weights": _FILE}},
+}
+
+# The one declared schema of bundle.json (JSON Schema, checked with the jsonschema library on every read).
+SCHEMA = {
+    "type": "object",
+    "required": ["format", "version", "target", "arms"],
+    "properties": {
+        "format": {"const": "ctxdraft-bundle"},
+        "version": {"type": "integer", "minimum": 1},
+        "target": {"type": "object", "required": ["spec"],
+                   "properties": {"spec": _NAME, "name": {"type": ["string", "null"]}, "hash": {"type": ["string", "null"]}}},
+        "arms": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "kind"],
+            "properties": {"name": _NAME, "kind": {"enum": sorted(ARM_SETTINGS)}, "settings": {"type": "object"}},
+            "allOf": [{"if": {"properties": {"kind": {"const": kind}}}, "then": {"properties": {"settings": schema}}}
+                      for kind, schema in ARM_SETTINGS.items()]}},
+        "default_arm": {"type": ["string", "null"]},
+        "exits": {"type": ["array", "null"], "items": {"type": "object", "required": ["layer"], "properties": {
+            "layer": _POS_INT, "arm": _STR, "head": {"enum": ["linear", "layer"]}, "draft_vocab": {"type": ["integer", "null"]},
+            "agreement": {"type": ["number", "null"]}, "speedup": {"type": ["number", "null"]},
+            "draft_len": _POS_INT, "threshold": _NUM}}},
+        "features": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["kind"], "properties": {
+            "kind": {"enum": ["hidden", "tokens"]}, "layer": {"type": ["integer", "null"], "minimum": 1},
+            "dim": {"type": ["integer", "null"], "minimum": 1}}}]},
+        "policy": {"anyOf": [{"type": "null"}, _FILE]},
+        "policy_model": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["feature_kind", "arms", "config"], "properties": {
+            "weights": _FILE, "feature_kind": {"enum": ["hidden", "tokens"]}, "feature_dim": {"type": ["integer", "null"], "minimum": 1},
+            "layer": {"type": ["integer", "null"], "minimum": 1}, "arms": {"type": "array", "items": _NAME},
+            "config": {"type": "object"}}}]},
+        "cost_profile": {"type": ["object", "null"]},
+        "trained_on": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": ["string", "integer"]}}},
+        "versions": {"type": ["object", "null"]},
+    },
+}
+
+
+def _where(error) -> str:
+    path = ""
+    for part in error.absolute_path:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
 def validate_info(info, where: str) -> dict:
-    """The one check of a bundle.json's content, applied on every read."""
-    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT or not isinstance(info.get("arms"), list) \
-            or not isinstance(info.get("target"), dict):
-        raise CtxdraftError(f"{where} is not a ctxdraft bundle (missing format/target/arms)")
-    if info.get("version", 0) > BUNDLE_VERSION:
+    """The one check of a bundle.json's content (``SCHEMA``, then what a schema cannot say), applied on every
+    read. A failure is one CtxdraftError naming the field."""
+    import jsonschema
+
+    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
+        raise CtxdraftError(f"{where} is not a ctxdraft bundle (no \"format\": \"{BUNDLE_FORMAT}\")")
+    if isinstance(info.get("version"), int) and not isinstance(info["version"], bool) and info["version"] > BUNDLE_VERSION:
         raise CtxdraftError(f"{where} has format version {info['version']}; this ctxdraft reads up to {BUNDLE_VERSION}")
-    names = [a.get("name") if isinstance(a, dict) else None for a in info["arms"]]
-    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
-        raise CtxdraftError(f"{where}: arm names must be unique non-empty strings, got {names}")
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(SCHEMA).iter_errors(info))
+    if error is not None:
+        if error.validator == "not" or (error.validator == "anyOf" and isinstance(error.instance, str)):
+            message = f"{error.instance!r} must be a file inside the bundle directory (a relative path without '..')"
+        elif error.validator == "anyOf":
+            message = f"{error.instance!r} is neither null nor what the field holds"
+        else:
+            message = error.message if len(error.message) < 160 else error.message[:157] + "..."
+        raise CtxdraftError(f"{where}: {_where(error)}: {message}; fix the file or rebuild the bundle")
+    names = [a["name"] for a in info["arms"]]
+    if len(set(names)) != len(names):
+        raise CtxdraftError(f"{where}: arm names must be unique, got {names}")
+    if info.get("default_arm") is not None and info["default_arm"] not in names:
+        raise CtxdraftError(f"{where}: default_arm {info['default_arm']!r} is not one of the arms {names}")
+    model = info.get("policy_model") or {}
+    missing = [a for a in model.get("arms", []) if a not in names]
+    if missing and info.get("policy"):
+        raise CtxdraftError(f"{where}: policy_model.arms names arms the bundle does not have: {missing}")
     return info
 
 

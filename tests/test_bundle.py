@@ -34,16 +34,83 @@ def test_new_bundle_has_the_base_arms_and_the_target_identity(target):
     assert BASE_ARMS[0]["settings"] == {}  # a copy: editing one bundle never edits the defaults
 
 
+def _info(**changes):
+    info = {"format": "ctxdraft-bundle", "version": 1, "target": {"spec": "t", "name": "t", "hash": "h"},
+            "arms": [{"name": "none", "kind": "none", "settings": {}},
+                     {"name": "lookup", "kind": "lookup", "settings": {"draft_len": 4, "ngram_sizes": [3, 2, 1]}}]}
+    info.update(changes)
+    return info
+
+
 @pytest.mark.parametrize("info, message", [
-    ([1, 2], "not a ctxdraft bundle"),
-    ({"format": "ctxdraft-bundle", "arms": [], "target": "x"}, "not a ctxdraft bundle"),
-    ({"format": "ctxdraft-bundle", "arms": [], "target": {}, "version": 99}, "version 99"),
-    ({"format": "ctxdraft-bundle", "arms": [{"name": "a"}, {"name": "a"}], "target": {}}, "unique"),
-    ({"format": "ctxdraft-bundle", "arms": [{"name": ""}], "target": {}}, "unique non-empty"),
+    ([1, 2], "is not a ctxdraft bundle"),
+    ({"arms": []}, "is not a ctxdraft bundle"),
+    (_info(version=99), "version 99; this ctxdraft reads up to 1"),
+    (_info(version="2"), "version: '2' is not of type 'integer'"),
+    (_info(target="x"), "target: 'x' is not of type 'object'"),
+    (_info(arms=[1, 2]), "is not of type 'object'"),
+    (_info(arms=[]), "arms: [] should be non-empty"),
+    (_info(arms=[{"name": "a", "kind": "none"}, {"name": "a", "kind": "none"}]), "arm names must be unique"),
+    (_info(arms=[{"name": "", "kind": "none"}]), "arms[0].name: '' should be non-empty"),
+    (_info(arms=[{"name": "x", "kind": "telepathy"}]), "arms[0].kind: 'telepathy' is not one of"),
+    (_info(arms=[{"name": "l", "kind": "lookup", "settings": {"draft_len": "4"}}]), "arms[0].settings.draft_len: '4' is not of type 'integer'"),
+    (_info(arms=[{"name": "e", "kind": "exit", "settings": {"exit_layer": 2, "weights": "../../etc/passwd"}}]),
+     "arms[0].settings.weights: '../../etc/passwd' must be a file inside the bundle directory"),
+    (_info(policy=5), "policy: 5 is neither null nor"),
+    (_info(policy="/etc/passwd"), "policy: '/etc/passwd' must be a file inside the bundle directory"),
+    (_info(features=[1]), "features: [1] is neither null nor"),
+    (_info(exits="x"), "exits: 'x' is not of type 'array', 'null'"),
+    (_info(exits=[{"layer": 3, "agreement": "high"}]), "exits[0].agreement: 'high' is not of type 'number', 'null'"),
+    (_info(default_arm="zzz"), "default_arm 'zzz' is not one of the arms"),
+    (_info(policy="p.onnx", policy_model={"feature_kind": "hidden", "arms": ["none", "gone"], "config": {}}),
+     "policy_model.arms names arms the bundle does not have: ['gone']"),
 ])
-def test_validate_info_refuses_what_is_not_a_bundle(info, message):
-    with pytest.raises(CtxdraftError, match=message):
+def test_validate_info_names_the_field(info, message):
+    with pytest.raises(CtxdraftError) as error:
         validate_info(info, "bundle.json")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_validate_info_accepts_the_shipped_bundle():
+    from ctxdraft.selfdraft.bundle import DEFAULT_BUNDLE_DIR
+
+    info = json.loads((DEFAULT_BUNDLE_DIR / "bundle.json").read_text())
+    assert validate_info(info, "shipped") is info
+
+
+def test_damaged_bundle_files_are_one_clear_error(target, tiny_model_dir, bundle_dir, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from ctxdraft.selfdraft.exits.draft import ExitSettings
+    from ctxdraft.selfdraft.exits.head import ExitHead, save_heads
+    from ctxdraft.selfdraft.pool import exit_arm
+
+    info = json.loads((bundle_dir / "bundle.json").read_text())
+    info["arms"].append(exit_arm(ExitSettings(2)))
+    write_json_atomic(bundle_dir / "bundle.json", info)
+    weights = bundle_dir / "exits.safetensors"
+    for damage, message in [(b"", "are damaged"), (b"\x07" * 40, "are damaged"), (None, "exit weights not found")]:
+        weights.unlink(missing_ok=True)
+        if damage is not None:
+            weights.write_bytes(damage)
+        with pytest.raises(CtxdraftError, match=message):
+            load_bundle(bundle_dir)
+    save_heads(weights, [ExitHead(target.model, 1, "linear")])  # a file without the layer-2 exit
+    with pytest.raises(CtxdraftError, match="has no weights for the exit at layer 2"):
+        load_bundle(bundle_dir)
+    head = ExitHead(target.model, 2, "linear", torch.tensor([0, 5, 10]))
+    tensors = {f"exit2.{k}": v.contiguous() for k, v in head.state_dict().items()}
+    tensors["exit2.vocab_ids"] = torch.tensor([0, 5, 10_000])
+    save_file(tensors, str(weights))
+    bundle = load_bundle(bundle_dir, target=str(tiny_model_dir))  # the header is fine ...
+    with pytest.raises(CtxdraftError, match="holds ids outside"):  # ... the ids are not, for this target
+        bundle.draft("exit@2")
+    info["policy"] = "policy.onnx"
+    write_json_atomic(bundle_dir / "bundle.json", info)
+    save_heads(weights, [ExitHead(target.model, 2, "linear")])
+    with pytest.raises(CtxdraftError, match="the policy bundle.json names, is missing"):
+        load_bundle(bundle_dir)
 
 
 def test_open_or_create(target, tiny_model_dir, bundle_dir, tmp_path):
@@ -76,6 +143,7 @@ def test_add_arm_is_checked_before_writing_and_drops_a_stale_policy(bundle_dir, 
     info = json.loads((bundle_dir / "bundle.json").read_text())
     info["policy"] = "policy.onnx"
     write_json_atomic(bundle_dir / "bundle.json", info)
+    (bundle_dir / "policy.onnx").write_bytes(b"a stale policy")
     bundle = add_arm(bundle_dir, lookup_arm(6))
     assert bundle.arms[-1] == "lookup-k6" and bundle.info["policy"] is None
     assert json.loads((bundle_dir / "bundle.json").read_text())["arms"][-1]["name"] == "lookup-k6"

@@ -234,6 +234,18 @@ def test_router_file_errors(exported, tmp_path):
         read_metadata(plain)
 
 
+@pytest.mark.parametrize("dim", [577, 0, "wide"])
+def test_router_refuses_metadata_that_does_not_fit_the_graph(exported, tmp_path, dim):
+    model = onnx.load(str(exported["hidden"][1]))
+    for prop in model.metadata_props:
+        if prop.key == "ctxdraft.features":
+            prop.value = json.dumps({**json.loads(prop.value), "dim": dim})
+    edited = tmp_path / "edited.onnx"
+    onnx.save(model, str(edited))
+    with pytest.raises(CtxdraftError, match=f"metadata says {dim!r} features but the graph takes {FEATURE_DIM}"):
+        OnnxRouter(edited)
+
+
 def test_router_without_onnxruntime_says_what_to_install(exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
     with pytest.raises(CtxdraftError, match=r"pip install 'ctxdraft\[cpu\]'"):

@@ -112,18 +112,34 @@ def save_heads(path: Path, heads: list[ExitHead]) -> None:
         save_file(tensors, str(tmp), metadata={"format": "ctxdraft-exits"})
 
 
-def load_head(model: nn.Module, path: Path, exit_layer: int, kind: str) -> ExitHead:
-    from safetensors import safe_open
+def read_head_tensors(path: Path, exit_layer: int) -> dict[str, torch.Tensor]:
+    """The tensors of the exit at ``exit_layer`` in an exit weights file; a missing, damaged or foreign file is one
+    clear error."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise CtxdraftError(f"exit weights not found: {display_path(path)} (rebuild the bundle with `ctxdraft add-exits`)")
     prefix = _prefix(exit_layer)
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CtxdraftError(f"exit weights {display_path(path)} are damaged ({str(e).splitlines()[0][:120]}); "
+                            "rebuild them with `ctxdraft add-exits`") from None
     if not tensors:
         raise CtxdraftError(f"{display_path(path)} has no weights for the exit at layer {exit_layer}; "
                             "rebuild it with `ctxdraft add-exits`")
+    return tensors
+
+
+def load_head(model: nn.Module, path: Path, exit_layer: int, kind: str) -> ExitHead:
+    tensors = read_head_tensors(path, exit_layer)
     vocab_ids = tensors.pop("vocab_ids", None)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    if vocab_ids is not None and (vocab_ids.dim() != 1 or vocab_ids.dtype.is_floating_point or vocab_ids.numel() == 0
+                                  or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= vocab_size):
+        raise CtxdraftError(f"{display_path(path)}: the draft vocabulary of the exit at layer {exit_layer} holds ids "
+                            f"outside 0..{vocab_size - 1} (or is not a list of ids); rebuild it with `ctxdraft add-exits`")
     head = ExitHead(model, exit_layer, kind, vocab_ids)
     try:
         head.load_state_dict(tensors)
