@@ -42,10 +42,15 @@ def _print_piece(piece: str) -> None:
 @click.option("--no-chat", is_flag=True, help="Do not apply the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print prompt_ids, token_ids, text, arm and stats as JSON.")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False),
+              help="Append the routed request to this traffic log (JSONL) for `ctxdraft update-policy`.")
+@click.option("--log-features-only", is_flag=True, help="Keep the prompt's token ids out of the log (the routing features stay).")
+@click.option("--explore", default=0.0, show_default=True, type=float,
+              help="Epsilon-greedy routing: a uniformly random arm with this probability (logged with its propensity).")
 @dtype_option
 @no_calibrate_option
 def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature, top_p, seed, stop, no_chat, as_json, stream,
-                 dtype, no_calibrate):
+                 log_path, log_features_only, explore, dtype, no_calibrate):
     """Generate text; the output is exactly what the target alone would produce.
 
     PROMPT is the text to continue, or '-' to read it from stdin.
@@ -55,9 +60,15 @@ def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature,
       ctxdraft generate "Summarize the plot of Hamlet in two sentences."
       echo "What is 17*23?" | ctxdraft generate - --draft lookup --json
       ctxdraft generate --bundle my_bundle --temperature 0.7 --seed 1 "Write a haiku."
+      ctxdraft generate --bundle my_bundle --log traffic.jsonl --explore 0.1 "..."   # then: ctxdraft update-policy
     """
+    if (log_features_only or explore) and log_path is None:
+        raise CtxdraftError("--log-features-only and --explore go with --log FILE (the traffic log update-policy learns from)")
+    if log_path is not None and draft != "auto":
+        raise CtxdraftError(f"--log records requests the policy routes; --draft {draft} names its arm, so use --draft auto")
     text = _read_prompt(prompt)
-    bundle = load_bundle(bundle_dir, target=target, dtype=dtype, calibrate=False if no_calibrate else None)
+    bundle = load_bundle(bundle_dir, target=target, dtype=dtype, calibrate=False if no_calibrate else None,
+                         log=log_path, log_features_only=log_features_only, explore=explore)
     with progress_bar(as_json) as bar:
         bundle.progress = bar  # a first calibration, on a terminal
         result = bundle.generate(text, draft=draft, max_new_tokens=max_new_tokens, temperature=temperature,
