@@ -30,6 +30,8 @@ from .layout import BUNDLE_FILE
 from . import checks, traffic
 from .bundle_info import new_bundle_info, validate_info
 from .calibrate import auto_calibrate_default, calibrate, find_calibration
+from .exits.draft import ExitSettings
+from .exits.head import read_head_tensors
 from .layout import TRAJECTORIES_FILE
 from .pool import build_draft
 from .target import DEFAULT_TARGET, Target, load_target
@@ -309,6 +311,18 @@ def add_arm(bundle_dir: str | Path, spec: dict, target: str | None = None) -> Bu
     return bundle
 
 
+def _check_files(path: Path, info: dict) -> None:
+    """What can be checked of the bundle's other files without the model: every exit arm's weights are readable
+    and hold that exit, and the policy bundle.json names exists. Each failure is one error line."""
+    for arm in info["arms"]:
+        if arm["kind"] == "exit":
+            settings = ExitSettings(**arm.get("settings", {}))
+            read_head_tensors(path / settings.weights, settings.exit_layer)
+    if info.get("policy") and not (path / info["policy"]).is_file():
+        raise CtxdraftError(f"{display_path(path / info['policy'])}, the policy bundle.json names, is missing; "
+                            "run `ctxdraft export-policy` (or `train-policy`) again")
+
+
 def load_bundle(path: str | Path | None = None, target: str | None = None, dtype: str | torch.dtype = "auto",
                 calibrate: bool | None = None, log: str | Path | None = None, log_features_only: bool = False,
                 explore: float = 0.0) -> Bundle:
@@ -337,6 +351,7 @@ def load_bundle(path: str | Path | None = None, target: str | None = None, dtype
     if not path.is_dir():
         raise CtxdraftError(f"bundle not found: {display_path(path)} (make one with `ctxdraft add-exits ... --out {path}`)")
     info = validate_info(read_json(path / BUNDLE_FILE, "bundle file"), display_path(path / BUNDLE_FILE))
+    _check_files(path, info)
     bundle = Bundle(path, info, dtype=dtype, calibrate=calibrate, **serving)
     if target is not None:
         t = load_target(target, dtype=dtype)
