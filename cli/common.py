@@ -42,9 +42,23 @@ class StageBar:
         self.close()
 
 
-def progress_bar(as_json: bool = False) -> StageBar:
-    """Progress on a terminal; none with --json or when stderr is not a terminal."""
-    return StageBar(enabled=sys.stderr.isatty() and not as_json)
+def progress_bar(as_json: bool = False, main: bool = True) -> StageBar:
+    """Progress on a terminal; none with --json, when stderr is not a terminal, or on a torchrun rank other than 0."""
+    return StageBar(enabled=sys.stderr.isatty() and not as_json and main)
+
+
+class ranks:
+    """The torchrun group of a command (one rank without torchrun): ``with ranks() as group: ...``; only rank 0
+    prints. The group is closed when the command ends."""
+
+    def __enter__(self):
+        from ctxdraft.selfdraft.distributed import Group
+
+        self.group = Group()
+        return self.group
+
+    def __exit__(self, *exc) -> None:
+        self.group.close()
 
 
 def parse_ints(value: str, option: str, example: str) -> list[int]:

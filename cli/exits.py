@@ -5,7 +5,7 @@ import click
 
 from ctxdraft.selfdraft.fileio import display_path
 
-from .common import dtype_option, echo_json, parse_ints, progress_bar
+from .common import dtype_option, echo_json, parse_ints, progress_bar, ranks
 
 
 @click.command("add-exits")
@@ -54,8 +54,10 @@ def add_exits_cmd(target, layers, data_path, out_dir, head, draft_vocab, steps, 
     spec = target or DEFAULT_TARGET
     loaded = load_target(spec, dtype=dtype)
     config.validate(loaded.num_layers, loaded.vocab_size)
-    with progress_bar(as_json) as bar:
-        report = add_exits(loaded, spec, rows, out_dir, config, progress=bar)
+    with ranks() as group, progress_bar(as_json, group.main) as bar:
+        report = add_exits(loaded, spec, rows, out_dir, config, progress=bar, group=group)
+    if not group.main:
+        return
     if as_json:
         echo_json(report)
         return

@@ -6,7 +6,7 @@ import click
 from ctxdraft.selfdraft.bundle import load_bundle
 from ctxdraft.selfdraft.fileio import display_path
 
-from .common import dtype_option, echo_json, progress_bar, with_options
+from .common import dtype_option, echo_json, progress_bar, ranks, with_options
 
 
 def _print_collect(summary: dict) -> None:
@@ -82,8 +82,10 @@ def collect_cmd(bundle_dir, data_path, out_path, max_new_tokens, draft_len, wall
                            wallclock_sample=wallclock_sample, reprofile=reprofile)
     config.validate()
     rows = read_prompts(data_path)
-    with progress_bar(as_json) as bar:
-        summary = collect(load_bundle(bundle_dir, dtype=dtype, calibrate=False), rows, out_path, config, bar)
+    with ranks() as group, progress_bar(as_json, group.main) as bar:
+        summary = collect(load_bundle(bundle_dir, dtype=dtype, calibrate=False), rows, out_path, config, bar, group)
+    if not group.main:
+        return
     if as_json:
         echo_json(summary)
     else:
@@ -132,10 +134,13 @@ def train_policy_cmd(bundle_dir, rewards_path, data_path, feature_kind, epochs, 
     bundle = load_bundle(bundle_dir, dtype=dtype, calibrate=False)
     collect_config = CollectConfig(max_new_tokens=max_new_tokens, draft_len=draft_len, wallclock_sample=wallclock_sample,
                                    reprofile=reprofile)
-    with progress_bar(as_json) as bar:
+    with ranks() as group, progress_bar(as_json, group.main) as bar:
         result = train_policy(bundle, rewards=rewards_path, data=data_path, collect_config=collect_config,
                               config=PolicyConfig(feature_kind=feature_kind, epochs=epochs, seed=seed),
-                              eval_frac=eval_frac, progress=bar)
+                              eval_frac=eval_frac, progress=bar, group=group)
+    if not group.main:
+        return
+    bundle = load_bundle(bundle_dir, calibrate=False)  # as rank 0 wrote it
     policy_path = display_path(bundle.path / bundle.info["policy"])
     if as_json:
         echo_json({"report": result.report, "collect": result.collected, "policy": policy_path})

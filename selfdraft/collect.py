@@ -23,7 +23,8 @@ from .costs import CostProfile, context_ids, max_positions, measure_profile
 from .draft import Draft, TeacherForced
 from .errors import CtxdraftError
 from .features import default_feature_layer, hidden_features, hidden_spec
-from .fileio import display_path, write_json_atomic
+from .distributed import Group
+from .fileio import atomic_path, display_path, write_json_atomic
 from .layout import COLLECT_REPORT
 from .pool import build_drafts, pool_key, with_draft_len
 from .trajectories import Trajectory, greedy_continuation, replay, teacher_pass, trajectories
@@ -120,7 +121,7 @@ def bundle_profile(bundle, drafts: dict[str, Draft], token_lists: list[list[int]
 
 
 def collect(bundle, rows: list[dict], out_path: str | os.PathLike, config: CollectConfig | None = None,
-            progress: Progress | None = None) -> dict:
+            progress: Progress | None = None, group: Group | None = None) -> dict:
     """Log every arm's trajectory and reward for every prompt of ``rows`` (``data.read_prompts`` rows) into
     ``out_path``, one JSON row per prompt (``rewards.load_rewards`` reads them)::
 
@@ -133,7 +134,12 @@ def collect(bundle, rows: list[dict], out_path: str | os.PathLike, config: Colle
 
     Profiles the costs once per bundle (bundle.json ``cost_profile``) and sets bundle.json ``features`` when
     the bundle has no policy yet. Returns a summary (also in ``reports/collect.json``).
+
+    Under torchrun (``group``) the prompts are sharded over the ranks: each writes its rows to its own
+    resumable ``OUT.rank<r>`` file, rank 0 measures the costs once (and shares them) and at the end merges the
+    shards into ``out_path`` in prompt order, atomically; the rows equal a one-process run's.
     """
+    group = group or Group.single()
     config = config or CollectConfig()
     config.validate()
     if not rows:
@@ -155,6 +161,9 @@ def collect(bundle, rows: list[dict], out_path: str | os.PathLike, config: Colle
         raise CtxdraftError(f"feature layer {feature_layer} is outside 1..{L}")
 
     prompts = {r["id"]: _prompt_sha(r["prompt"]) for r in rows}
+    # Rank 0 folds the shards of an interrupted multi-rank run into the file (or clears them), then every rank
+    # reads what is done.
+    group.run(lambda: _merge_shards(out_path, keep=config.resume) if group.main else None)
     done_rows = read_rows_for_resume(out_path) if config.resume else []
     _check_resume(done_rows, out_path, key, config, prompts)
     done_ids = {r.get("id") for r in done_rows}
@@ -167,67 +176,111 @@ def collect(bundle, rows: list[dict], out_path: str | os.PathLike, config: Colle
                                 f"exceeds the model's context of {target.max_context} tokens")
         encoded[r["id"]] = ids
 
-    token_lists = list(encoded.values()) or [target.encode(rows[0]["prompt"])]
-    profile, profiled = bundle_profile(bundle, drafts, token_lists, config.max_new_tokens, config.profile_reps,
-                                       config.reprofile)
-    # The routing features: the hidden state at the collection's layer, unless a trained policy already fixed them.
-    spec = hidden_spec(feature_layer, target.model.config.hidden_size + 1)
-    features_changed = not bundle.info.get("policy") and bundle.info.get("features") != spec
-    if features_changed:
-        bundle.info["features"] = spec
-    if (profiled or features_changed) and bundle.path is not None:
-        bundle.save()
+    def measure():  # rank 0: the costs are measured once and shared
+        token_lists = list(encoded.values()) or [target.encode(rows[0]["prompt"])]
+        profile, profiled = bundle_profile(bundle, drafts, token_lists, config.max_new_tokens, config.profile_reps,
+                                           config.reprofile)
+        # The routing features: the hidden state at the collection's layer, unless a trained policy fixed them.
+        spec = hidden_spec(feature_layer, target.model.config.hidden_size + 1)
+        features_changed = not bundle.info.get("policy") and bundle.info.get("features") != spec
+        if features_changed:
+            bundle.info["features"] = spec
+        if (profiled or features_changed) and bundle.path is not None:
+            bundle.save()
+        return profile.to_dict(), profiled, bundle.info.get("features")
+
+    profile_dict, profiled, features = group.broadcast(group.run(lambda: measure() if group.main else None))
+    profile = CostProfile.from_dict(profile_dict)
+    bundle.info["cost_profile"], bundle.info["features"] = profile_dict, features
 
     check_arm = next((a["name"] for a in arms if a["kind"] == "lookup"), None)
-    num_checked = num_exact = 0
-    generate_s = simulate_s = 0.0
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "a" if config.resume else "w"
-    with open(out_path, mode, encoding="utf-8") as f:
-        if mode == "a" and out_path.stat().st_size and not out_path.read_bytes().endswith(b"\n"):
-            f.write("\n")
-        for i, r in enumerate(todo):
-            result = collect_prompt(bundle, drafts, encoded[r["id"]], profile, config, feature_layer, check_arm)
-            generate_s += result["generate_s"]
-            simulate_s += result["simulate_s"]
-            checked = result.pop("checked")
-            if checked is not None:
-                num_checked += 1
-                num_exact += bool(checked)
-            row = {"id": r["id"], "domain": r.get("domain", "all"), "prompt_sha": prompts[r["id"]], "pool": key, **result}
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            if progress is not None:
-                progress("collect", i + 1, len(todo))
+    mine = group.shard(todo)
+    path = out_path if not group.active else _shard_path(out_path, group.rank)
 
-    all_rows = read_rows_for_resume(out_path)
-    summary = summarize(all_rows, arm_names)
-    summary.update({
-        "out": display_path(out_path),
-        "num_new": len(todo),
-        "num_skipped": len(rows) - len(todo),
-        "max_new_tokens": config.max_new_tokens,
-        "feature_layer": feature_layer,
-        "pool": key,
-        "profiled_now": profiled,
-        "cost_profile": {"context_tokens": profile.context_tokens,
-                         "target_step_ms": {str(m): round(s * 1e3, 3) for m, s in profile.target_step_s.items()},
-                         "evaluation_ms": {name: round(profile.drafts[d.cost_key]["evaluation_s"] * 1e3, 4)
-                                           for name, d in drafts.items()}},
-        "exactness_check": {"arm": check_arm, "prompts": num_checked, "exact": num_exact},
-        "seconds": {"total": round(time.perf_counter() - t_start, 1), "generate": round(generate_s, 1),
-                    "simulate": round(simulate_s, 1)},
-    })
-    if config.wallclock_sample:
-        if config.draft_len is not None:
-            summary["wallclock"] = {"skipped": "--draft-len overrides the bundle's arms; Bundle.generate runs the "
-                                               "bundle's own settings"}
-        else:
-            summary["wallclock"] = wallclock_check(bundle, rows, all_rows, arm_names, config.wallclock_sample,
-                                                   config.max_new_tokens)
-    if bundle.path is not None:
-        write_json_atomic(bundle.path / COLLECT_REPORT, summary)
-    return summary
+    def collect_mine() -> dict:
+        counts = {"checked": 0, "exact": 0, "generate_s": 0.0, "simulate_s": 0.0}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        resume = config.resume and path.is_file()
+        if resume:
+            read_rows_for_resume(path)  # drops a half-written last line
+        with open(path, "a" if resume else "w", encoding="utf-8") as f:
+            if resume and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+                f.write("\n")
+            for i, r in enumerate(mine):
+                result = collect_prompt(bundle, drafts, encoded[r["id"]], profile, config, feature_layer, check_arm)
+                counts["generate_s"] += result["generate_s"]
+                counts["simulate_s"] += result["simulate_s"]
+                checked = result.pop("checked")
+                if checked is not None:
+                    counts["checked"] += 1
+                    counts["exact"] += bool(checked)
+                row = {"id": r["id"], "domain": r.get("domain", "all"), "prompt_sha": prompts[r["id"]], "pool": key,
+                       **result}
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                if progress is not None:
+                    progress("collect", i + 1, len(mine))
+        return counts
+
+    counts = group.gather(group.run(collect_mine))
+    order = {r["id"]: i for i, r in enumerate(rows)}
+    group.run(lambda: _merge_shards(out_path, keep=True, order=order) if group.main and group.active else None)
+
+    def summarise() -> dict:
+        all_rows = read_rows_for_resume(out_path)
+        summary = summarize(all_rows, arm_names)
+        total = lambda name: sum(c[name] for c in counts)  # noqa: E731
+        summary.update({
+            "out": display_path(out_path),
+            "num_new": len(todo),
+            "num_skipped": len(rows) - len(todo),
+            "ranks": group.size,
+            "max_new_tokens": config.max_new_tokens,
+            "feature_layer": feature_layer,
+            "pool": key,
+            "profiled_now": profiled,
+            "cost_profile": {"context_tokens": profile.context_tokens,
+                             "target_step_ms": {str(m): round(s * 1e3, 3) for m, s in profile.target_step_s.items()},
+                             "evaluation_ms": {name: round(profile.drafts[d.cost_key]["evaluation_s"] * 1e3, 4)
+                                               for name, d in drafts.items()}},
+            "exactness_check": {"arm": check_arm, "prompts": total("checked"), "exact": total("exact")},
+            "seconds": {"total": round(time.perf_counter() - t_start, 1), "generate": round(total("generate_s"), 1),
+                        "simulate": round(total("simulate_s"), 1)},
+        })
+        if config.wallclock_sample:
+            if config.draft_len is not None:
+                summary["wallclock"] = {"skipped": "--draft-len overrides the bundle's arms; Bundle.generate runs the "
+                                                   "bundle's own settings"}
+            else:
+                summary["wallclock"] = wallclock_check(bundle, rows, all_rows, arm_names, config.wallclock_sample,
+                                                       config.max_new_tokens)
+        if bundle.path is not None:
+            write_json_atomic(bundle.path / COLLECT_REPORT, summary)
+        return summary
+
+    return group.broadcast(group.run(lambda: summarise() if group.main else None))
+
+
+def _shard_path(out_path: Path, rank: int) -> Path:
+    return out_path.with_name(f"{out_path.name}.rank{rank}")
+
+
+def _merge_shards(out_path: Path, keep: bool, order: dict | None = None) -> None:
+    """Fold the per-rank files ``OUT.rank<r>`` into ``out_path`` (atomically; rows already there first, then the
+    shards' rows in prompt order ``order``), then delete them; with ``keep`` False just delete them."""
+    shards = sorted(out_path.parent.glob(f"{out_path.name}.rank*")) if out_path.parent.is_dir() else []
+    if not shards:
+        return
+    if keep:
+        done = read_rows_for_resume(out_path)
+        seen = {r.get("id") for r in done}
+        new = [r for shard in shards for r in read_rows_for_resume(shard) if r.get("id") not in seen]
+        if order is not None:
+            new.sort(key=lambda r: order.get(r.get("id"), len(order)))
+        with atomic_path(out_path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in done + new), encoding="utf-8")
+    for shard in shards:
+        shard.unlink(missing_ok=True)
 
 
 def summarize(rows: list[dict], arm_names: list[str]) -> dict:

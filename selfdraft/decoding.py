@@ -21,7 +21,6 @@ from ctxdraft.triton_kernels import verify_greedy, verify_sampling
 
 from . import checks
 from .draft import DecodeState, Draft, DraftOutput
-from .errors import CtxdraftError
 from .layers import LayerStack
 from .sampling import top_p_filter
 

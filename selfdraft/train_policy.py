@@ -22,6 +22,7 @@ import torch
 from .bundle_info import record_training_ids, versions
 from .collect import CollectConfig, can_resume, collect
 from .data import read_prompts, stratified_split
+from .distributed import Group
 from .errors import CtxdraftError
 from .fileio import atomic_path, display_path, read_jsonl, write_json_atomic, write_text_atomic
 from .layout import POLICY_FILE, POLICY_REPORT, POLICY_WEIGHTS_FILE, REWARDS_FILE, TRAJECTORIES_FILE
@@ -138,9 +139,11 @@ class TrainPolicyResult:
 
 def train_policy(bundle, *, rewards: str | Path | None = None, data: str | Path | None = None,
                  collect_config: CollectConfig | None = None, config: PolicyConfig | None = None,
-                 eval_frac: float = 0.25, progress: Progress | None = None) -> TrainPolicyResult:
+                 eval_frac: float = 0.25, progress: Progress | None = None, group: Group | None = None) -> TrainPolicyResult:
     """What ``ctxdraft train-policy`` does: train on a rewards file, or on a prompt file it collects first into
-    ``BUNDLE/rewards.jsonl`` (continued when that file was made for this pool and these settings)."""
+    ``BUNDLE/rewards.jsonl`` (continued when that file was made for this pool and these settings). Under torchrun
+    (``group``) the collection is sharded over the ranks and rank 0 trains."""
+    group = group or Group.single()
     if (rewards is None) == (data is None):
         raise CtxdraftError("give either --rewards FILE (from `ctxdraft collect`) or --data FILE (collects first)")
     if not 0 < eval_frac < 1:
@@ -157,11 +160,12 @@ def train_policy(bundle, *, rewards: str | Path | None = None, data: str | Path 
         collect_config.validate()
         rewards = bundle.path / REWARDS_FILE
         key = pool_key(with_draft_len(bundle.info["arms"], collect_config.draft_len))
-        collect_config.resume = can_resume(rewards, key, collect_config.max_new_tokens)
+        collect_config.resume = group.broadcast(can_resume(rewards, key, collect_config.max_new_tokens) if group.main else None)
         rows = read_prompts(data)
-        collected = collect(bundle, rows, rewards, collect_config, progress)
+        collected = collect(bundle, rows, rewards, collect_config, progress, group)
         ids = {r["id"] for r in rows}
-    report = train_bundle_policy(bundle, rewards, config, eval_frac, ids=ids)
+    report = group.broadcast(group.run(lambda: train_bundle_policy(bundle, rewards, config, eval_frac, ids=ids)
+                                       if group.main else None))
     return TrainPolicyResult(report, collected)
 
 

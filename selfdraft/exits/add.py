@@ -25,6 +25,7 @@ from ..bundle import open_or_create_bundle
 from ..bundle_info import record_training_ids
 from ..costs import context_ids, max_positions, measure_profile
 from ..data import stratified_split, subsample
+from ..distributed import Group
 from ..draft import PredictionTeacherForced, TeacherForced
 from ..errors import CtxdraftError
 from ..fileio import display_path, read_json, write_json_atomic
@@ -95,31 +96,34 @@ def choose_settings(draft: ExitDraft, held_out: list, plain: list, profile, conf
 
 
 def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, config: ExitTrainConfig,
-              progress: Progress | None = None) -> dict:
+              progress: Progress | None = None, group: Group | None = None) -> dict:
     """Train exit heads at ``config.layers`` and add them (weights, arms ``exit@E``, report) to the bundle.
 
     ``rows``: prompt rows as ``data.read_prompts`` returns them. ``out_dir`` may hold an existing bundle for the
     same target (the exits are added to it; an exit at a layer it already has is replaced).
     Returns the report (also written to ``BUNDLE/reports/add_exits.json``).
+
+    Under torchrun (``group``) the ranks build the training data of their share of the prompts, train each head
+    under DistributedDataParallel, and rank 0 measures the costs, picks the settings and writes the bundle.
     """
+    group = group or Group.single()
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     config.layers = [int(x) for x in config.layers]
     config.validate(target.num_layers, target.vocab_size)
     bundle = open_or_create_bundle(out_dir, target, target_spec, ignore=(WORK_DIR,))
-    info = bundle.info
     if len(rows) < 2:
         raise CtxdraftError(f"need at least 2 prompts (training + held-out), the data has {len(rows)}")
     rows = [rows[i] for i in subsample(len(rows), config.max_prompts, config.seed)]
     train_idx, held_idx = stratified_split([r["domain"] for r in rows], config.eval_frac, config.seed)
 
     work = out_dir / WORK_DIR
-    _prepare_work(work, _data_key(target, rows, config), config.resume)
+    group.run(lambda: _prepare_work(work, _data_key(target, rows, config), config.resume) if group.main else None)
     layers = sorted(config.layers)
     t0 = time.perf_counter()
     examples = build_examples(target, rows, layers, max_prompt_tokens=config.max_prompt_tokens,
                               new_tokens=config.self_distill_tokens, topk=min(config.teacher_topk, target.vocab_size),
-                              extend=max(config.draft_lens), work=work, progress=progress)
+                              extend=max(config.draft_lens), work=work, progress=progress, group=group)
     data_s = time.perf_counter() - t0
     train_ex, held_ex = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
 
@@ -127,11 +131,25 @@ def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, c
     heads, trained = [], []
     for E in layers:
         head = ExitHead(target.model, E, config.head, vocab_ids).float()  # trained in float32, whatever the target's dtype
-        train_info = train_head(head, train_ex, config, work / _head_ckpt_name(E, config), progress)
+        train_info = group.run(lambda: train_head(head, train_ex, config, work / _head_ckpt_name(E, config), progress, group))
         head.to(target.model.dtype)  # drafts in the target's dtype
         heads.append(head)
         trained.append((train_info, agreement(head, held_ex)))
 
+    def finish() -> dict | None:
+        return _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, examples, heads, trained,
+                                 config, data_s, t_start, progress) if group.main else None
+
+    report = group.broadcast(group.run(finish))
+    group.run(lambda: shutil.rmtree(work, ignore_errors=True) if group.main else None)
+    return report
+
+
+def _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, examples, heads, trained, config,
+                      data_s, t_start, progress) -> dict:
+    """Measure the pool's costs, pick each exit's draft length and threshold, and write the bundle (rank 0)."""
+    out_dir, info = bundle.path, bundle.info
+    train_ex, held_ex = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
     # The cost profile of the whole pool the bundle will have (exits at their longest candidate length).
     candidates = {}
     for head in heads:
@@ -204,5 +222,4 @@ def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, c
     }
     write_json_atomic(out_dir / EXITS_REPORT, report)
     bundle.save()
-    shutil.rmtree(work, ignore_errors=True)
     return report

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..distributed import Group
 from ..draft import TeacherPass
 from ..errors import CtxdraftError
 from ..fileio import atomic_path, display_path
@@ -84,28 +85,44 @@ def _load(path: Path, row: dict) -> Example:
 
 @torch.inference_mode()
 def build_examples(target, rows: list[dict], layers: list[int], *, max_prompt_tokens: int, new_tokens: int,
-                   topk: int, extend: int, work: Path | None = None, progress: Progress | None = None) -> list[Example]:
+                   topk: int, extend: int, work: Path | None = None, progress: Progress | None = None,
+                   group: Group | None = None) -> list[Example]:
     """The target's greedy continuation of each row (``new_tokens``) and one teacher pass over it, keeping the
     states after ``layers``, the LM head's input and the top-``topk`` log-probabilities. Each finished prompt
-    is saved under ``work`` and read back from there when present."""
+    is saved under ``work`` and read back from there when present.
+
+    Under torchrun each rank builds its share of the prompts (``group.shard``) and then reads the others' from
+    ``work``, which must be a directory every rank sees."""
+    group = group or Group.single()
+    if group.active and work is None:
+        raise CtxdraftError("several ranks share their examples through a work directory; give one")
     stack = LayerStack(target.model)
-    examples = []
-    for i, row in enumerate(rows):
-        saved = work / f"example_{i}.safetensors" if work is not None else None
-        if saved is not None and saved.is_file():
-            examples.append(_load(saved, row))
-        else:
-            prompt_ids = encode_prompt(target, row["prompt"], max_prompt_tokens)
-            run = greedy_continuation(stack, prompt_ids, new_tokens, target.eos_ids) if new_tokens > 0 else None
-            new_ids = run.new_ids if run is not None else []
-            ended = run.ended_on_eos if run is not None else False
-            tp = teacher_pass(stack, prompt_ids, new_ids, target.eos_ids, ended_on_eos=ended, layers=layers,
-                              extend=extend, topk=topk, lm_input=True)
-            examples.append(Example(row, tp, len(prompt_ids) + len(new_ids)))
-            if saved is not None:
-                _save(saved, examples[-1])
-        if progress:
-            progress("generate", i + 1, len(rows))
+    examples: list[Example | None] = [None] * len(rows)
+    mine = group.shard(range(len(rows)))
+
+    def build_mine() -> None:
+        for count, i in enumerate(mine):
+            row = rows[i]
+            saved = work / f"example_{i}.safetensors" if work is not None else None
+            if saved is not None and saved.is_file():
+                examples[i] = _load(saved, row)
+            else:
+                prompt_ids = encode_prompt(target, row["prompt"], max_prompt_tokens)
+                run = greedy_continuation(stack, prompt_ids, new_tokens, target.eos_ids) if new_tokens > 0 else None
+                new_ids = run.new_ids if run is not None else []
+                ended = run.ended_on_eos if run is not None else False
+                tp = teacher_pass(stack, prompt_ids, new_ids, target.eos_ids, ended_on_eos=ended, layers=layers,
+                                  extend=extend, topk=topk, lm_input=True)
+                examples[i] = Example(row, tp, len(prompt_ids) + len(new_ids))
+                if saved is not None:
+                    _save(saved, examples[i])
+            if progress:
+                progress("generate", count + 1, len(mine))
+
+    group.run(build_mine)
+    for i, row in enumerate(rows):  # the other ranks' share
+        if examples[i] is None:
+            examples[i] = _load(work / f"example_{i}.safetensors", row)
     return examples
 
 

@@ -85,8 +85,11 @@ class ExitHead(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., N] logits over the draft vocab
         return softcap(F.linear(x, self.lm_weight), self._softcap)
 
-    def forward(self, hidden, cache=None, positions=None):  # [B, T, D] -> [B, T, N]
-        return self.project(self.transform(hidden, cache, positions))
+    def forward(self, hidden, cache=None, positions=None, rows: torch.Tensor | None = None):
+        """[B, T, D] -> [B, T, N] logits; with ``rows`` (training a layer head on sampled positions of one
+        sequence, B = 1) only those positions are projected: [len(rows), N]."""
+        x = self.transform(hidden, cache, positions)
+        return self.project(x if rows is None else x[0, rows])
 
     def to_full_ids(self, local_ids: torch.Tensor) -> torch.Tensor:
         return local_ids if self.vocab_ids is None else self.vocab_ids[local_ids]

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..checkpoint import load_training_state, save_training_state
+from ..distributed import Group, wrap
 from ..errors import CtxdraftError
 from .data import Example
 from .head import HEAD_KINDS, ExitHead
@@ -118,23 +119,31 @@ def _local_of(head: ExitHead, examples: list[Example]) -> torch.Tensor | None:
     return local_of
 
 
-def _layer_head_loss(head: ExitHead, examples: list[Example], batch_size: int, gen, local_of) -> torch.Tensor:
-    """A layer head sees whole sequences (it attends); the loss is taken on sampled positions."""
-    E = head.exit_layer
+def _layer_head_loss(model, E: int, examples: list[Example], batch_size: int, gen, local_of, group: Group) -> torch.Tensor:
+    """A layer head sees whole sequences (it attends); the loss is taken on sampled positions. Every rank draws
+    the same sequences and positions; each computes the loss of its share of them (``group.shard``)."""
     per_seq = 64
-    num_seqs = max(1, batch_size // per_seq)
-    total = 0.0
+    num_seqs = max(group.size, batch_size // per_seq)
+    picks = []
     for _ in range(num_seqs):
         ex = examples[int(torch.randint(0, len(examples), (1,), generator=gen))]
-        x = head.transform(ex.states(E)[None])[0]  # [T, D]
-        rows = torch.randperm(x.shape[0], generator=gen)[:per_seq]
-        total = total + distill_loss(head.project(x[rows]), ex.teacher_ids[rows], ex.teacher_logp[rows], local_of)
-    return total / num_seqs
+        picks.append((ex, torch.randperm(ex.num_positions, generator=gen)[:per_seq]))
+    mine = group.shard(picks)
+    total = 0.0
+    for ex, rows in mine:
+        logits = model(ex.states(E)[None], rows=rows)
+        total = total + distill_loss(logits, ex.teacher_ids[rows], ex.teacher_logp[rows], local_of)
+    return total / len(mine)
 
 
 def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig, ckpt: Path | None = None,
-               progress: Progress | None = None) -> dict:
-    """Distil one head; checkpoints to ``ckpt`` so that ``config.resume`` continues exactly where it stopped."""
+               progress: Progress | None = None, group: Group | None = None) -> dict:
+    """Distil one head; checkpoints to ``ckpt`` so that ``config.resume`` continues exactly where it stopped.
+
+    Under torchrun (``group`` with several ranks) the head trains under DistributedDataParallel: every rank draws
+    the same global batch, computes the loss of its share, and the gradients are averaged, so the steps are those
+    of one process up to the order of float sums. Rank 0 writes the checkpoints."""
+    group = group or Group.single()
     E = head.exit_layer
     gen = torch.Generator().manual_seed(config.seed * 1000 + E)
     lr = config.lr if config.lr is not None else 1e-3
@@ -154,23 +163,24 @@ def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig,
         flat_ids = torch.cat([ex.teacher_ids for ex in examples])
         flat_logp = torch.cat([ex.teacher_logp for ex in examples])
     head.train()
+    model = wrap(head, group)
     t0 = time.perf_counter()
     while step < config.steps:
         if head.kind == "linear":
-            rows = torch.randint(0, flat_hidden.shape[0], (config.batch_size,), generator=gen)
-            loss = distill_loss(head(flat_hidden[rows]), flat_ids[rows], flat_logp[rows], local_of)
+            rows = torch.randint(0, flat_hidden.shape[0], (config.batch_size,), generator=gen)[group.rank :: group.size]
+            loss = distill_loss(model(flat_hidden[rows]), flat_ids[rows], flat_logp[rows], local_of)
         else:
-            loss = _layer_head_loss(head, examples, config.batch_size, gen, local_of)
+            loss = _layer_head_loss(model, E, examples, config.batch_size, gen, local_of, group)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         step += 1
-        losses.append(loss.item())
+        losses.append(group.mean(loss.item()))
         if progress:
             progress(f"train exit@{E}", step, config.steps)
-        if ckpt is not None and (step % 25 == 0 or step == config.steps):
+        if ckpt is not None and group.main and (step % 25 == 0 or step == config.steps):
             save_training_state(ckpt, head, opt, sched, gen, {"step": step, "losses": losses})
     head.eval()
     head.requires_grad_(False)
