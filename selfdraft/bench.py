@@ -181,9 +181,11 @@ def _quiet_transformers():
 
 
 def hf_generate(bundle: Bundle, prompt: BenchPrompt, config: BenchConfig, **assist) -> RunOutput:
-    """One ``model.generate`` call (greedy, or seeded sampling), timed; ``assist``: HF assisted-generation kwargs."""
+    """One ``model.generate`` call (greedy, or seeded sampling), timed; ``assist``: HF assisted-generation options
+    (``assistant_model`` goes to ``generate``, the rest to its GenerationConfig)."""
     from transformers import GenerationConfig as HFGenerationConfig
 
+    assistant = {"assistant_model": assist.pop("assistant_model")} if "assistant_model" in assist else {}
     target = bundle.target
     eos = sorted(target.eos_ids)
     sampling = {"do_sample": True, "temperature": config.temperature, "top_k": 0, "top_p": 1.0} if not config.greedy else {"do_sample": False}
@@ -194,7 +196,8 @@ def hf_generate(bundle: Bundle, prompt: BenchPrompt, config: BenchConfig, **assi
         if not config.greedy:
             torch.manual_seed(config.seed + prompt.index)
         t0 = time.perf_counter()
-        out = target.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen_config)
+        out = target.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen_config,
+                                    **assistant)
         seconds = time.perf_counter() - t0
     new_ids = out[0, len(prompt.prompt_ids):].tolist()
     new_ids = new_ids[: num_before_eos(new_ids, target.eos_ids)]
@@ -223,6 +226,12 @@ def build_methods(bundle: Bundle, config: BenchConfig) -> tuple[list[Method], li
             notes.append("hf-early-exit: skipped, the bundle has no exits")
         else:
             methods.append(Method(f"hf-early-exit@{layer}", "hf", lambda p, c: hf_generate(bundle, p, c, assistant_early_exit=layer)))
+        model_arms = [a["name"] for a in bundle.info["arms"] if a["kind"] == "model"]
+        if model_arms:  # HF assisted generation with the pool's (first) draft model: the peer to beat
+            draft = model_arms[0]
+            methods.append(Method("hf-assisted", "hf", lambda p, c: hf_generate(
+                bundle, p, c, assistant_model=bundle.draft(draft).model)))
+            notes.append(f"hf-assisted: HF assisted generation with the draft model of {draft} (HF's own draft-length schedule)")
     else:
         notes.append("HF assisted baselines not run (--baselines none)")
 

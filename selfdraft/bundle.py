@@ -33,7 +33,7 @@ from .calibrate import auto_calibrate_default, calibrate, find_calibration
 from .exits.draft import ExitSettings
 from .exits.head import read_head_tensors
 from .layout import TRAJECTORIES_FILE
-from .pool import build_draft
+from .pool import build_draft, model_arm
 from .target import DEFAULT_TARGET, Target, load_target
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class Bundle:
     calibrate: bool | None = None  # route with a policy calibrated to this machine (None: unless CTXDRAFT_NO_CALIBRATE)
     progress: Callable[[str, int, int], None] | None = None  # long work (a first calibration) reports here
     _calibration: object = None
+    shared: dict = field(default_factory=dict)  # what several arms share (a loaded draft model)
     # Served traffic (traffic.py): routed requests append one line each to `log`; `explore` is the epsilon of
     # epsilon-greedy routing (0: always the policy's argmax); `explore_rng` (None: fresh OS entropy) draws it.
     log: Path | None = None
@@ -87,10 +88,15 @@ class Bundle:
         return [a["name"] for a in self.info["arms"]]
 
     def arm_spec(self, name: str) -> dict:
+        """The arm ``name`` of the pool; ``model:<path or registered name>`` outside the pool is an external draft
+        model with the default draft length, made on the spot (e.g. ``model:qwen2.5-coder-0.5b-instruct``)."""
         for a in self.info["arms"]:
             if a["name"] == name:
                 return a
-        raise CtxdraftError(f"unknown arm {name!r}; this bundle has: {', '.join(self.arms)} (or 'auto')")
+        if isinstance(name, str) and name.startswith("model:") and len(name) > len("model:"):
+            return model_arm(name[len("model:"):], name=name)
+        raise CtxdraftError(f"unknown arm {name!r}; this bundle has: {', '.join(self.arms)} (or 'auto', or "
+                            "model:<path or registered name> for an external draft model)")
 
     @property
     def target(self) -> Target:
@@ -116,7 +122,7 @@ class Bundle:
 
     def draft(self, name: str) -> Draft:
         if name not in self._drafts:
-            self._drafts[name] = build_draft(self.arm_spec(name), self.target, self.path)
+            self._drafts[name] = build_draft(self.arm_spec(name), self.target, self.path, self.shared)
         return self._drafts[name]
 
     def save(self) -> None:

@@ -152,7 +152,7 @@ def collect(bundle, rows: list[dict], out_path: str | os.PathLike, config: Colle
     arms = with_draft_len(bundle.info["arms"], config.draft_len)
     key = pool_key(arms)
     arm_names = [a["name"] for a in arms]
-    drafts = build_drafts(arms, target, bundle.path)
+    drafts = build_drafts(arms, target, bundle.path, bundle.shared)
 
     features_info = bundle.info.get("features") or {}
     feature_layer = config.feature_layer or (features_info.get("layer") if features_info.get("kind") == "hidden" else None) \

@@ -117,14 +117,19 @@ class ModelDraft(Draft):
         self.cache = None
         self.cached_len = 0
 
-    @classmethod
-    def from_path(cls, path: str | Path, target, draft_len: int = 4, name: str | None = None) -> "ModelDraft":
+    @staticmethod
+    def load(path: str | Path, target) -> torch.nn.Module:
+        """The draft model at ``path`` (a directory, a .gguf file or a registered name) in the target's dtype,
+        refused unless it has the target's vocabulary."""
         from .target import load_target
 
         draft_target = load_target(path, dtype=getattr(target, "dtype", None) or torch.float32)
         check_same_vocab(target, draft_target)
-        settings = ModelDraftSettings(str(path), draft_len)
-        return cls(name or f"model:{Path(path).name}", draft_target.model, settings)
+        return draft_target.model
+
+    @classmethod
+    def from_path(cls, path: str | Path, target, draft_len: int = 4, name: str | None = None) -> "ModelDraft":
+        return cls(name or f"model:{Path(path).name}", cls.load(path, target), ModelDraftSettings(str(path), draft_len))
 
     def start(self, state):
         self.cache = self.stack.new_cache()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .draft import Draft
-from .drafts import LookupDraft, LookupSettings, ModelDraft, NoneDraft
+from .drafts import LookupDraft, LookupSettings, ModelDraft, ModelDraftSettings, NoneDraft
 from .errors import CtxdraftError
 from .exits.draft import ExitDraft, ExitSettings, exit_arm
 from .exits.head import load_head
@@ -51,23 +51,26 @@ def none_arm(name: str = "none") -> dict:
     return {"name": name, "kind": "none", "settings": {}}
 
 
-def _build_none(spec, target, bundle_dir):
+def _build_none(spec, target, bundle_dir, shared):
     return NoneDraft(spec["name"])
 
 
-def _build_lookup(spec, target, bundle_dir):
+def _build_lookup(spec, target, bundle_dir, shared):
     return LookupDraft(spec["name"], LookupSettings(**spec.get("settings", {})))
 
 
-def _build_model(spec, target, bundle_dir):
+def _build_model(spec, target, bundle_dir, shared):
     settings = dict(spec.get("settings", {}))
-    path = Path(settings.get("path", ""))
-    if not path.is_absolute() and bundle_dir is not None and (Path(bundle_dir) / path).exists():
-        path = Path(bundle_dir) / path
-    return ModelDraft.from_path(path, target, settings.get("draft_len", 4), spec["name"])
+    path = settings.get("path", "")
+    if bundle_dir is not None and not Path(path).is_absolute() and (Path(bundle_dir) / path).exists():
+        path = str(Path(bundle_dir) / path)
+    key = ("model", str(path))
+    if key not in shared:  # arms that differ only in draft length share one loaded draft model
+        shared[key] = ModelDraft.load(path, target)
+    return ModelDraft(spec["name"], shared[key], ModelDraftSettings(str(path), settings.get("draft_len", 4)))
 
 
-def _build_exit(spec, target, bundle_dir):
+def _build_exit(spec, target, bundle_dir, shared):
     settings = ExitSettings(**spec.get("settings", {}))
     if bundle_dir is None:
         raise CtxdraftError(f"arm {spec['name']!r} needs the bundle directory that holds its weights")
@@ -77,7 +80,9 @@ def _build_exit(spec, target, bundle_dir):
     return ExitDraft(spec["name"], head, settings)
 
 
-DRAFT_KINDS: dict[str, Callable[[dict, object, Path | None], Draft]] = {
+# kind -> builder(arm spec, target, bundle directory, shared) -> Draft; ``shared`` holds what several arms can
+# share (a loaded draft model) for as long as the caller keeps it.
+DRAFT_KINDS: dict[str, Callable[[dict, object, Path | None, dict], Draft]] = {
     "none": _build_none,
     "lookup": _build_lookup,
     "model": _build_model,
@@ -96,21 +101,23 @@ def cost_key(spec: dict) -> str:
     return str(kind)
 
 
-def build_draft(spec: dict, target, bundle_dir: Path | None = None) -> Draft:
-    """Instantiate the draft for one arm spec ``{"name", "kind", "settings"}``."""
+def build_draft(spec: dict, target, bundle_dir: Path | None = None, shared: dict | None = None) -> Draft:
+    """Instantiate the draft for one arm spec ``{"name", "kind", "settings"}``. ``shared``: a dict the caller keeps
+    so that arms of one draft model load it once."""
     kind = spec.get("kind")
     if kind not in DRAFT_KINDS:
         raise CtxdraftError(f"arm {spec.get('name')!r} has unknown kind {kind!r} (known: {', '.join(sorted(DRAFT_KINDS))})")
     try:
-        draft = DRAFT_KINDS[kind](spec, target, bundle_dir)
+        draft = DRAFT_KINDS[kind](spec, target, bundle_dir, {} if shared is None else shared)
     except TypeError as e:
         raise CtxdraftError(f"arm {spec.get('name')!r}: bad settings ({e})") from None
     draft.cost_key = cost_key(spec)
     return draft
 
 
-def build_drafts(arms: list[dict], target, bundle_dir: Path | None = None) -> dict[str, Draft]:
-    return {spec["name"]: build_draft(spec, target, bundle_dir) for spec in arms}
+def build_drafts(arms: list[dict], target, bundle_dir: Path | None = None, shared: dict | None = None) -> dict[str, Draft]:
+    shared = {} if shared is None else shared
+    return {spec["name"]: build_draft(spec, target, bundle_dir, shared) for spec in arms}
 
 
 def with_draft_len(arms: list[dict], draft_len: int | None) -> list[dict]:

@@ -246,3 +246,19 @@ def test_cli_bad_input(bundle_dir, data_file, tmp_path, args, needle):
     assert_clean_error(r, needle)
     assert len([line for line in r.output.splitlines() if line.strip()]) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_hf_assisted_generation_is_the_peer_of_a_model_arm(tiny_model_dir, tmp_path):
+    from ctxdraft.selfdraft.pool import model_arm
+
+    info = new_bundle_info(load_target(tiny_model_dir), str(tiny_model_dir))
+    info["arms"] = info["arms"][:1] + [model_arm(str(tiny_model_dir), 3, name="model:self-k3")]
+    info["default_arm"] = "none"
+    write_json_atomic(tmp_path / "b" / "bundle.json", info)
+    bundle = load_bundle(tmp_path / "b")
+    report = run_bench(bundle, ROWS[:2], BenchConfig(max_new_tokens=8))
+    names = [m["name"] for m in report.methods]
+    assert "hf-assisted" in names and report.ok  # the target as its own assistant: identical greedy output
+    assisted = [r for r in report.results if r.method == "hf-assisted"]
+    assert all(r.matches for r in assisted)
+    assert any("hf-assisted: HF assisted generation with the draft model of model:self-k3" in n for n in report.notes)

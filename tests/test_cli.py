@@ -156,3 +156,14 @@ def test_duplicate_arm_names_are_refused(tiny_bundle):
     info["arms"].append(dict(info["arms"][1]))
     (tiny_bundle / "bundle.json").write_text(json.dumps(info))
     assert_clean_error(invoke("info", "--bundle", str(tiny_bundle)), "unique")
+
+
+def test_an_external_draft_model_on_the_spot(tiny_model_dir):
+    base = ["generate", "abc abc", "--target", str(tiny_model_dir), "--max-new-tokens", "12", "--json", "--no-chat"]
+    plain = json.loads(invoke(*base, "--draft", "none").output)
+    r = invoke(*base, "--draft", f"model:{tiny_model_dir}")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["arm"] == f"model:{tiny_model_dir}" and out["token_ids"] == plain["token_ids"]
+    assert out["stats"]["accepted_tokens"] == out["stats"]["drafted_tokens"] > 0  # the target drafting for itself
+    assert_clean_error(invoke(*base, "--draft", "model:/no/such/model"), "cannot load target")

@@ -157,7 +157,7 @@ def _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, ex
         candidates[spec["name"]] = ExitDraft(spec["name"], head, ExitSettings(**spec["settings"]))
         candidates[spec["name"]].cost_key = cost_key(spec)
     kept_arms = [a for a in info["arms"] if a["name"] not in candidates]
-    drafts = {a["name"]: build_draft(a, target, out_dir) for a in kept_arms}
+    drafts = {a["name"]: build_draft(a, target, out_dir, bundle.shared) for a in kept_arms}
     drafts.update(candidates)
     if progress:
         progress("timing", 0, 1)
