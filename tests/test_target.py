@@ -156,3 +156,23 @@ def test_the_qwen_target_writes_code_greedily_in_bfloat16(one_thread):
         out = target.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
     text = target.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
     assert "def square(x" in text
+
+
+@pytest.mark.qwen
+def test_the_qwen_target_drafted_by_its_small_sibling_is_lossless():
+    """generate --target qwen2.5-coder-1.5b-instruct --draft model:qwen2.5-coder-0.5b-instruct, through the API:
+    the same tokens as plain decoding (or a divergence at a bf16 tie of the target's top-2 logits), and the small
+    model's drafts mostly accepted."""
+    from ctxdraft.selfdraft.bundle import load_bundle
+    from ctxdraft.selfdraft.ties import compare_greedy
+
+    _require_cached(QWEN_TARGET, QWEN_DRAFT)
+    bundle = load_bundle(target=QWEN_TARGET, dtype="bfloat16")
+    prompt = "Write a Python function that returns the n-th Fibonacci number."
+    plain = bundle.generate(prompt, draft="none", max_new_tokens=24)
+    drafted = bundle.generate(prompt, draft=f"model:{QWEN_DRAFT}", max_new_tokens=24)
+    kind = compare_greedy(bundle.stack, plain.prompt_ids, plain.token_ids, drafted.token_ids, bundle.target.eos_ids).kind
+    assert kind in ("identical", "tie")
+    s = drafted.stats
+    assert s.drafted_tokens > 0 and s.accepted_tokens >= 0.5 * s.drafted_tokens
+    assert s.target_forwards < plain.stats.target_forwards
