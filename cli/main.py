@@ -14,6 +14,7 @@ from .bench import bench_cmd
 from .calibrate import calibrate_cmd
 from .exits import add_exits_cmd
 from .generate import generate_cmd, info_cmd
+from .online import update_policy_cmd
 from .policy import collect_cmd, export_policy_cmd, train_policy_cmd
 
 
@@ -57,12 +58,14 @@ def main():
       ctxdraft generate --bundle my_bundle "..."
       ctxdraft bench --bundle my_bundle --data prompts.jsonl
       ctxdraft calibrate                              # the policy, recomputed for this machine's costs
+      ctxdraft generate --bundle my_bundle --log traffic.jsonl --explore 0.1 "..."
+      ctxdraft update-policy my_bundle --logs traffic.jsonl   # learn from served traffic
     """
     _show_library_notices()
 
 
 for command in (generate_cmd, info_cmd, add_arm_cmd, add_exits_cmd, collect_cmd, train_policy_cmd, export_policy_cmd,
-                calibrate_cmd, bench_cmd):
+                calibrate_cmd, bench_cmd, update_policy_cmd):
     main.add_command(command)
 
 if __name__ == "__main__":

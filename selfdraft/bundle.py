@@ -1,14 +1,8 @@
-"""A bundle: a target identity plus the draft pool, exit heads, cost profile and routing policy.
+"""A bundle: a target identity plus the draft pool, exit heads, cost profile and routing policy, loaded.
 
-``BUNDLE/bundle.json`` (written atomically, the files are named in ``layout.py``) is what the commands pass
-to each other::
-
-    {"format": "ctxdraft-bundle", "version": 1,
-     "target": {"spec": "smollm2-135m-instruct", "name": "...", "hash": "<content hash>"},
-     "arms": [{"name": "none", "kind": "none", "settings": {}}, {"name": "lookup", "kind": "lookup", ...}],
-     "default_arm": "lookup",
-     "exits": [...], "features": {...}, "policy": "policy.onnx" | null, "policy_model": {...},
-     "cost_profile": {...}, "trained_on": {"add-exits": [ids], "train-policy": [ids]}, "versions": {...}}
+``BUNDLE/bundle.json`` (its schema and content helpers are ``bundle_info.py``; the other files are named in
+``layout.py``) is what the commands pass to each other. ``load_bundle`` checks it and the files it names;
+``Bundle.generate`` routes (with the policy calibrated to this machine, ``calibrate.py``) and decodes.
 """
 from __future__ import annotations
 

@@ -133,7 +133,8 @@ def test_concurrent_writers_leave_only_whole_lines(tmp_path):
     assert all(len(r["pad"]) == 50 + (r["i"] * 7919) % 150_000 for r in rows)
 
 
-def test_corrupt_and_truncated_lines_are_skipped_with_a_warning(tmp_path, caplog):
+def test_corrupt_and_truncated_lines_are_skipped_with_a_warning(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("ctxdraft"), "propagate", True)  # the CLI tests give it its own handler
     path = tmp_path / "traffic.jsonl"
     good = [json.dumps(_row(0, i, 3)) for i in range(3)]
     path.write_text("\n".join([good[0], '{"format": "ctxdraft-traffic", "ver', good[1], "", "[1, 2]",
@@ -172,9 +173,19 @@ def test_reading_nothing_is_one_clear_error(tmp_path):
 PROMPTS = [f"abc abc {i} abc abc" for i in range(8)]
 
 
+def _fixed_profile():
+    from ctxdraft.selfdraft.costs import CostProfile
+
+    return CostProfile(40, {m: 1.0 + 0.1 * (m - 1) for m in range(1, 10)},
+                       {"none": {"evaluation_s": 0.0}, "lookup": {"evaluation_s": 0.01}})
+
+
+FIXED_PROFILE = _fixed_profile()
+
+
 def train_tiny_bundle(model_dir, path, num_prompts: int = 8, max_new_tokens: int = 8):
     """A tiny bundle (none, lookup, lookup-k2) with a policy trained on collected rows (BUNDLE/rewards.jsonl,
-    BUNDLE/trajectories.jsonl.gz, a cost profile in bundle.json)."""
+    BUNDLE/trajectories.jsonl.gz) and a fixed cost profile in bundle.json."""
     from ctxdraft.selfdraft.bundle import load_bundle
     from ctxdraft.selfdraft.bundle_info import new_bundle_info
     from ctxdraft.selfdraft.collect import CollectConfig
@@ -183,8 +194,10 @@ def train_tiny_bundle(model_dir, path, num_prompts: int = 8, max_new_tokens: int
     from ctxdraft.selfdraft.target import load_target
     from ctxdraft.selfdraft.train_policy import train_policy
 
-    info = new_bundle_info(load_target(model_dir), str(model_dir))
+    target = load_target(model_dir)
+    info = new_bundle_info(target, str(model_dir))
     info["arms"] = info["arms"][:3]
+    info["cost_profile"] = FIXED_PROFILE.to_dict() | {"target_hash": target.content_hash}  # rewards do not depend on timing noise
     write_json_atomic(path / "bundle.json", info)
     data = path.parent / f"{path.name}-prompts.jsonl"
     data.write_text("".join(json.dumps({"id": i, "domain": "ab"[i % 2], "prompt": PROMPTS[i % len(PROMPTS)] + " " * (i // 8)})
