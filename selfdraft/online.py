@@ -91,36 +91,42 @@ class RewardModel:
         self.penalties = penalties  # the ridge penalty per arm, relative to the number of features
 
     @classmethod
-    def fit(cls, rewards: torch.Tensor, hidden: torch.Tensor | None = None,
-            penalties=tuple(10.0 ** k for k in np.arange(-3, 3.01, 0.5))) -> "RewardModel":
-        """rewards [N, A] (full information), hidden [N, F] or None. Each arm's penalty (times F) is the one with
-        the least exact leave-one-out squared error, computed from one eigendecomposition of the kernel X X^T."""
-        Y = rewards.double()
-        bias = Y.mean(0)
-        if hidden is None or len(Y) < 3:
+    def fit(cls, rewards: torch.Tensor, hidden: torch.Tensor | None = None, feedback: Feedback | None = None,
+            rows: list[int] | None = None, penalties=tuple(10.0 ** k for k in np.arange(-3, 3.01, 0.5))) -> "RewardModel":
+        """Fit on full-information rows (rewards [N, A], hidden [N, F] or None) and, per arm, the logged requests
+        ``rows`` of ``feedback`` that chose it (None: all of them). Each arm's penalty (times F) is the one with
+        the least exact leave-one-out squared error, from one eigendecomposition of that arm's kernel X X^T."""
+        A = rewards.shape[1]
+        rows = list(range(len(feedback))) if feedback is not None and rows is None else (rows or [])
+        logged_arms = feedback.arms[rows] if rows else torch.zeros(0, dtype=torch.long)
+        logged_rewards = feedback.rewards[rows] if rows else torch.zeros(0, dtype=torch.float64)
+        targets = [torch.cat([rewards[:, a].double(), logged_rewards[logged_arms == a]]) for a in range(A)]
+        bias = torch.stack([y.mean() for y in targets])
+        use_hidden = hidden is not None and (not rows or feedback.hidden is not None)
+        if not use_hidden or len(rewards) < 3:
             return cls(torch.zeros(0), None, None, bias)
-        X = hidden.double()
-        mean, std = X.mean(0), X.std(0, correction=0)
+        logged_hidden = feedback.hidden[rows].double() if rows else torch.zeros(0, hidden.shape[1], dtype=torch.float64)
+        X_all = torch.cat([hidden.double(), logged_hidden])
+        mean, std = X_all.mean(0), X_all.std(0, correction=0)
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
-        X = (X - mean) / std  # [N, F]
-        N, F = X.shape
-        s, U = torch.linalg.eigh(X @ X.T)  # the kernel [N, N]
-        s = s.clamp(min=0)
-        Yc = Y - bias  # [N, A]
-        UtY = U.T @ Yc
-        best = [(math.inf, None, None)] * Y.shape[1]
-        for c in penalties:
-            lam = c * F
-            shrink = s / (s + lam)  # [N]
-            fitted = U @ (shrink[:, None] * UtY)  # [N, A]
-            leverage = (U * U) @ shrink  # diag of the hat matrix [N]
-            loo = ((Yc - fitted) / (1 - leverage).clamp(min=1e-9)[:, None]).pow(2).mean(0)  # [A]
-            alpha = U @ (UtY / (s + lam)[:, None])  # dual coefficients [N, A]
-            for a in range(Y.shape[1]):
-                if loo[a] < best[a][0]:
-                    best[a] = (float(loo[a]), c, X.T @ alpha[:, a])
-        weights = torch.stack([w for _, _, w in best], dim=1)  # [F, A]
-        return cls(mean, std, weights, bias, [c for _, c, _ in best])
+        F = X_all.shape[1]
+        weights, chosen = [], []
+        for a in range(A):
+            X = (torch.cat([hidden.double(), logged_hidden[logged_arms == a]]) - mean) / std  # [N_a, F]
+            y = targets[a] - bias[a]
+            s, U = torch.linalg.eigh(X @ X.T)  # the kernel [N_a, N_a]
+            s = s.clamp(min=0)
+            Uty = U.T @ y
+            best = (math.inf, None, None)
+            for c in penalties:
+                shrink = s / (s + c * F)
+                leverage = (U * U) @ shrink  # the hat matrix's diagonal
+                loo = float((((y - U @ (shrink * Uty)) / (1 - leverage).clamp(min=1e-9)) ** 2).mean())
+                if loo < best[0]:
+                    best = (loo, c, X.T @ (U @ (Uty / (s + c * F))))
+            chosen.append(best[1])
+            weights.append(best[2])
+        return cls(mean, std, torch.stack(weights, dim=1), bias, chosen)
 
     def predict(self, num_rows: int, hidden: torch.Tensor | None = None) -> torch.Tensor:  # -> [n, A] float64
         if self.weights is None:
@@ -212,30 +218,55 @@ class Comparison:
         return {"new": self.new.to_dict(), "old": self.old.to_dict(), "gain": self.gain.to_dict()}
 
 
-def cross_fitted_choices(offline: RewardData, feedback: Feedback, G: torch.Tensor, config: PolicyConfig, folds: int = 5,
-                         seed: int = 0, progress: Progress | None = None) -> torch.Tensor:
-    """The choice on each logged row of a policy trained on the offline rows and the *other* folds of the logs:
-    scoring a policy on rows it was trained on would flatter it."""
-    n = len(feedback)
-    folds = max(1, min(folds, n))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    fold_of = torch.empty(n, dtype=torch.long)
-    fold_of[order] = torch.arange(n) % folds
-    inputs = feedback_inputs(feedback, config.feature_kind)
-    choices = torch.empty(n, dtype=torch.long)
-    for k in range(folds):
-        if progress:
-            progress("update-policy: estimate", k, folds)
-        held_out = (fold_of == k).nonzero().flatten()
-        policy = train_on_feedback(offline, feedback, G, config, (fold_of != k).nonzero().flatten().tolist())
-        choices[held_out] = choose_arms(policy, inputs[held_out])
-    return choices
-
-
 def compare(G: torch.Tensor, new_choices: torch.Tensor, old_choices: torch.Tensor) -> Comparison:
     rows = torch.arange(len(G))
     new, old = G[rows, new_choices], G[rows, old_choices]
     return Comparison(Estimate.of(new), Estimate.of(old), Estimate.of(new - old))
+
+
+@dataclass
+class Learned:
+    comparison: Comparison
+    replace: bool  # the new policy is not estimated worse than the one in use (or `force`)
+    policy: torch.nn.Module | None  # trained on the offline rows and every logged row; None when not `replace`
+    model: RewardModel  # the reward model fitted on the offline rows and every logged row
+
+
+def learn_from_feedback(offline: RewardData, feedback: Feedback, config: PolicyConfig, old_choices: torch.Tensor,
+                        folds: int = 5, seed: int = 0, force: bool = False, progress: Progress | None = None) -> Learned:
+    """One update, as ``update-policy`` (and the replay benchmark's "update every N requests") does it.
+
+    Cross-fitting: the logged rows are split into ``folds``; for each fold a reward model and a policy are fitted
+    on the offline rows and the *other* folds only, and the fold's rows are scored with that reward model's
+    pseudo-rewards, so neither the policy nor the reward model has seen the rewards it is judged on. The estimate
+    compares those choices with the policy in use (its choices on the logged rows are ``old_choices``). Unless
+    the one in use is estimated better, the new policy is trained on everything."""
+    n = len(feedback)
+    folds = max(1, min(folds, n))
+    fold_of = torch.empty(n, dtype=torch.long)
+    fold_of[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] = torch.arange(n) % folds
+    hidden = offline.hidden if feedback.hidden is not None else None
+    inputs = feedback_inputs(feedback, config.feature_kind)
+    G = torch.empty(n, len(offline.arm_names), dtype=torch.float64)  # each row's pseudo-rewards from its fold's model
+    new_choices = torch.empty(n, dtype=torch.long)
+    for k in range(folds):
+        if progress:
+            progress("update-policy: estimate", k, folds)
+        held_out, rest = (fold_of == k).nonzero().flatten(), (fold_of != k).nonzero().flatten().tolist()
+        model = RewardModel.fit(offline.rewards, hidden, feedback, rest)
+        G_k = pseudo_rewards(model.predict(n, feedback.hidden), feedback)
+        policy = train_on_feedback(offline, feedback, G_k, config, rest)
+        new_choices[held_out] = choose_arms(policy, inputs[held_out])
+        G[held_out] = G_k[held_out]
+    comparison = compare(G, new_choices, old_choices)
+    replace = force or comparison.gain.value >= -TIE
+    model = RewardModel.fit(offline.rewards, hidden, feedback)
+    if not replace:
+        return Learned(comparison, False, None, model)
+    if progress:
+        progress("update-policy: train", 0, 1)
+    return Learned(comparison, True, train_on_feedback(offline, feedback, pseudo_rewards(model.predict(n, feedback.hidden), feedback),
+                                                       config), model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,16 +434,12 @@ def update_policy(bundle, logs, out: str | os.PathLike | None = None, force: boo
         raise CtxdraftError(f"the trajectories in {display_path(bundle.path / TRAJECTORIES_FILE)} are for arms "
                             f"{offline.arm_names}, not the bundle's {bundle.arms}; train the policy again")
     feedback = feedback_from_traffic(traffic, bundle, profile, offline.arm_names, hashes)
-    model = RewardModel.fit(offline.rewards, offline.hidden if feedback.hidden is not None else None)
-    G = pseudo_rewards(model.predict(len(feedback), feedback.hidden), feedback)
     cfg = dict(meta["config"], hidden_sizes=tuple(meta["config"].get("hidden_sizes", ())))
     if config.epochs is not None:
         cfg["epochs"] = config.epochs
-    policy_config = PolicyConfig(**cfg)
-
-    comparison = compare(G, cross_fitted_choices(offline, feedback, G, policy_config, config.folds, config.seed, progress),
-                         _old_choices(bundle, feedback, offline.arm_names))
-    replaced = force or comparison.gain.value >= -TIE
+    learned = learn_from_feedback(offline, feedback, PolicyConfig(**cfg), _old_choices(bundle, feedback, offline.arm_names),
+                                  config.folds, config.seed, force, progress)
+    comparison, model = learned.comparison, learned.model
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "logs": traffic.files, "skipped_lines": traffic.skipped,
@@ -426,14 +453,12 @@ def update_policy(bundle, logs, out: str | os.PathLike | None = None, force: boo
                          "penalties": dict(zip(offline.arm_names, model.penalties)) if model.penalties else None},
         "mean_logged_speedup": round(float(feedback.rewards.mean()), 6),
         "estimate": comparison.to_dict(), "folds": min(config.folds, len(feedback)),
-        "replaced": replaced, "forced": bool(force and comparison.gain.value < -TIE),
+        "replaced": learned.replace, "forced": bool(force and comparison.gain.value < -TIE),
     }
-    if not replaced:
+    if not learned.replace:
         report["total_s"] = round(time.perf_counter() - t0, 1)
         return UpdateResult(False, None, report)
-    if progress:
-        progress("update-policy: train", 0, 1)
-    policy = train_on_feedback(offline, feedback, G, policy_config)
+    policy = learned.policy
     report["total_s"] = round(time.perf_counter() - t0, 1)
     record = {"created": report["created"], "logs": [dict(f, sha256=_file_sha(p)) for f, p in zip(traffic.files, logs)],
               "logged_requests": len(feedback), "from_bundles": report["from_bundles"], "estimate": report["estimate"],
