@@ -7,9 +7,10 @@ trajectories, with every arm's reward) are *full information*. Both are costed w
 realised, so an offline and a logged reward of the same arm on the same prompt are the same number.
 
 Terms (Dudik, Langford, Li 2011, "Doubly Robust Policy Evaluation and Learning"):
-- reward model q(x, a): ridge regression of each arm's offline reward on the z-normalised hidden features (the
-  penalty picked per arm by exact leave-one-out error); without hidden features, each arm's offline mean.
-  It is fitted on the offline rows only, so it is independent of the logged rewards it corrects.
+- reward model q(x, a): ridge regression of each arm's reward on the z-normalised hidden features, fitted on the
+  offline rows (every arm) and the logged requests that chose that arm, its penalty picked per arm by exact
+  leave-one-out error; without hidden features, each arm's mean. Wherever a logged row is scored, q was fitted
+  without it (cross-fitting), so it is independent of the reward it corrects.
 - doubly robust pseudo-rewards of a logged row i (arm a_i, propensity p_i, reward r_i), for every arm a:
       G_i(a) = q(x_i, a) + [a = a_i] (r_i - q(x_i, a_i)) / p_i
   E[G_i(a) | x_i] is the true reward of a for every arm the logging policy could choose (p > 0), whatever q;
@@ -17,12 +18,13 @@ Terms (Dudik, Langford, Li 2011, "Doubly Robust Policy Evaluation and Learning")
 - value of a routing policy pi (the argmax of the network): V(pi) = mean_i G_i(pi(x_i)), with a normal
   95% interval from the rows' spread.
 
-``update_policy`` trains REINFORCE (``policy.train_reinforce``, the offline method) on the offline table plus the
-logged rows' pseudo-reward table, estimates the new policy's value by cross-fitting (each fold of the logs is
-scored by a policy trained without it) against the routing policy now in use, and replaces the bundle's
-policy only when the new one is not estimated worse (``force`` overrides). It writes policy.onnx (and its
-weights, report, bundle.json) whole or not at all, records in bundle.json what it learned from, and stores the
-new policy as this machine's calibration of the new bundle (the policy was trained for this machine's costs).
+``learn_from_feedback`` is one update: REINFORCE (``policy.train_reinforce``, the offline method) on the offline
+table plus the logged rows' pseudo-reward table; the new policy's value estimated by cross-fitting (each fold of
+the logs scored by a reward model and a policy fitted without it) against the routing policy in use; the new
+policy kept only when it is not estimated worse (``force`` overrides). ``update_policy`` does that for a bundle
+on disk: it writes policy.onnx (and its weights, report, bundle.json) whole or not at all, records in bundle.json
+what it learned from, and stores the new policy as this machine's calibration of the new bundle (the policy was
+trained for this machine's costs).
 
 Longer than 400 lines because the estimator, the training on logged feedback and the update of a bundle on disk
 share one set of definitions (the pseudo-rewards) that would otherwise have to be passed between three files.
@@ -230,6 +232,7 @@ class Learned:
     replace: bool  # the new policy is not estimated worse than the one in use (or `force`)
     policy: torch.nn.Module | None  # trained on the offline rows and every logged row; None when not `replace`
     model: RewardModel  # the reward model fitted on the offline rows and every logged row
+    choices: torch.Tensor  # [n] the cross-fitted policies' choice on each logged row (what `comparison.new` scores)
 
 
 def learn_from_feedback(offline: RewardData, feedback: Feedback, config: PolicyConfig, old_choices: torch.Tensor,
@@ -262,11 +265,11 @@ def learn_from_feedback(offline: RewardData, feedback: Feedback, config: PolicyC
     replace = force or comparison.gain.value >= -TIE
     model = RewardModel.fit(offline.rewards, hidden, feedback)
     if not replace:
-        return Learned(comparison, False, None, model)
+        return Learned(comparison, False, None, model, new_choices)
     if progress:
         progress("update-policy: train", 0, 1)
     return Learned(comparison, True, train_on_feedback(offline, feedback, pseudo_rewards(model.predict(n, feedback.hidden), feedback),
-                                                       config), model)
+                                                       config), model, new_choices)
 
 
 # ----------------------------------------------------------------------------------------------

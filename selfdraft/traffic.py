@@ -88,7 +88,8 @@ class StepRecorder(Draft):
     def __init__(self, draft: Draft):
         super().__init__(draft.name)
         self.inner = draft
-        self.kind, self.draft_len, self.cost_key = draft.kind, draft.draft_len, draft.cost_key
+        # What the decoding loop reads of a draft besides its methods.
+        self.kind, self.draft_len, self.cost_key, self.state_layers = draft.kind, draft.draft_len, draft.cost_key, draft.state_layers
         self.steps: list[Step] = []
         self._proposed: tuple[int, int, bool] | None = None
 
@@ -99,11 +100,12 @@ class StepRecorder(Draft):
     def propose(self, state, max_len: int):
         out = self.inner.propose(state, max_len)
         drafted = len(out.ids)
-        # An exit draft that stopped on confidence hands over layer-E states for one more position (draft.py).
-        stopped = out.exit_hidden is not None and out.exit_hidden.shape[1] > drafted
-        # One lookup proposes all its tokens; a draft_loop draft (model, exit) evaluates once per token and once
-        # more when it stops on confidence.
-        evaluations = 1 if self.inner.kind == "lookup" else drafted + stopped
+        stopped = getattr(out, "stopped", None)
+        if stopped is None:  # an exit draft that stopped on confidence hands over states for one more position
+            stopped = out.exit_hidden is not None and out.exit_hidden.shape[1] > drafted
+        evaluations = getattr(out, "evaluations", None)
+        if evaluations is None:  # one lookup proposes all its tokens; a draft_loop draft evaluates once per token
+            evaluations = 1 if self.inner.kind == "lookup" else drafted + stopped  # and once more when it stops
         self._proposed = (evaluations, drafted, stopped)
         return out
 

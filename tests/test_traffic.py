@@ -73,6 +73,8 @@ def test_recorded_steps_equal_collects_replay_for_every_kind(max_new_tokens, eos
     recorded = {}
     for name, draft in _drafts(model).items():
         recorder = StepRecorder(draft)
+        assert (recorder.kind, recorder.draft_len, recorder.cost_key, recorder.state_layers) == (
+            draft.kind, draft.draft_len, draft.cost_key, draft.state_layers)  # what the decoding loop reads
         new_ids, stats = speculative_decode(stack, prefill(stack, prompt), recorder,
                                             GenerationConfig(max_new_tokens=max_new_tokens), eos)
         traj = recorder.trajectory(len(new_ids))
