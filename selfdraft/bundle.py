@@ -25,7 +25,8 @@ from . import checks, traffic
 from .bundle_info import new_bundle_info, validate_info
 from .calibrate import auto_calibrate_default, calibrate, find_calibration
 from .exits.draft import ExitSettings
-from .exits.head import read_head_tensors
+from .exits.feature_draft import FeatureSettings
+from .exits.head import read_head_tensors, read_tensors
 from .layout import TRAJECTORIES_FILE
 from .pool import build_draft, model_arm
 from .target import DEFAULT_TARGET, Target, load_target
@@ -238,6 +239,12 @@ class Bundle:
         return GenerationResult(prompt_ids, new_ids, text, arm, stats, routed)
 
 
+    def _state_layers(self, draft: str) -> set[int]:
+        """The target layers the prefill keeps for the arm(s) that may draft: feature heads read them."""
+        specs = self.info["arms"] if draft == "auto" else [self.arm_spec(draft)]
+        return {layer for spec in specs if spec["kind"] == "feature" for layer in spec["settings"]["layers"]}
+
+
 def _stop_checker(tokenizer, stops: list[str]):
     def check(new_ids: list[int]) -> int | None:
         text = tokenizer.decode(new_ids, skip_special_tokens=True)
@@ -318,6 +325,9 @@ def _check_files(path: Path, info: dict) -> None:
         if arm["kind"] == "exit":
             settings = ExitSettings(**arm.get("settings", {}))
             read_head_tensors(path / settings.weights, settings.exit_layer)
+        elif arm["kind"] == "feature":
+            settings = FeatureSettings(**arm.get("settings", {}))
+            read_tensors(path / settings.weights, f"feature-{settings.name}.", f"the feature head {settings.name!r}")
     if info.get("policy") and not (path / info["policy"]).is_file():
         raise CtxdraftError(f"{display_path(path / info['policy'])}, the policy bundle.json names, is missing; "
                             "run `ctxdraft export-policy` (or `train-policy`) again")

@@ -64,6 +64,10 @@ ARM_SETTINGS = {
                             "threshold": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
                             "head": {"enum": ["linear", "layer"]}, "draft_vocab": {"type": ["integer", "null"], "minimum": 1},
                             "weights": _FILE}},
+    "feature": {"type": "object", "additionalProperties": False, "required": ["name", "layers"],
+                "properties": {"name": _NAME, "layers": {"type": "array", "minItems": 1, "items": _POS_INT},
+                               "draft_len": _POS_INT, "threshold": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                               "draft_vocab": {"type": ["integer", "null"], "minimum": 1}, "weights": _FILE}},
 }
 
 # The one declared schema of bundle.json (JSON Schema, checked with the jsonschema library on every read).
@@ -85,6 +89,9 @@ SCHEMA = {
             "layer": _POS_INT, "arm": _STR, "head": {"enum": ["linear", "layer"]}, "draft_vocab": {"type": ["integer", "null"]},
             "agreement": {"type": ["number", "null"]}, "speedup": {"type": ["number", "null"]},
             "draft_len": _POS_INT, "threshold": _NUM}}},
+        "feature_heads": {"type": ["array", "null"], "items": {"type": "object", "required": ["name", "layers"], "properties": {
+            "name": _NAME, "layers": {"type": "array", "items": _POS_INT}, "draft_vocab": {"type": ["integer", "null"]},
+            "speedup": {"type": ["number", "null"]}}}},
         "features": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["kind"], "properties": {
             "kind": {"enum": ["hidden", "tokens"]}, "layer": {"type": ["integer", "null"], "minimum": 1},
             "dim": {"type": ["integer", "null"], "minimum": 1}}}]},

@@ -88,38 +88,43 @@ class Prefill:
     last_logits: torch.Tensor  # [1, 1, V]
     pooled_hidden: torch.Tensor | None  # [D] mean over the prompt of the residual stream after layer `feature_layer`
     seconds: float
+    states: dict[int, torch.Tensor] = field(default_factory=dict)  # l -> [1, P, D] captured residual states
 
 
 @torch.inference_mode()
-def prefill(stack: LayerStack, prompt_ids: list[int], feature_layer: int | None = None) -> Prefill:
-    """Run the prompt through the target; pool the layer-``feature_layer`` states on the way if asked."""
+def prefill(stack: LayerStack, prompt_ids: list[int], feature_layer: int | None = None, capture=()) -> Prefill:
+    """Run the prompt through the target; pool the layer-``feature_layer`` states on the way if asked, and keep
+    the residual states entering the layers in ``capture`` (what a feature draft reads)."""
     t0 = time.perf_counter()
     cache = stack.new_cache()
     positions = torch.arange(len(prompt_ids))
     hidden = stack.embed(torch.tensor([prompt_ids]))
+    states = dict.fromkeys(capture)
     pooled = None
     if feature_layer is not None and 0 < feature_layer <= stack.num_layers:
-        hidden = stack.run(hidden, 0, feature_layer, cache, positions)
+        hidden = stack.run(hidden, 0, feature_layer, cache, positions, states)
         pooled = hidden[0].float().mean(dim=0)
-        hidden = stack.run(hidden, feature_layer, stack.num_layers, cache, positions)
+        hidden = stack.run(hidden, feature_layer, stack.num_layers, cache, positions, states)
     else:
-        hidden = stack.run(hidden, 0, stack.num_layers, cache, positions)
+        hidden = stack.run(hidden, 0, stack.num_layers, cache, positions, states)
     last_logits = stack.logits(hidden[:, -1:])
-    return Prefill(prompt_ids, cache, last_logits, pooled, time.perf_counter() - t0)
+    return Prefill(prompt_ids, cache, last_logits, pooled, time.perf_counter() - t0, states)
 
 
-def target_forward(stack: LayerStack, cache: DynamicCache, input_ids: list[int], start_pos: int, draft_out: DraftOutput) -> torch.Tensor:
+def target_forward(stack: LayerStack, cache: DynamicCache, input_ids: list[int], start_pos: int, draft_out: DraftOutput,
+                   capture: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Target logits [1, T, V] for ``input_ids`` at positions start_pos.., reusing an exit draft's early states.
 
     An exit draft already ran layers [0, E) for the first positions (``draft_out.exit_hidden``): only the
     positions it did not cover go through [0, E); all T positions then go through [E, L). A draft that
-    stopped on low confidence has already covered all T positions.
+    stopped on low confidence has already covered all T positions. ``capture``: see ``LayerStack.run`` (a full
+    forward only).
     """
     positions = torch.arange(start_pos, start_pos + len(input_ids))
     L = stack.num_layers
     early = draft_out.exit_hidden
     if early is None:
-        hidden = stack.run(stack.embed(torch.tensor([input_ids])), 0, L, cache, positions)
+        hidden = stack.run(stack.embed(torch.tensor([input_ids])), 0, L, cache, positions, capture)
     else:
         E, done = draft_out.exit_layer, early.shape[1]
         if done < len(input_ids):
@@ -162,7 +167,8 @@ def speculative_decode(
     cache = pre.cache
     no_draft = DraftOutput([])
     first = _verify(pre.last_logits, no_draft, config.temperature, config.top_p, generator).out_ids[0, 0].item()
-    state = DecodeState(stack, cache, list(pre.prompt_ids) + [first], V, config.temperature, config.top_p, generator)
+    state = DecodeState(stack, cache, list(pre.prompt_ids) + [first], V, config.temperature, config.top_p, generator,
+                        target_states=pre.states, states_start=0)
     new_ids = [first]
     if on_tokens is not None:
         on_tokens(new_ids)
@@ -177,7 +183,9 @@ def speculative_decode(
         budget = config.max_new_tokens - len(new_ids) - 1  # the verify step always adds one more token
         proposal = draft.propose(state, budget) if budget > 0 else no_draft
         K = len(proposal.ids)
-        logits = target_forward(stack, cache, [state.tokens[-1]] + proposal.ids, pending_pos, proposal)  # [1, K+1, V]
+        capture = dict.fromkeys(draft.state_layers) if draft.state_layers else None
+        logits = target_forward(stack, cache, [state.tokens[-1]] + proposal.ids, pending_pos, proposal, capture)  # [1, K+1, V]
+        state.target_states, state.states_start = capture or {}, pending_pos
         result = _verify(logits, proposal, config.temperature, config.top_p, generator)
         num_accepted = int(result.num_accepted[0])
         emitted = result.out_ids[0, : num_accepted + 1].tolist()

@@ -18,7 +18,7 @@ proposes at any point of a speculative run is what it predicts *along the target
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -49,6 +49,10 @@ class DecodeState:
     temperature: float
     top_p: float
     generator: torch.Generator | None
+    # The target's residual states entering the layers ``draft.state_layers`` asked for, from its last forward (the
+    # prefill, then each verification), for positions states_start.. (those positions' tokens may be rejected).
+    target_states: dict[int, torch.Tensor] = field(default_factory=dict)  # l -> [1, T, D]
+    states_start: int = 0
 
 
 @dataclass
@@ -120,6 +124,10 @@ class PredictionTeacherForced(TeacherForced):
         self.draft_len = draft_len
         self.threshold = threshold
 
+    def with_settings(self, draft_len: int, threshold: float) -> "PredictionTeacherForced":
+        """The same predictions replayed with another draft length and threshold."""
+        return PredictionTeacherForced(self.predictions, draft_len, self.confidence, threshold)
+
     def propose(self, seq, pending, max_len):
         at = {}
 
@@ -130,12 +138,43 @@ class PredictionTeacherForced(TeacherForced):
         return draft_loop(min(max_len, self.draft_len), self.threshold, evaluate, lambda: self.predictions[at["i"]])
 
 
+class ChainTeacherForced(TeacherForced):
+    """A draft whose later tokens depend on its own earlier ones (a feature head): ``chains[t, j]`` and
+    ``confidence[t, j]`` are its greedy token and top probability at draft position j + 1 when drafting from base
+    t (the committed prefix is ``seq[: t + 2]``), computed along the target's own tokens. The same caveat as
+    ``PredictionTeacherForced``: exact up to the first rejected token."""
+
+    def __init__(self, chains: torch.Tensor, draft_len: int, confidence: torch.Tensor | None = None, threshold: float = 0.0):
+        if threshold > 0 and confidence is None:
+            raise ValueError("a confidence threshold needs the draft's confidences")
+        self.chains = chains.tolist() if isinstance(chains, torch.Tensor) else chains  # [T, K]
+        self.confidence = confidence.tolist() if isinstance(confidence, torch.Tensor) else confidence
+        self.draft_len = min(draft_len, len(self.chains[0]) if self.chains else draft_len)
+        self.threshold = threshold
+
+    def with_settings(self, draft_len: int, threshold: float) -> "ChainTeacherForced":
+        """The same chains replayed with another (no longer) draft length and threshold."""
+        return ChainTeacherForced(self.chains, draft_len, self.confidence, threshold)
+
+    def propose(self, seq, pending, max_len):
+        base = pending - 1
+        at = {}
+
+        def evaluate(j: int) -> float:
+            at["j"] = j
+            return self.confidence[base][j] if self.confidence is not None else 1.0
+
+        return draft_loop(min(max_len, self.draft_len), self.threshold, evaluate, lambda: self.chains[base][at["j"]])
+
+
 class Draft:
     """Base class: proposes nothing (the ``none`` arm)."""
 
     kind = "none"
     draft_len = 0  # the most tokens one step proposes
-    state_layers: tuple[int, ...] = ()  # target layers whose states the teacher-forced replay reads
+    # Target layers whose states the draft reads: in its teacher-forced replay (from the teacher pass) and, for a
+    # feature draft, while decoding (captured from every target forward, ``DecodeState.target_states``).
+    state_layers: tuple[int, ...] = ()
 
     def __init__(self, name: str = "none"):
         self.name = name

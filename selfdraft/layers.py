@@ -65,17 +65,17 @@ class LayerStack:
         stop: int,
         cache: DynamicCache,
         positions: torch.Tensor,  # [T] absolute positions of the T new tokens
+        capture: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [B, T, D], the residual stream after layer stop-1 (not normed)
+        """``capture``: a dict whose keys are layer counts l in (start, stop]; each gets the residual stream after
+        layer l-1 (entering layer l), the states a feature head reads, at no extra cost."""
         position_ids = positions[None, :]
         rotary = {}
         masks = {}
         for i in range(start, stop):
             layer_type = self.layer_types[i]
             if layer_type not in rotary:
-                if self._rotary_per_type:
-                    rotary[layer_type] = self.backbone.rotary_emb(hidden, position_ids, layer_type)
-                else:
-                    rotary[layer_type] = self.backbone.rotary_emb(hidden, position_ids)
+                rotary[layer_type] = self.rotary(hidden, position_ids, layer_type)
             mask_key = (layer_type, self.seq_len(cache, i))
             if mask_key not in masks:
                 make_mask = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
@@ -95,7 +95,15 @@ class LayerStack:
                 cache=cache,
                 use_cache=True,
             )
+            if capture is not None and i + 1 in capture:
+                capture[i + 1] = hidden
         return hidden
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str = "full_attention"):
+        """The model's rotary (cos, sin) for ``position_ids`` [1, T] (per layer type where the model has several)."""
+        if self._rotary_per_type:
+            return self.backbone.rotary_emb(hidden, position_ids, layer_type)
+        return self.backbone.rotary_emb(hidden, position_ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, V]
         """The model's own final norm + LM head (+ logit soft-capping where the model has it)."""

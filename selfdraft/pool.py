@@ -16,6 +16,8 @@ from .draft import Draft
 from .drafts import LookupDraft, LookupSettings, ModelDraft, ModelDraftSettings, NoneDraft
 from .errors import CtxdraftError
 from .exits.draft import ExitDraft, ExitSettings, exit_arm
+from .exits.feature_draft import FeatureDraft, FeatureSettings, feature_arm
+from .exits.feature_head import load_feature_head
 from .exits.head import load_head
 
 # Prompt lookup with different draft lengths behaves very differently per prompt (short drafts are cheap
@@ -82,11 +84,24 @@ def _build_exit(spec, target, bundle_dir, shared):
 
 # kind -> builder(arm spec, target, bundle directory, shared) -> Draft; ``shared`` holds what several arms can
 # share (a loaded draft model) for as long as the caller keeps it.
+def _build_feature(spec, target, bundle_dir, shared):
+    settings = FeatureSettings(**spec.get("settings", {}))
+    if bundle_dir is None:
+        raise CtxdraftError(f"arm {spec['name']!r} needs the bundle directory that holds its weights")
+    if max(settings.layers) > target.num_layers:
+        raise CtxdraftError(f"arm {spec['name']!r}: feature layers {settings.layers} go past the target's {target.num_layers}")
+    key = ("feature", settings.name, str(Path(bundle_dir) / settings.weights))
+    if key not in shared:  # arms of one head (other draft lengths) share it
+        shared[key] = load_feature_head(target.model, Path(bundle_dir) / settings.weights, settings.name, settings.layers)
+    return FeatureDraft(spec["name"], shared[key], settings)
+
+
 DRAFT_KINDS: dict[str, Callable[[dict, object, Path | None, dict], Draft]] = {
     "none": _build_none,
     "lookup": _build_lookup,
     "model": _build_model,
     "exit": _build_exit,
+    "feature": _build_feature,
 }
 
 
@@ -98,6 +113,8 @@ def cost_key(spec: dict) -> str:
         return f"exit@{settings.get('exit_layer')}:{settings.get('head', 'linear')}:{settings.get('draft_vocab') or 'full'}"
     if kind == "model":
         return f"model:{settings.get('path')}"
+    if kind == "feature":
+        return f"feature:{settings.get('name')}:{settings.get('draft_vocab') or 'full'}"
     return str(kind)
 
 
@@ -135,5 +152,5 @@ def pool_key(arms: list[dict]) -> str:
     return hashlib.sha256(json.dumps(arms, sort_keys=True).encode()).hexdigest()[:12]
 
 
-__all__ = ["BASE_ARMS", "DRAFT_KINDS", "base_arms", "build_draft", "build_drafts", "cost_key", "exit_arm",
+__all__ = ["BASE_ARMS", "DRAFT_KINDS", "base_arms", "build_draft", "build_drafts", "cost_key", "exit_arm", "feature_arm",
            "lookup_arm", "model_arm", "none_arm", "pool_key", "with_draft_len"]

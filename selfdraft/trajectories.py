@@ -28,7 +28,8 @@ from .layers import LayerStack
 def teacher_pass(stack: LayerStack, prompt_ids: list[int], new_ids: list[int], eos_ids, *, ended_on_eos: bool,
                  layers=(), extend: int = 0, topk: int = 0, lm_input: bool = False, chunk: int = 512) -> TeacherPass:
     """One target pass over prompt + continuation, keeping the residual states after ``layers`` (each in
-    1..L-1), and optionally the LM head's input and the target's top-``topk`` log-probabilities everywhere.
+    1..L; L is the final residual, before the norm), and optionally the LM head's input and the target's
+    top-``topk`` log-probabilities everywhere.
 
     When the continuation ended on EOS, a draft may still propose tokens past it and the target verifies them
     like any others, so the sequence is extended by the EOS the target chose and then ``extend`` more greedy
@@ -37,8 +38,8 @@ def teacher_pass(stack: LayerStack, prompt_ids: list[int], new_ids: list[int], e
     seq = list(prompt_ids) + list(new_ids)
     layers = sorted(set(layers))
     L = stack.num_layers
-    if any(not 0 < E < L for E in layers):
-        raise CtxdraftError(f"teacher pass layers {layers} must be in 1..{L - 1}")
+    if any(not 0 < E <= L for E in layers):
+        raise CtxdraftError(f"teacher pass layers {layers} must be in 1..{L}")
     if not (layers or ended_on_eos or topk or lm_input):  # nothing to compute: the sequence is all there is
         return TeacherPass(seq, len(prompt_ids), len(new_ids), {})
     cache = stack.new_cache()
@@ -50,12 +51,10 @@ def teacher_pass(stack: LayerStack, prompt_ids: list[int], new_ids: list[int], e
     def forward(ids: list[int], start: int) -> int:  # -> the target's greedy token after the last of ids
         positions = torch.arange(start, start + len(ids))
         hidden = stack.embed(torch.tensor([ids]))
-        done = 0
+        captured = dict.fromkeys(layers)
+        hidden = stack.run(hidden, 0, L, cache, positions, captured)
         for E in layers:
-            hidden = stack.run(hidden, done, E, cache, positions)
-            states[E].append(hidden[0])
-            done = E
-        hidden = stack.run(hidden, done, L, cache, positions)
+            states[E].append(captured[E][0])
         if lm_input:
             normed.append(stack.backbone.norm(hidden)[0])
         if topk:

@@ -90,7 +90,7 @@ def test_damaged_bundle_files_are_one_clear_error(target, tiny_model_dir, bundle
     info["arms"].append(exit_arm(ExitSettings(2)))
     write_json_atomic(bundle_dir / "bundle.json", info)
     weights = bundle_dir / "exits.safetensors"
-    for damage, message in [(b"", "are damaged"), (b"\x07" * 40, "are damaged"), (None, "exit weights not found")]:
+    for damage, message in [(b"", "are damaged"), (b"\x07" * 40, "are damaged"), (None, "self-draft weights not found")]:
         weights.unlink(missing_ok=True)
         if damage is not None:
             weights.write_bytes(damage)

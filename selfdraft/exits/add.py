@@ -17,7 +17,7 @@ import json
 import shutil
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +26,7 @@ from ..bundle_info import record_training_ids
 from ..costs import context_ids, max_positions, measure_profile
 from ..data import stratified_split, subsample
 from ..distributed import Group
-from ..draft import PredictionTeacherForced, TeacherForced
+from ..draft import Draft, TeacherForced
 from ..errors import CtxdraftError
 from ..fileio import display_path, read_json, write_json_atomic
 from ..layers import LayerStack
@@ -35,6 +35,9 @@ from ..pool import build_draft, cost_key, exit_arm
 from ..trajectories import replay
 from .data import build_examples, reduced_vocab
 from .draft import ExitDraft, ExitSettings
+from .feature_draft import FeatureDraft, FeatureSettings, feature_arm
+from .feature_head import FeatureHead, save_feature_head
+from .feature_train import acceptance_per_position, train_feature_head
 from .head import ExitHead, save_heads
 from .train import ExitTrainConfig, agreement, train_head
 
@@ -73,17 +76,18 @@ def _prepare_work(work: Path, key: str, resume: bool) -> None:
     write_json_atomic(work / "key.json", {"key": key})
 
 
-def choose_settings(draft: ExitDraft, held_out: list, plain: list, profile, config: ExitTrainConfig,
-                    max_new_tokens: int, eos_ids, vocab_size: int) -> list[dict]:
+def choose_settings(draft, held_out: list, plain: list, profile, config: ExitTrainConfig, max_new_tokens: int, eos_ids,
+                    vocab_size: int) -> list[dict]:
     """Every (draft length, threshold) of ``config`` replayed on the held-out examples and costed with
-    ``profile``: mean speed-up over plain decoding, acceptance and tokens per target forward, per setting."""
+    ``profile``: mean speed-up over plain decoding, acceptance and tokens per target forward, per setting.
+    ``draft`` is the candidate at its longest draft length; its teacher-forced replay is computed once."""
     key = draft.cost_key
     full = [draft.teacher_forced(ex.tp, vocab_size) for ex in held_out]
     options = []
     for K in config.draft_lens:
         for threshold in config.thresholds:
-            trajs = [replay(PredictionTeacherForced(tf.predictions, K, tf.confidence, threshold), ex.tp.token_ids,
-                            ex.tp.prompt_len, max_new_tokens, eos_ids) for tf, ex in zip(full, held_out)]
+            trajs = [replay(tf.with_settings(K, threshold), ex.tp.token_ids, ex.tp.prompt_len, max_new_tokens, eos_ids)
+                     for tf, ex in zip(full, held_out)]
             speedups = [profile.speedup(t, p, key) for t, p in zip(trajs, plain)]
             drafted = sum(t.drafted_tokens for t in trajs)
             options.append({
@@ -93,6 +97,49 @@ def choose_settings(draft: ExitDraft, held_out: list, plain: list, profile, conf
                 "tokens_per_forward": statistics.fmean(t.tokens_per_forward for t in trajs),
             })
     return options
+
+
+@dataclass
+class Trained:
+    """A trained self-draft head, ready to be costed, given its settings and written."""
+
+    draft: Draft  # the candidate arm: the longest draft length, no threshold
+    arm: Callable[[int, float], dict]  # (draft length, threshold) -> the arm spec to add
+    entry: dict  # what the report (and bundle.json) says about it
+    save: Callable[[Path], None]  # writes its weights into the bundle's weights file
+
+
+def _train_exits(target, layers, vocab_ids, train_ex, held_ex, config, work, progress, group) -> list[Trained]:
+    out = []
+    for E in layers:
+        head = ExitHead(target.model, E, config.head, vocab_ids).float()  # trained in float32, whatever the target's dtype
+        info = group.run(lambda: train_head(head, train_ex, config, work / _head_ckpt_name(E, config), progress, group))
+        head.to(target.model.dtype)  # drafts in the target's dtype
+        spec = exit_arm(ExitSettings(E, max(config.draft_lens), 0.0, head.kind, head.draft_vocab))
+        draft = ExitDraft(spec["name"], head, ExitSettings(**spec["settings"]))
+        draft.cost_key = cost_key(spec)
+        arm = (lambda h: lambda K, thr: exit_arm(ExitSettings(h.exit_layer, K, thr, h.kind, h.draft_vocab, EXITS_FILE)))(head)
+        entry = {"kind": "exit", "layer": E, "arm": spec["name"], "head": head.kind, "draft_vocab": head.draft_vocab,
+                 "num_params": head.num_params, **agreement(head, held_ex), "train": info}
+        out.append(Trained(draft, arm, entry, (lambda h: lambda path: save_heads(path, [h]))(head)))
+    return out
+
+
+def _train_feature(target, layers, vocab_ids, train_ex, held_ex, config, work, progress, group) -> list[Trained]:
+    head = FeatureHead(target.model, layers, vocab_ids).float()  # trained in float32, whatever the target's dtype
+    ckpt = work / f"feature-{config.name}-{_head_ckpt_name(0, config)}"
+    info = group.run(lambda: train_feature_head(head, train_ex, config, ckpt, progress, group))
+    head.to(target.model.dtype)
+    settings = FeatureSettings(config.name, layers, max(config.draft_lens), 0.0, head.draft_vocab)
+    spec = feature_arm(settings)
+    draft = FeatureDraft(spec["name"], head, settings)
+    draft.cost_key = cost_key(spec)
+    chains = [draft.teacher_forced(ex.tp, target.vocab_size) for ex in held_ex]
+    arm = lambda K, thr: feature_arm(FeatureSettings(config.name, layers, K, thr, head.draft_vocab, EXITS_FILE))  # noqa: E731
+    entry = {"kind": "feature", "name": config.name, "arm": spec["name"], "layers": layers,
+             "draft_vocab": head.draft_vocab, "num_params": head.num_params,
+             "acceptance_per_position": acceptance_per_position(chains, held_ex, max(config.draft_lens)), "train": info}
+    return [Trained(draft, arm, entry, lambda path: save_feature_head(path, config.name, head))]
 
 
 def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, config: ExitTrainConfig,
@@ -128,34 +175,25 @@ def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, c
     train_ex, held_ex = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
 
     vocab_ids = reduced_vocab(target, train_ex, config.draft_vocab) if config.draft_vocab else None
-    heads, trained = [], []
-    for E in layers:
-        head = ExitHead(target.model, E, config.head, vocab_ids).float()  # trained in float32, whatever the target's dtype
-        train_info = group.run(lambda: train_head(head, train_ex, config, work / _head_ckpt_name(E, config), progress, group))
-        head.to(target.model.dtype)  # drafts in the target's dtype
-        heads.append(head)
-        trained.append((train_info, agreement(head, held_ex)))
+    train = _train_feature if config.head == "feature" else _train_exits
+    trained = train(target, layers, vocab_ids, train_ex, held_ex, config, work, progress, group)
 
     def finish() -> dict | None:
-        return _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, examples, heads, trained,
-                                 config, data_s, t_start, progress) if group.main else None
+        return _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, examples, trained, config,
+                                 data_s, t_start, progress) if group.main else None
 
     report = group.broadcast(group.run(finish))
     group.run(lambda: shutil.rmtree(work, ignore_errors=True) if group.main else None)
     return report
 
 
-def _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, examples, heads, trained, config,
+def _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, examples, trained: list[Trained], config,
                       data_s, t_start, progress) -> dict:
-    """Measure the pool's costs, pick each exit's draft length and threshold, and write the bundle (rank 0)."""
+    """Measure the pool's costs, pick each head's draft length and threshold, and write the bundle (rank 0)."""
     out_dir, info = bundle.path, bundle.info
     train_ex, held_ex = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
-    # The cost profile of the whole pool the bundle will have (exits at their longest candidate length).
-    candidates = {}
-    for head in heads:
-        spec = exit_arm(ExitSettings(head.exit_layer, max(config.draft_lens), 0.0, head.kind, head.draft_vocab))
-        candidates[spec["name"]] = ExitDraft(spec["name"], head, ExitSettings(**spec["settings"]))
-        candidates[spec["name"]].cost_key = cost_key(spec)
+    # The cost profile of the whole pool the bundle will have (new heads at their longest candidate length).
+    candidates = {t.draft.name: t.draft for t in trained}
     kept_arms = [a for a in info["arms"] if a["name"] not in candidates]
     drafts = {a["name"]: build_draft(a, target, out_dir, bundle.shared) for a in kept_arms}
     drafts.update(candidates)
@@ -173,40 +211,38 @@ def _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, ex
     L = target.num_layers
     target_params = sum(p.numel() for p in target.model.parameters())
     domains = [ex.row["domain"] for ex in held_ex]
-    exit_entries, arms = [], []
-    for head, (train_info, agree) in zip(heads, trained):
-        E = head.exit_layer
-        draft = candidates[f"exit@{E}"]
-        options = choose_settings(draft, held_ex, plain, profile, config, max_new, target.eos_ids, target.vocab_size)
+    entries, arms = [], []
+    for t in trained:
+        options = choose_settings(t.draft, held_ex, plain, profile, config, max_new, target.eos_ids, target.vocab_size)
         best = max(options, key=lambda o: o["speedup"])
-        by_domain = {d: statistics.fmean(s for s, dd in zip(best["speedups"], domains) if dd == d) for d in sorted(set(domains))}
-        settings = ExitSettings(E, best["draft_len"], best["threshold"], head.kind, head.draft_vocab, EXITS_FILE)
-        arms.append(exit_arm(settings))
-        entry = profile.drafts[draft.cost_key]
-        exit_entries.append({
-            "layer": E, "arm": f"exit@{E}", "head": head.kind, "draft_vocab": head.draft_vocab,
-            "num_params": head.num_params, "params_frac_of_target": head.num_params / target_params,
-            **agree,
-            "cost_ratio": entry["evaluation_s"] / profile.target_step_s[1],
-            "draft_len": best["draft_len"], "threshold": best["threshold"], "acceptance": best["acceptance"],
-            "tokens_per_forward": best["tokens_per_forward"], "speedup": best["speedup"],
-            # Verification skips layers [0, E) for the K positions the draft already ran.
-            "verify_layer_tokens_saved": best["draft_len"] * E / ((best["draft_len"] + 1) * L),
-            "by_domain": by_domain,
-            "all_settings": [{k: v for k, v in o.items() if k != "speedups"} for o in options],
-            "train": train_info,
-        })
+        arms.append(t.arm(best["draft_len"], best["threshold"]))
+        entry = dict(t.entry, params_frac_of_target=t.entry["num_params"] / target_params,
+                     cost_ratio=profile.drafts[t.draft.cost_key]["evaluation_s"] / profile.target_step_s[1],
+                     draft_len=best["draft_len"], threshold=best["threshold"], acceptance=best["acceptance"],
+                     tokens_per_forward=best["tokens_per_forward"], speedup=best["speedup"],
+                     by_domain={d: statistics.fmean(s for s, dd in zip(best["speedups"], domains) if dd == d)
+                                for d in sorted(set(domains))},
+                     all_settings=[{k: v for k, v in o.items() if k != "speedups"} for o in options])
+        if entry["kind"] == "exit":  # verification skips layers [0, E) for the K positions the draft already ran
+            entry["verify_layer_tokens_saved"] = best["draft_len"] * entry["layer"] / ((best["draft_len"] + 1) * L)
+        entries.append(entry)
 
     # Write: weights, then the report, then bundle.json (the commit point), each atomically.
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_heads(out_dir / EXITS_FILE, heads)
-    new_layers = {e["layer"] for e in exit_entries}
-    old_exits = [e for e in info.get("exits") or [] if e.get("layer") not in new_layers]
-    info["exits"] = sorted(old_exits + [{k: v for k, v in e.items() if k not in ("all_settings", "by_domain", "train")}
-                                        for e in exit_entries], key=lambda e: e["layer"])
+    for t in trained:
+        t.save(out_dir / EXITS_FILE)
+    brief = lambda e: {k: v for k, v in e.items() if k not in ("all_settings", "by_domain", "train", "kind")}  # noqa: E731
+    new_exits = [brief(e) for e in entries if e["kind"] == "exit"]
+    old_exits = [e for e in info.get("exits") or [] if e.get("layer") not in {e["layer"] for e in new_exits}]
+    info["exits"] = sorted(old_exits + new_exits, key=lambda e: e["layer"])
+    new_features = [brief(e) for e in entries if e["kind"] == "feature"]
+    if new_features:
+        old = [e for e in info.get("feature_heads") or [] if e.get("name") not in {e["name"] for e in new_features}]
+        info["feature_heads"] = old + new_features
     info["arms"] = kept_arms + arms
     info["cost_profile"] = profile.to_dict()
-    record_training_ids(info, "add-exits", [rows[i]["id"] for i in train_idx])
+    record_training_ids(info, "add-exits" if config.head != "feature" else f"add-exits:feature:{config.name}",
+                        [rows[i]["id"] for i in train_idx])
     report = {
         "target": {"spec": target_spec, "name": target.name, "hash": target.content_hash, "num_layers": L,
                    "num_params": target_params},
@@ -217,7 +253,7 @@ def _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, ex
                  "heldout_positions": sum(ex.num_positions for ex in held_ex), "build_s": round(data_s, 1)},
         "costs": {"target_step_s": profile.target_step_s[1], "context_tokens": profile.context_tokens},
         "speedup": "mean over held-out prompts of the modelled speed-up over plain decoding (costs.CostProfile.speedup)",
-        "exits": exit_entries,
+        "exits": entries,
         "total_s": round(time.perf_counter() - t_start, 1),
     }
     write_json_atomic(out_dir / EXITS_REPORT, report)

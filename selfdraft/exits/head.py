@@ -115,24 +115,26 @@ def save_heads(path: Path, heads: list[ExitHead]) -> None:
         save_file(tensors, str(tmp), metadata={"format": "ctxdraft-exits"})
 
 
-def read_head_tensors(path: Path, exit_layer: int) -> dict[str, torch.Tensor]:
-    """The tensors of the exit at ``exit_layer`` in an exit weights file; a missing, damaged or foreign file is one
-    clear error."""
+def read_tensors(path: Path, prefix: str, what: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` in a self-draft weights file (exit and feature heads share one file); a missing,
+    damaged or foreign file is one clear error."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
-        raise CtxdraftError(f"exit weights not found: {display_path(path)} (rebuild the bundle with `ctxdraft add-exits`)")
-    prefix = _prefix(exit_layer)
+        raise CtxdraftError(f"self-draft weights not found: {display_path(path)} (rebuild the bundle with `ctxdraft add-exits`)")
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CtxdraftError(f"exit weights {display_path(path)} are damaged ({str(e).splitlines()[0][:120]}); "
+        raise CtxdraftError(f"self-draft weights {display_path(path)} are damaged ({str(e).splitlines()[0][:120]}); "
                             "rebuild them with `ctxdraft add-exits`") from None
     if not tensors:
-        raise CtxdraftError(f"{display_path(path)} has no weights for the exit at layer {exit_layer}; "
-                            "rebuild it with `ctxdraft add-exits`")
+        raise CtxdraftError(f"{display_path(path)} has no weights for {what}; rebuild it with `ctxdraft add-exits`")
     return tensors
+
+
+def read_head_tensors(path: Path, exit_layer: int) -> dict[str, torch.Tensor]:
+    return read_tensors(path, _prefix(exit_layer), f"the exit at layer {exit_layer}")
 
 
 def load_head(model: nn.Module, path: Path, exit_layer: int, kind: str) -> ExitHead:

@@ -44,6 +44,13 @@ class ExitTrainConfig:
     thresholds: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9])
     timing_reps: int = 9
     resume: bool = False
+    # feature heads (--head feature): the head's name, training-time-test depth, loss decay per draft position,
+    # prompt positions sampled as extra bases per sequence, sequences per optimizer step
+    name: str = "general"
+    ttt_steps: int = 5
+    decay: float = 0.8
+    prompt_bases: int = 64
+    seqs_per_step: int = 4
 
     def validate(self, num_layers: int, vocab_size: int) -> None:
         layers = self.layers
@@ -52,12 +59,21 @@ class ExitTrainConfig:
         if len(set(layers)) != len(layers):
             dup = sorted({x for x in layers if layers.count(x) > 1})
             raise CtxdraftError(f"--layers has duplicates: {dup}")
-        bad = [x for x in layers if not 0 < x < num_layers]
+        if self.head not in (*HEAD_KINDS, "feature"):
+            raise CtxdraftError(f"--head must be one of {', '.join((*HEAD_KINDS, 'feature'))}, got {self.head!r}")
+        top = num_layers if self.head == "feature" else num_layers - 1  # a feature head may read the last layer's output
+        bad = [x for x in layers if not 0 < x <= top]
         if bad:
-            raise CtxdraftError(f"--layers {bad} out of range: an exit layer must be in 1..{num_layers - 1} "
-                                f"(the target has {num_layers} layers)")
-        if self.head not in HEAD_KINDS:
-            raise CtxdraftError(f"--head must be one of {', '.join(HEAD_KINDS)}, got {self.head!r}")
+            raise CtxdraftError(f"--layers {bad} out of range: a {'feature' if self.head == 'feature' else 'exit'} layer "
+                                f"must be in 1..{top} (the target has {num_layers} layers)")
+        if self.head == "feature":
+            if layers != sorted(layers):
+                raise CtxdraftError(f"--layers of a feature head must be increasing, got {layers}")
+            if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+                raise CtxdraftError(f"--name must be letters, digits, '-', '_' or '.', got {self.name!r}")
+            if self.ttt_steps < 1 or not 0 < self.decay <= 1 or self.prompt_bases < 0 or self.seqs_per_step < 1:
+                raise CtxdraftError("feature training needs ttt_steps >= 1, decay in (0, 1], prompt_bases >= 0 and "
+                                    "seqs_per_step >= 1")
         if self.draft_vocab is not None and not 1 <= self.draft_vocab <= vocab_size:
             raise CtxdraftError(f"--draft-vocab must be in 1..{vocab_size}, got {self.draft_vocab}")
         if self.steps < 0 or self.batch_size < 1:
@@ -110,7 +126,7 @@ def _ridge_init(head: ExitHead, examples: list[Example], ridge: float) -> None:
         head.adapter.weight.copy_(A.T.to(head.adapter.weight.dtype))
 
 
-def _local_of(head: ExitHead, examples: list[Example]) -> torch.Tensor | None:
+def local_vocab_index(head, examples: list[Example]) -> torch.Tensor | None:
     if head.vocab_ids is None:
         return None
     size = max(int(head.vocab_ids.max()), max(int(ex.teacher_ids.max()) for ex in examples)) + 1
@@ -157,7 +173,7 @@ def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig,
         step, losses = int(meta["step"]), list(meta["losses"])
     elif head.kind == "linear" and config.ridge >= 0:
         _ridge_init(head, examples, config.ridge)
-    local_of = _local_of(head, examples)
+    local_of = local_vocab_index(head, examples)
     if head.kind == "linear":
         flat_hidden = torch.cat([ex.states(E) for ex in examples])
         flat_ids = torch.cat([ex.teacher_ids for ex in examples])

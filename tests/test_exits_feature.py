@@ -1,0 +1,190 @@
+"""Feature heads (EAGLE-3 style): lossless drafting from the target's captured states (Llama and Gemma 3, full and
+reduced vocabularies, K = 1/3/6), exact sampling, a teacher-forced replay equal to real runs, the training-time-
+test forward equal to incremental drafting."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ctxdraft.selfdraft.decoding import GenerationConfig, prefill, speculative_decode
+from ctxdraft.selfdraft.errors import CtxdraftError
+from ctxdraft.selfdraft.exits.feature_draft import FeatureDraft, FeatureSettings
+from ctxdraft.selfdraft.exits.feature_head import FeatureCache, FeatureHead
+from ctxdraft.selfdraft.layers import LayerStack
+from ctxdraft.selfdraft.trajectories import replay, teacher_pass
+from tiny import tiny_random
+
+PROMPT = [5, 9, 2, 33, 7, 7, 18, 40, 3, 11, 5, 9, 2, 33]
+
+
+def feature_draft(model, layers=(1, 2, 4), draft_len=3, threshold=0.0, vocab_ids=None, seed=0):
+    torch.manual_seed(seed)
+    head = FeatureHead(model, list(layers), vocab_ids).eval().requires_grad_(False)
+    with torch.no_grad():  # an untrained head that still agrees with the target now and then
+        head.fc.weight.add_(0.01 * torch.randn_like(head.fc.weight))
+    return FeatureDraft("feature", head, FeatureSettings("general", list(layers), draft_len, threshold))
+
+
+def greedy_reference(model, prompt, n):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def run(model, draft, prompt, n, capture=True, **gen):
+    stack = LayerStack(model)
+    pre = prefill(stack, prompt, capture=draft.state_layers if capture else ())
+    return speculative_decode(stack, pre, draft, GenerationConfig(max_new_tokens=n, **gen))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("draft_len", [1, 3, 6])
+def test_greedy_feature_draft_matches_generate(arch, draft_len):
+    model = tiny_random(arch)
+    ref = greedy_reference(model, PROMPT, 26)
+    for vocab_ids in (None, torch.arange(0, 61, 2)):
+        out, stats = run(model, feature_draft(model, draft_len=draft_len, vocab_ids=vocab_ids), PROMPT, 26)
+        assert out == ref and stats.drafted_tokens > 0
+    # A prefill that did not keep the head's layers (the arm was picked after it): the draft runs the prompt again.
+    out, _ = run(model, feature_draft(model, draft_len=draft_len), PROMPT, 26, capture=False)
+    assert out == ref
+
+
+def test_the_training_forward_equals_incremental_drafting():
+    model = tiny_random("llama")
+    head = feature_draft(model).head
+    stack = LayerStack(model)
+    tokens = PROMPT + greedy_reference(model, PROMPT, 6)
+    captured = dict.fromkeys(head.layers)
+    stack.run(stack.embed(torch.tensor([tokens])), 0, 4, stack.new_cache(), torch.arange(len(tokens)), captured)
+    states = torch.cat([captured[l][0] for l in head.layers], dim=-1)
+    base = len(PROMPT) - 1
+    with torch.no_grad():
+        batched = head(states, torch.tensor(tokens), torch.tensor([base]), 3)  # draft positions 1..3 from base
+        cache = FeatureCache()
+        fed = head.feed(cache, states[: base + 1], torch.tensor(tokens[1 : base + 2]), torch.arange(base + 1))
+        s = fed[-1:]
+        incremental = [head.logits(s)]
+        for j in range(2, 4):
+            s = head.step(cache, s, tokens[base + j], base + j)
+            incremental.append(head.logits(s))
+    for a, b in zip(batched, incremental):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05])
+def test_teacher_forced_replay_equals_real_runs(threshold):
+    model = tiny_random("llama", seed=3)
+    stack = LayerStack(model)
+    draft = feature_draft(model, draft_len=4, threshold=threshold)
+    for max_new in (1, 2, 20):
+        new_ids, stats = run(model, draft, PROMPT, max_new)
+        tp = teacher_pass(stack, PROMPT, new_ids, set(), ended_on_eos=False, layers=draft.state_layers, extend=8)
+        traj = replay(draft.teacher_forced(tp, 61), tp.token_ids, len(PROMPT), max_new, set())
+        assert (traj.target_forwards, traj.accepted_tokens, traj.new_tokens) == (
+            stats.target_forwards, stats.accepted_tokens, stats.new_tokens)
+        if threshold == 0:
+            assert traj.drafted_tokens == stats.drafted_tokens
+
+
+def test_sampling_keeps_the_target_distribution():
+    V = 6
+    model = tiny_random(vocab_size=V, seed=3)
+    prompt = [1, 4, 2, 0, 5]
+    temperature = 1.3
+    with torch.no_grad():
+        p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+        p2 = torch.softmax(model(torch.tensor([prompt + [t] for t in range(V)])).logits[:, -1] / temperature, -1)
+    exact = p1[:, None] * p2
+    draft = feature_draft(model, draft_len=2, vocab_ids=torch.tensor([0, 2, 3, 5]))
+    num, counts, drafted = 1500, torch.zeros(V, V), 0
+    for seed in range(num):
+        out, stats = run(model, draft, prompt, 3, temperature=temperature, seed=seed)
+        counts[out[0], out[1]] += 1
+        drafted += stats.drafted_tokens
+    assert drafted == num  # budget 1 per generation: the second token always went through draft + verify
+    expected = exact * num
+    keep = expected >= 5
+    chi2 = float((((counts - expected) ** 2) / expected)[keep].sum())
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)
+
+
+@pytest.mark.parametrize("layers", [[], [2, 2], [3, 1], [0, 2], [2, 9]])
+def test_bad_layers_are_refused(layers):
+    with pytest.raises(CtxdraftError, match="feature layers"):
+        FeatureHead(tiny_random("llama"), layers)
+
+
+def test_add_exits_trains_a_feature_head_and_its_arm_drafts_losslessly(tmp_path):
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from ctxdraft.cli.main import main
+    from ctxdraft.selfdraft.bundle import load_bundle
+    from tiny import save_word_target, write_word_prompts
+
+    model_dir = save_word_target(tmp_path / "model")
+    data = write_word_prompts(tmp_path / "data.jsonl", n=8)
+    out = tmp_path / "bundle"
+    args = ["add-exits", str(model_dir), "--head", "feature", "--layers", "1,2,4", "--data", str(data), "--out", str(out),
+            "--steps", "4", "--self-distill-tokens", "8", "--eval-frac", "0.25", "--ttt-steps", "3", "--json"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    report = _json.loads(r.output)
+    (entry,) = report["exits"]
+    assert entry["kind"] == "feature" and entry["arm"] == "feature" and entry["layers"] == [1, 2, 4]
+    acc = entry["acceptance_per_position"]["overall"]
+    assert len(acc["prefix"]) == 6 and all(a >= b for a, b in zip(acc["prefix"], acc["prefix"][1:]))
+    assert entry["train"]["steps"] == 4 and entry["cost_ratio"] > 0
+    bundle = load_bundle(out, target=str(model_dir))
+    assert "feature" in bundle.arms and bundle.info["feature_heads"][0]["name"] == "general"
+    prompt = "is was and or"
+    plain = bundle.generate(prompt, draft="none", max_new_tokens=16, chat=False)
+    drafted = bundle.generate(prompt, draft="feature", max_new_tokens=16, chat=False)
+    assert len(plain.token_ids) == 16 and drafted.token_ids == plain.token_ids and drafted.stats.drafted_tokens > 0
+    # A second, domain-specialised head joins the pool beside the first.
+    r = CliRunner().invoke(main, args[:-1] + ["--name", "a", "--domain", "a"])
+    assert r.exit_code == 0, r.output
+    bundle = load_bundle(out, target=str(model_dir))
+    assert {"feature", "feature:a"} <= set(bundle.arms)
+    assert bundle.generate(prompt, draft="feature:a", max_new_tokens=16, chat=False).token_ids == plain.token_ids
+    assert bundle.generate(prompt, draft="auto", max_new_tokens=16, chat=False).token_ids == plain.token_ids
+
+
+def test_resumed_feature_training_equals_uninterrupted(tiny_model_dir, tmp_path):
+    from ctxdraft.selfdraft.exits.data import build_examples
+    from ctxdraft.selfdraft.exits.feature_train import train_feature_head
+    from ctxdraft.selfdraft.exits.train import ExitTrainConfig
+    from ctxdraft.selfdraft.target import load_target
+
+    target = load_target(tiny_model_dir)
+    rows = [{"id": i, "domain": "d", "prompt": p} for i, p in enumerate(["abc abc abc", "hello there", "1 2 3 1 2"])]
+    exs = build_examples(target, rows, [1, 2, 4], max_prompt_tokens=64, new_tokens=8, topk=8, extend=2)
+    config = ExitTrainConfig(layers=[1, 2, 4], head="feature", steps=30, ttt_steps=3, seqs_per_step=2)
+
+    def fresh():
+        torch.manual_seed(0)
+        return FeatureHead(target.model, [1, 2, 4]).float()
+
+    whole = fresh()
+    train_feature_head(whole, exs, config, tmp_path / "whole.safetensors")
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_28(stage, done, total):
+        if done == 28:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_feature_head(fresh(), exs, config, tmp_path / "cut.safetensors", progress=stop_at_28)  # saved at 25
+    resumed = fresh()
+    config.resume = True
+    assert train_feature_head(resumed, exs, config, tmp_path / "cut.safetensors")["steps"] == 30
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert not torch.equal(whole.state_dict()["fc.weight"], fresh().state_dict()["fc.weight"])  # it trained
