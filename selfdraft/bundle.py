@@ -207,7 +207,8 @@ class Bundle:
         if self.log is not None and draft == "auto" and router is None:
             raise CtxdraftError(f"bundle {display_path(self.path)} has no policy, so no request is routed and there is "
                                 "nothing to log; train one with `ctxdraft train-policy` first")
-        pre = prefill(self.stack, prompt_ids, self.feature_layer if router is not None else None)
+        pre = prefill(self.stack, prompt_ids, self.feature_layer if router is not None else None,
+                      capture=self._state_layers(draft))
         t0 = time.perf_counter()
         routed = False
         if draft == "auto":
@@ -237,7 +238,6 @@ class Bundle:
                 features, router.features, prompt_ids, choice, self.explore, recorder.trajectory(len(new_ids)),
                 max_new_tokens, config.temperature, len(new_ids) < max_new_tokens, stats))
         return GenerationResult(prompt_ids, new_ids, text, arm, stats, routed)
-
 
     def _state_layers(self, draft: str) -> set[int]:
         """The target layers the prefill keeps for the arm(s) that may draft: feature heads read them."""

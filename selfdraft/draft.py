@@ -36,6 +36,8 @@ class DraftOutput:
     # confidence after running [0, E) for d_K as well.
     exit_hidden: torch.Tensor | None = None  # [1, K, D] or [1, K+1, D]
     exit_layer: int = 0
+    evaluations: int | None = None  # draft evaluations this proposal took (None: the draft does not say)
+    stopped: bool | None = None  # it stopped on confidence (the last evaluation's token was not proposed)
 
 
 @dataclass
@@ -187,7 +189,7 @@ class Draft:
         """Called once per generation, after the target's prefill."""
 
     def propose(self, state: DecodeState, max_len: int) -> DraftOutput:
-        return DraftOutput([])
+        return DraftOutput([], evaluations=0, stopped=False)
 
     def accept(self, state: DecodeState, committed_len: int) -> None:
         """The first ``committed_len`` tokens of ``state.tokens`` are final; drop state beyond them."""

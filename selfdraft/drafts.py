@@ -74,7 +74,7 @@ class LookupDraft(Draft):
 
     def propose(self, state, max_len):
         self.index.update(state.tokens)
-        return DraftOutput(self.index.lookup(state.tokens, min(max_len, self.settings.draft_len)))
+        return DraftOutput(self.index.lookup(state.tokens, min(max_len, self.settings.draft_len)), evaluations=1, stopped=False)
 
     def teacher_forced(self, tp, vocab_size):
         return LookupTeacherForced(self.settings)
@@ -165,7 +165,7 @@ class ModelDraft(Draft):
 
         # The last drafted token is never fed to the draft model; its cache ends one token earlier.
         run = draft_loop(min(max_len, self.settings.draft_len), 0.0, evaluate, take)
-        return DraftOutput(run.ids, torch.stack(probs) if probs else None)
+        return DraftOutput(run.ids, torch.stack(probs) if probs else None, evaluations=run.evaluations, stopped=run.stopped)
 
     def accept(self, state, committed_len):
         if self.cached_len > committed_len:

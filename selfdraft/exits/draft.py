@@ -101,10 +101,10 @@ class ExitDraft(Draft):
 
         run = draft_loop(min(max_len, self.settings.draft_len), self.settings.threshold, evaluate, take)
         if not run.evaluations:
-            return DraftOutput([])
+            return DraftOutput([], evaluations=0, stopped=False)
         # After a confidence stop the states also cover the last draft token: verification skips its [0, E).
-        return DraftOutput(run.ids, torch.stack(probs) if probs else None,
-                           exit_hidden=torch.cat(exit_states, dim=1), exit_layer=E)
+        return DraftOutput(run.ids, torch.stack(probs) if probs else None, exit_hidden=torch.cat(exit_states, dim=1),
+                           exit_layer=E, evaluations=run.evaluations, stopped=run.stopped)
 
     def accept(self, state, committed_len):
         if self.head_cache is not None and self.head_len > committed_len:

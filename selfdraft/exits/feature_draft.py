@@ -133,7 +133,7 @@ class FeatureDraft(Draft):
 
         run = draft_loop(min(max_len, self.settings.draft_len), self.settings.threshold, evaluate, take)
         self.cache.crop(self.fed)  # the chain's own entries were for this proposal only
-        return DraftOutput(run.ids, torch.stack(probs) if probs else None)
+        return DraftOutput(run.ids, torch.stack(probs) if probs else None, evaluations=run.evaluations, stopped=run.stopped)
 
     def accept(self, state: DecodeState, committed_len: int) -> None:
         count = committed_len - state.states_start  # the verified positions that are final
