@@ -15,16 +15,18 @@ Terms (Dudik, Langford, Li 2011, "Doubly Robust Policy Evaluation and Learning")
       G_i(a) = q(x_i, a) + [a = a_i] (r_i - q(x_i, a_i)) / p_i
   E[G_i(a) | x_i] is the true reward of a for every arm the logging policy could choose (p > 0), whatever q;
   a good q only lowers the variance. Arms that were never explored are known through q alone.
-- value of a routing policy pi (the argmax of the network): V(pi) = mean_i G_i(pi(x_i)), with a normal
+- inverse propensity scores: the pseudo-rewards with q = 0, i.e. r_i / p_i for the logged arm and 0 elsewhere
+  (unbiased too, noisier, and they credit a choice only with what was observed).
+- value of a routing policy pi (the argmax of the network) on the logs: V(pi) = mean_i G_i(pi(x_i)), with a normal
   95% interval from the rows' spread.
 
 ``learn_from_feedback`` is one update: REINFORCE (``policy.train_reinforce``, the offline method) on the offline
-table plus the logged rows' pseudo-reward table; the new policy's value estimated by cross-fitting (each fold of
-the logs scored by a reward model and a policy fitted without it) against the routing policy in use; the new
-policy kept only when it is not estimated worse (``force`` overrides). ``update_policy`` does that for a bundle
-on disk: it writes policy.onnx (and its weights, report, bundle.json) whole or not at all, records in bundle.json
-what it learned from, and stores the new policy as this machine's calibration of the new bundle (the policy was
-trained for this machine's costs).
+table plus the logged rows' doubly robust pseudo-rewards; the new policy's value estimated by cross-fitting (each
+fold of the logs scored by a policy trained without it) with inverse propensity scores, against the routing policy
+in use; the new policy kept only when it is not estimated worse (``force`` overrides). ``update_policy`` does that
+for a bundle on disk: it writes policy.onnx (and its weights, report, bundle.json) whole or not at all, records in
+bundle.json what it learned from, and stores the new policy as this machine's calibration of the new bundle (the
+policy was trained for this machine's costs).
 
 Longer than 400 lines because the estimator, the training on logged feedback and the update of a bundle on disk
 share one set of definitions (the pseudo-rewards) that would otherwise have to be passed between three files.
@@ -139,7 +141,8 @@ class RewardModel:
 
 
 def pseudo_rewards(predicted: torch.Tensor, feedback: Feedback) -> torch.Tensor:
-    """Doubly robust pseudo-rewards G [n, A] (module docstring) from the reward model's predictions [n, A]."""
+    """Doubly robust pseudo-rewards G [n, A] (module docstring) from the reward model's predictions [n, A];
+    predictions of zero give the inverse propensity scores."""
     G = predicted.double().clone()
     rows = torch.arange(len(feedback))
     G[rows, feedback.arms] += (feedback.rewards - G[rows, feedback.arms]) / feedback.propensity
@@ -239,37 +242,37 @@ def learn_from_feedback(offline: RewardData, feedback: Feedback, config: PolicyC
                         folds: int = 5, seed: int = 0, force: bool = False, progress: Progress | None = None) -> Learned:
     """One update, as ``update-policy`` (and the replay benchmark's "update every N requests") does it.
 
-    Cross-fitting: the logged rows are split into ``folds``; for each fold a reward model and a policy are fitted
-    on the offline rows and the *other* folds only, and the fold's rows are scored with that reward model's
-    pseudo-rewards, so neither the policy nor the reward model has seen the rewards it is judged on. The estimate
-    compares those choices with the policy in use (its choices on the logged rows are ``old_choices``). Unless
-    the one in use is estimated better, the new policy is trained on everything."""
-    n = len(feedback)
+    Training uses the doubly robust pseudo-rewards. The estimate that guards the update uses the inverse
+    propensity scores (q = 0) instead, by cross-fitting: the logged rows are split into ``folds``, each fold is
+    scored by a policy trained (with a reward model fitted) on the offline rows and the *other* folds only, and
+    compared, row by row, with the policy in use (its choices on the logged rows are ``old_choices``). The reward
+    model stays out of the estimate on purpose: a policy trained on the model's pseudo-rewards exploits the model's
+    errors, and the same model would then vouch for them (in the replay benchmark every doubly robust gain that was
+    significant was a true loss); inverse propensity scoring credits a choice only with what was observed. Unless
+    the policy in use is estimated better, the new policy is trained on everything."""
+    n, A = len(feedback), len(offline.arm_names)
     folds = max(1, min(folds, n))
     fold_of = torch.empty(n, dtype=torch.long)
     fold_of[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] = torch.arange(n) % folds
     hidden = offline.hidden if feedback.hidden is not None else None
     inputs = feedback_inputs(feedback, config.feature_kind)
-    G = torch.empty(n, len(offline.arm_names), dtype=torch.float64)  # each row's pseudo-rewards from its fold's model
     new_choices = torch.empty(n, dtype=torch.long)
     for k in range(folds):
         if progress:
             progress("update-policy: estimate", k, folds)
         held_out, rest = (fold_of == k).nonzero().flatten(), (fold_of != k).nonzero().flatten().tolist()
         model = RewardModel.fit(offline.rewards, hidden, feedback, rest)
-        G_k = pseudo_rewards(model.predict(n, feedback.hidden), feedback)
-        policy = train_on_feedback(offline, feedback, G_k, config, rest)
+        policy = train_on_feedback(offline, feedback, pseudo_rewards(model.predict(n, feedback.hidden), feedback), config, rest)
         new_choices[held_out] = choose_arms(policy, inputs[held_out])
-        G[held_out] = G_k[held_out]
-    comparison = compare(G, new_choices, old_choices)
+    comparison = compare(pseudo_rewards(torch.zeros(n, A, dtype=torch.float64), feedback), new_choices, old_choices)
     replace = force or comparison.gain.value >= -TIE
     model = RewardModel.fit(offline.rewards, hidden, feedback)
     if not replace:
         return Learned(comparison, False, None, model, new_choices)
     if progress:
         progress("update-policy: train", 0, 1)
-    return Learned(comparison, True, train_on_feedback(offline, feedback, pseudo_rewards(model.predict(n, feedback.hidden), feedback),
-                                                       config), model, new_choices)
+    G = pseudo_rewards(model.predict(n, feedback.hidden), feedback)
+    return Learned(comparison, True, train_on_feedback(offline, feedback, G, config), model, new_choices)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ class ReplayConfig:
     explore: float = 0.1
     seeds: int = 3
     folds: int = 5
-    linucb_alphas: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    linucb_alphas: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     linucb_dims: int = 32
     checkpoint_every: int = 25
     policy: PolicyConfig = field(default_factory=PolicyConfig)

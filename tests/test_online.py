@@ -188,7 +188,7 @@ def test_update_policy_writes_a_whole_bundle_that_records_what_it_learned_from(b
     log = tmp_path / "traffic.jsonl"
     old = serve(bundle_dir, log)
     before = snapshot(bundle_dir)
-    result = update_policy(load_bundle(bundle_dir), [log], out=tmp_path / "v2")
+    result = update_policy(load_bundle(bundle_dir), [log], out=tmp_path / "v2", force=True)
     assert result.replaced and result.path == tmp_path / "v2"
     assert snapshot(bundle_dir) == before  # --out: the original is untouched
     report = result.report
@@ -216,8 +216,8 @@ def test_update_policy_writes_a_whole_bundle_that_records_what_it_learned_from(b
 def test_the_policy_in_use_is_kept_when_it_is_estimated_better_unless_forced(bundle_dir, tmp_path):
     """The offline rows say prompt lookup is fast on these prompts; the policy in use routes everything to `none`
     (trained on rewards that said lookup is slow), and the served traffic agrees with it (its lookup trajectories
-    rewritten to accept nothing). A policy retrained mostly on the offline rows picks lookup and is estimated
-    worse on these logs: kept, nothing written; --force replaces it."""
+    rewritten to accept nothing after 100 lookups a step). A policy retrained mostly on the offline rows picks
+    lookup and is estimated worse on these logs: kept, nothing written; --force replaces it."""
     from ctxdraft.selfdraft.bundle import load_bundle
     from ctxdraft.selfdraft.train_policy import train_bundle_policy
 
@@ -232,7 +232,7 @@ def test_the_policy_in_use_is_kept_when_it_is_estimated_better_unless_forced(bun
     assert {r["greedy_arm"] for r in rows} == {"none"} and {r["arm"] for r in rows} == {"none", "lookup", "lookup-k2"}
     for r in rows:
         if r["arm"] != "none":
-            r["measurement"]["trajectory"]["steps"] = [[1, 2, 0, 0]] * r["measurement"]["plain_steps"]
+            r["measurement"]["trajectory"]["steps"] = [[100, 2, 0, 0]] * r["measurement"]["plain_steps"]
     _write(log, rows)
     before = snapshot(bundle_dir)
     kept = update_policy(load_bundle(bundle_dir), [log], config=UpdateConfig(epochs=100))
