@@ -24,6 +24,9 @@ from .common import dtype_option, echo_json, parse_ints, progress_bar, ranks
 @click.option("--ttt-steps", type=int, default=5, show_default=True, help="--head feature: draft positions unrolled in "
               "training (training-time test).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default 1e-3).")
+@click.option("--samples", type=int, default=0, show_default=True, help="Also train on N sampled continuations of every "
+              "training prompt (more of the target's own text).")
+@click.option("--sample-temperature", type=float, default=0.8, show_default=True)
 @click.option("--draft-vocab", type=int, default=None, help="Restrict the exit's LM head to the N most frequent ids.")
 @click.option("--steps", type=int, default=200, show_default=True, help="Distillation steps per exit.")
 @click.option("--self-distill-tokens", type=int, default=64, show_default=True, help="Target continuation tokens per prompt.")
@@ -34,7 +37,8 @@ from .common import dtype_option, echo_json, parse_ints, progress_bar, ranks
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoints in BUNDLE/.add_exits_work.")
 @dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def add_exits_cmd(target, layers, data_path, out_dir, head, name, domains, ttt_steps, lr, draft_vocab, steps,
+def add_exits_cmd(target, layers, data_path, out_dir, head, name, domains, ttt_steps, lr, samples, sample_temperature,
+                  draft_vocab, steps,
                   self_distill_tokens, max_prompt_tokens, max_prompts, eval_frac, seed, resume, dtype, as_json):
     """Train early-exit heads on intermediate layers and add `exit@E` arms to a bundle.
 
@@ -58,7 +62,8 @@ def add_exits_cmd(target, layers, data_path, out_dir, head, name, domains, ttt_s
     config = ExitTrainConfig(
         layers=parse_ints(layers, "--layers", "10,16,22"), head=head, draft_vocab=draft_vocab, steps=steps,
         self_distill_tokens=self_distill_tokens, max_prompt_tokens=max_prompt_tokens, max_prompts=max_prompts,
-        eval_frac=eval_frac, seed=seed, resume=resume, name=name, ttt_steps=ttt_steps, lr=lr,
+        eval_frac=eval_frac, seed=seed, resume=resume, name=name, ttt_steps=ttt_steps, lr=lr, samples=samples,
+        sample_temperature=sample_temperature,
     )
     rows = read_prompts(data_path)
     if domains:

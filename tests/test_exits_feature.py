@@ -147,10 +147,12 @@ def test_add_exits_trains_a_feature_head_and_its_arm_drafts_losslessly(tmp_path)
     drafted = bundle.generate(prompt, draft="feature", max_new_tokens=16, chat=False)
     assert len(plain.token_ids) == 16 and drafted.token_ids == plain.token_ids and drafted.stats.drafted_tokens > 0
     # A second, domain-specialised head joins the pool beside the first.
-    r = CliRunner().invoke(main, args[:-1] + ["--name", "a", "--domain", "a"])
+    r = CliRunner().invoke(main, args[:-1] + ["--name", "a", "--domain", "a", "--samples", "1"])
     assert r.exit_code == 0, r.output
     bundle = load_bundle(out, target=str(model_dir))
     assert {"feature", "feature:a"} <= set(bundle.arms)
+    report = _json.loads((out / "reports" / "add_exits.json").read_text())
+    assert report["data"]["num_train_texts"] == 2 * report["data"]["num_train"]  # greedy + one sampled each
     assert bundle.generate(prompt, draft="feature:a", max_new_tokens=16, chat=False).token_ids == plain.token_ids
     assert bundle.generate(prompt, draft="auto", max_new_tokens=16, chat=False).token_ids == plain.token_ids
 

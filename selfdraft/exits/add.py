@@ -51,7 +51,7 @@ def _data_key(target, rows: list[dict], config: ExitTrainConfig) -> str:
     h.update(target.content_hash.encode())
     h.update(json.dumps([r["prompt"] for r in rows]).encode())
     relevant = {k: getattr(config, k) for k in ("self_distill_tokens", "max_prompt_tokens", "max_prompts",
-                                                "eval_frac", "seed", "teacher_topk")}
+                                                "eval_frac", "seed", "teacher_topk", "sample_temperature")}
     relevant["layers"] = sorted(config.layers)
     relevant["extend"] = max(config.draft_lens)
     h.update(json.dumps(relevant, sort_keys=True).encode())
@@ -171,27 +171,31 @@ def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, c
     examples = build_examples(target, rows, layers, max_prompt_tokens=config.max_prompt_tokens,
                               new_tokens=config.self_distill_tokens, topk=min(config.teacher_topk, target.vocab_size),
                               extend=max(config.draft_lens), work=work, progress=progress, group=group)
-    data_s = time.perf_counter() - t0
     train_ex, held_ex = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
+    for s in range(config.samples):  # sampled continuations of the training prompts: training text only
+        train_ex += build_examples(target, [rows[i] for i in train_idx], layers, max_prompt_tokens=config.max_prompt_tokens,
+                                   new_tokens=config.self_distill_tokens, topk=min(config.teacher_topk, target.vocab_size),
+                                   extend=max(config.draft_lens), work=work, progress=progress, group=group, sample=s,
+                                   temperature=config.sample_temperature, seed=config.seed)
+    data_s = time.perf_counter() - t0
 
     vocab_ids = reduced_vocab(target, train_ex, config.draft_vocab) if config.draft_vocab else None
     train = _train_feature if config.head == "feature" else _train_exits
     trained = train(target, layers, vocab_ids, train_ex, held_ex, config, work, progress, group)
 
     def finish() -> dict | None:
-        return _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, examples, trained, config,
-                                 data_s, t_start, progress) if group.main else None
+        return _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, train_ex, held_ex, trained,
+                                 config, data_s, t_start, progress) if group.main else None
 
     report = group.broadcast(group.run(finish))
     group.run(lambda: shutil.rmtree(work, ignore_errors=True) if group.main else None)
     return report
 
 
-def _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, examples, trained: list[Trained], config,
-                      data_s, t_start, progress) -> dict:
+def _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, train_ex, held_ex, trained: list[Trained],
+                      config, data_s, t_start, progress) -> dict:
     """Measure the pool's costs, pick each head's draft length and threshold, and write the bundle (rank 0)."""
     out_dir, info = bundle.path, bundle.info
-    train_ex, held_ex = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
     # The cost profile of the whole pool the bundle will have (new heads at their longest candidate length).
     candidates = {t.draft.name: t.draft for t in trained}
     kept_arms = [a for a in info["arms"] if a["name"] not in candidates]
@@ -248,6 +252,7 @@ def _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, ex
                    "num_params": target_params},
         "config": {k: v for k, v in asdict(config).items() if k != "resume"},
         "data": {"num_prompts": len(rows), "num_train": len(train_idx), "num_heldout": len(held_idx),
+                 "num_train_texts": len(train_ex),
                  "heldout_ids": [rows[i]["id"] for i in held_idx],
                  "train_positions": sum(ex.num_positions for ex in train_ex),
                  "heldout_positions": sum(ex.num_positions for ex in held_ex), "build_s": round(data_s, 1)},

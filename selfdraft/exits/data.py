@@ -13,8 +13,10 @@ from typing import Callable
 
 import torch
 
+from ..decoding import GenerationConfig, prefill, speculative_decode
 from ..distributed import Group
 from ..draft import TeacherPass
+from ..drafts import LookupDraft
 from ..errors import CtxdraftError
 from ..fileio import atomic_path, display_path
 from ..layers import LayerStack
@@ -86,10 +88,15 @@ def _load(path: Path, row: dict) -> Example:
 @torch.inference_mode()
 def build_examples(target, rows: list[dict], layers: list[int], *, max_prompt_tokens: int, new_tokens: int,
                    topk: int, extend: int, work: Path | None = None, progress: Progress | None = None,
-                   group: Group | None = None) -> list[Example]:
+                   group: Group | None = None, sample: int | None = None, temperature: float = 0.8,
+                   seed: int = 0) -> list[Example]:
     """The target's greedy continuation of each row (``new_tokens``) and one teacher pass over it, keeping the
     states after ``layers``, the LM head's input and the top-``topk`` log-probabilities. Each finished prompt
     is saved under ``work`` and read back from there when present.
+
+    ``sample``: build the ``sample``-th *sampled* continuation of each row instead (at ``temperature``, seeded by
+    ``seed``, the row and the sample number): more training text of the target's own, for diversity. The teacher
+    is still the target's distribution at every position.
 
     Under torchrun each rank builds its share of the prompts (``group.shard``) and then reads the others' from
     ``work``, which must be a directory every rank sees."""
@@ -100,17 +107,27 @@ def build_examples(target, rows: list[dict], layers: list[int], *, max_prompt_to
     examples: list[Example | None] = [None] * len(rows)
     mine = group.shard(range(len(rows)))
 
+    suffix = "" if sample is None else f"_s{sample}"
+
     def build_mine() -> None:
         for count, i in enumerate(mine):
             row = rows[i]
-            saved = work / f"example_{i}.safetensors" if work is not None else None
+            saved = work / f"example_{i}{suffix}.safetensors" if work is not None else None
             if saved is not None and saved.is_file():
                 examples[i] = _load(saved, row)
             else:
                 prompt_ids = encode_prompt(target, row["prompt"], max_prompt_tokens)
-                run = greedy_continuation(stack, prompt_ids, new_tokens, target.eos_ids) if new_tokens > 0 else None
-                new_ids = run.new_ids if run is not None else []
-                ended = run.ended_on_eos if run is not None else False
+                if new_tokens <= 0:
+                    new_ids, ended = [], False
+                elif sample is None:
+                    run = greedy_continuation(stack, prompt_ids, new_tokens, target.eos_ids)
+                    new_ids, ended = run.new_ids, run.ended_on_eos
+                else:
+                    config = GenerationConfig(max_new_tokens=new_tokens, temperature=temperature,
+                                              seed=(seed * 1_000_003 + i * 101 + sample) % (2**63))
+                    new_ids, _ = speculative_decode(stack, prefill(stack, prompt_ids), LookupDraft("lookup"), config,
+                                                    target.eos_ids)
+                    ended = len(new_ids) < new_tokens
                 tp = teacher_pass(stack, prompt_ids, new_ids, target.eos_ids, ended_on_eos=ended, layers=layers,
                                   extend=extend, topk=topk, lm_input=True)
                 examples[i] = Example(row, tp, len(prompt_ids) + len(new_ids))
@@ -122,7 +139,7 @@ def build_examples(target, rows: list[dict], layers: list[int], *, max_prompt_to
     group.run(build_mine)
     for i, row in enumerate(rows):  # the other ranks' share
         if examples[i] is None:
-            examples[i] = _load(work / f"example_{i}.safetensors", row)
+            examples[i] = _load(work / f"example_{i}{suffix}.safetensors", row)
     return examples
 
 

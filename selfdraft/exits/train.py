@@ -51,6 +51,9 @@ class ExitTrainConfig:
     decay: float = 0.8
     prompt_bases: int = 64
     seqs_per_step: int = 4
+    # more training text: this many sampled continuations of every training prompt (at sample_temperature)
+    samples: int = 0
+    sample_temperature: float = 0.8
 
     def validate(self, num_layers: int, vocab_size: int) -> None:
         layers = self.layers
@@ -82,6 +85,9 @@ class ExitTrainConfig:
             raise CtxdraftError("--self-distill-tokens must be >= 0 and the prompt length >= 1")
         if not 0 < self.eval_frac < 1:
             raise CtxdraftError(f"--eval-frac must be in (0, 1), got {self.eval_frac}")
+        if self.samples < 0 or not 0 < self.sample_temperature <= 5 or self.samples and self.self_distill_tokens < 1:
+            raise CtxdraftError("--samples must be >= 0 (with --self-distill-tokens >= 1) and --sample-temperature "
+                                "in (0, 5]")
         if self.max_prompts is not None and self.max_prompts < 2:
             raise CtxdraftError("--max-prompts must be >= 2 (training and held-out prompts)")
         if not self.draft_lens or min(self.draft_lens) < 1 or not self.thresholds:
