@@ -35,6 +35,7 @@ from .decoding import target_forward
 from .draft import DecodeState, Draft, DraftOutput
 from .errors import CtxdraftError
 from .layers import LayerStack
+from .machine import machine_fingerprint
 from .trajectories import Trajectory
 
 PROFILE_VERSION = 2
@@ -148,9 +149,10 @@ def median_times(jobs: dict[str, Callable[[], None]], reps: int) -> dict[str, fl
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+def machine_info(dtype: torch.dtype) -> dict:
+    """Where a profile was measured: ``machine.machine_fingerprint`` (device, CPU model, threads, dtype, torch)
+    plus the platform and core count."""
+    return {**machine_fingerprint(dtype), "platform": platform.platform(), "cpus": os.cpu_count()}
 
 
 @torch.inference_mode()
@@ -212,7 +214,7 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
     profile = CostProfile(
         context_tokens=n,
         target_step_s={m: medians[f"verify:{m}"] for m in range(1, positions + 1)},
-        target_hash=target_hash, machine=machine_info(), reps=reps,
+        target_hash=target_hash, machine=machine_info(stack.model.dtype), reps=reps,
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     for key, draft in by_key.items():
