@@ -25,10 +25,15 @@ class ExitSettings:
     def __post_init__(self):
         if not isinstance(self.exit_layer, int) or isinstance(self.exit_layer, bool) or self.exit_layer < 1:
             raise CtxdraftError(f"exit_layer must be an integer >= 1, got {self.exit_layer!r}")
-        if not isinstance(self.draft_len, int) or self.draft_len < 1:
-            raise CtxdraftError(f"exit draft_len must be an integer >= 1, got {self.draft_len!r}")
-        if not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold < 1:
-            raise CtxdraftError(f"exit threshold must be in [0, 1), got {self.threshold!r}")
+        check_stop_settings("exit", self.draft_len, self.threshold)
+
+
+def check_stop_settings(kind: str, draft_len, threshold) -> None:
+    """A head's draft length (an integer >= 1) and confidence stop (in [0, 1)), for exit and feature arms."""
+    if not isinstance(draft_len, int) or isinstance(draft_len, bool) or draft_len < 1:
+        raise CtxdraftError(f"{kind} draft_len must be an integer >= 1, got {draft_len!r}")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold < 1:
+        raise CtxdraftError(f"{kind} threshold must be in [0, 1), got {threshold!r}")
 
 
 def exit_arm(settings: ExitSettings) -> dict:

@@ -15,6 +15,7 @@ from ..draft import ChainTeacherForced, DecodeState, Draft, DraftOutput, Teacher
 from ..errors import CtxdraftError
 from ..layout import EXITS_FILE
 from ..sampling import probs_from_logits
+from .draft import check_stop_settings
 from .feature_head import FeatureCache, FeatureHead
 
 
@@ -33,10 +34,7 @@ class FeatureSettings:
         if not isinstance(self.layers, list) or not self.layers or not all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in self.layers):
             raise CtxdraftError(f"feature layers must be positive integers, got {self.layers!r}")
-        if not isinstance(self.draft_len, int) or self.draft_len < 1:
-            raise CtxdraftError(f"feature draft_len must be an integer >= 1, got {self.draft_len!r}")
-        if not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold < 1:
-            raise CtxdraftError(f"feature threshold must be in [0, 1), got {self.threshold!r}")
+        check_stop_settings("feature", self.draft_len, self.threshold)
 
 
 def feature_arm(settings: FeatureSettings) -> dict:
