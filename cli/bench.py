@@ -25,8 +25,10 @@ def _parse_arms(value: str) -> list[str] | None:
 @click.option("--per-domain", type=int, help="Bench only the first N prompts of each domain (after the split).")
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @click.option("--arms", default="all", show_default=True, help="Comma-separated arms to run (may include 'auto'), or 'all'.")
-@click.option("--baselines", type=click.Choice(["hf", "none"]), default="hf", show_default=True,
-              help="hf: also HF prompt lookup and HF early exit; none: only plain HF generate (always run: the reference).")
+@click.option("--baselines", type=click.Choice(["hf", "lookup", "none"]), default="hf", show_default=True,
+              help="hf: also HF prompt lookup, HF early exit (bundles with exits) and HF assisted generation with the "
+                   "pool's draft model (bundles with a model arm); lookup: only HF prompt lookup; none: only plain HF "
+                   "generate (always run: the reference).")
 @click.option("--repeats", default=1, show_default=True, type=int, help="Time each prompt and method R times; the median counts.")
 @click.option("--split", type=click.Choice(["eval", "all"]), default="eval", show_default=True,
               help="eval: only the prompts no part of the bundle trained on (all prompts if it records none).")

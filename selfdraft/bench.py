@@ -42,7 +42,7 @@ from .fileio import display_path
 from .machine import dtype_name, machine_fingerprint
 from .ties import compare_greedy
 
-BASELINES = ("hf", "none")
+BASELINES = ("hf", "lookup", "none")
 SPLITS = ("eval", "all")
 WARMUP_TOKENS = 16
 
@@ -56,7 +56,8 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 class BenchConfig:
     max_new_tokens: int = 128
     arms: list[str] | None = None  # None: every arm of the bundle, plus `auto` when it has a policy
-    baselines: str = "hf"  # "hf": plain + prompt lookup + early exit; "none": plain HF generate only (the reference)
+    baselines: str = "hf"  # "hf": plain + prompt lookup + early exit (+ assisted with a model arm's draft);
+    # "lookup": plain + prompt lookup; "none": plain HF generate only (the reference)
     repeats: int = 1  # each (prompt, method) is timed this many times; the median counts
     temperature: float = 0.0  # > 0: seeded sampling runs (speed and acceptance only, no equality check)
     seed: int = 0
@@ -218,9 +219,12 @@ def build_methods(bundle: Bundle, config: BenchConfig) -> tuple[list[Method], li
     """The methods to run (reference first) and notes on what was left out and why."""
     notes = []
     methods = [Method(REFERENCE, "hf", lambda p, c: hf_generate(bundle, p, c))]
-    if config.baselines == "hf":
+    if config.baselines in ("hf", "lookup"):
         methods.append(Method("hf-lookup", "hf", lambda p, c: hf_generate(
             bundle, p, c, prompt_lookup_num_tokens=c.hf_lookup_tokens, max_matching_ngram_size=c.hf_lookup_ngram)))
+    if config.baselines == "lookup":
+        notes.append("HF early exit and assisted generation not run (--baselines lookup)")
+    elif config.baselines == "hf":
         layer = best_exit_layer(bundle.info)
         if layer is None:
             notes.append("hf-early-exit: skipped, the bundle has no exits")

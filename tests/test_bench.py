@@ -262,3 +262,11 @@ def test_hf_assisted_generation_is_the_peer_of_a_model_arm(tiny_model_dir, tmp_p
     assisted = [r for r in report.results if r.method == "hf-assisted"]
     assert all(r.matches for r in assisted)
     assert any("hf-assisted: HF assisted generation with the draft model of model:self-k3" in n for n in report.notes)
+
+
+def test_lookup_baselines_leave_out_hf_early_exit(bundle):
+    from ctxdraft.selfdraft.bench import build_methods
+
+    names = [m.name for m in build_methods(bundle, BenchConfig(max_new_tokens=4, baselines="lookup"))[0]]
+    assert names[:2] == [REFERENCE, "hf-lookup"] and not any(n.startswith("hf-early-exit") for n in names)
+    assert [m.name for m in build_methods(bundle, BenchConfig(max_new_tokens=4, baselines="none"))[0]][:2] == [REFERENCE, "none"]
