@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from ctxdraft.triton_kernels import SamplingNoise, draw_noise, verify_greedy, verify_sampling
+from ctxdraft.triton_kernels import draw_noise, verify_greedy, verify_sampling
 
 MODES = ("greedy", "sampling", "sampling_q")  # sampling: lookup drafts (one-hot q); sampling_q: drafts with probs
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

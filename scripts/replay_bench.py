@@ -9,7 +9,6 @@ logged requests, for the frozen offline policy, `update-policy` every N requests
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ def markdown(result: dict, source: str, seconds: float) -> str:
     ]
     for name, curves in result["learners"].items():
         lines.append(f"| {label(name, cfg)} | " + " | ".join(_cell(curves["eval"][k]) for k in shown) + " |")
-    lines.append(f"| (reference) offline policy trained on all domains, full information | "
+    lines.append("| (reference) offline policy trained on all domains, full information | "
                  + " | ".join(_cell(result["full_information_eval_regret"]) for _ in shown) + " |")
     lines += ["", "Regret of the arms each learner actually chose on the requests so far (exploration included):", "",
               "| learner | " + " | ".join(f"{cps[k]} req." for k in shown[1:]) + " |",

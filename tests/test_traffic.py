@@ -10,7 +10,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from ctxdraft.selfdraft.decoding import GenerationConfig, prefill, speculative_decode
 from ctxdraft.selfdraft.draft import TeacherForced
