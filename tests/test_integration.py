@@ -58,3 +58,28 @@ def test_public_api_shape(bundle):
     assert s.new_tokens == len(r.token_ids) <= 1 + s.accepted_tokens + (s.target_forwards - 1)
     assert 0 <= s.accepted_tokens <= s.drafted_tokens and sum(s.accepted_per_position) == s.accepted_tokens
     assert 0 < s.route_s < s.wall_s and s.tokens_per_s == pytest.approx(s.new_tokens / s.wall_s)
+
+
+def test_calibrating_the_shipped_bundle(tmp_path, monkeypatch):
+    """The shipped bundle carries its trajectories: calibrate measures this machine, retrains from every stored
+    row, stores the result under the calibration directory (never in the package) and routing then uses it."""
+    from ctxdraft.selfdraft.calibrate import calibrate, find_calibration
+    from ctxdraft.selfdraft.rewards import read_trajectories
+
+    monkeypatch.setenv("CTXDRAFT_CALIBRATIONS", str(tmp_path))
+    b = load_bundle(calibrate=True)
+    shipped = {p.name: p.read_bytes() for p in b.path.iterdir() if p.is_file()}
+    assert find_calibration(b) is None
+    calibration = calibrate(b, reps=2, epochs=20)
+    assert calibration.path.parent == tmp_path
+    rows = len(read_trajectories(b.path))
+    assert rows >= 100 and calibration.report["rows"] == calibration.report["num_train"] + calibration.report["num_eval"] == rows
+    longest = max(a["settings"].get("draft_len", 0) for a in b.info["arms"])
+    steps = calibration.profile.target_step_s
+    assert set(range(1, longest + 2)) <= set(steps) and all(0 < s < 10 for s in steps.values())
+    assert calibration.machine["dtype"] == str(b.target.dtype).removeprefix("torch.")
+    assert {p.name: p.read_bytes() for p in b.path.iterdir() if p.is_file()} == shipped
+    assert find_calibration(b).path == calibration.path
+    r = b.generate("Say hello.", draft="auto", max_new_tokens=8)
+    assert r.routed and r.arm in b.arms
+    assert b.router().path == calibration.policy_path
