@@ -37,8 +37,8 @@ def _parse_arms(value: str) -> list[str] | None:
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="> 0: seeded sampling runs (no equality check).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", type=int, help="torch threads during the bench (default: torch's; 1 avoids spin-waiting on a busy shared machine).")
-@click.option("--tie-tolerance", type=float, help="Logit gap under which a greedy divergence counts as a tie of the "
-              "target's top-2 (default by dtype: float32 1e-3, bfloat16 0.5, float16 0.1).")
+@click.option("--tie-tolerance", type=float, help="Logit gap under which a greedy divergence counts as a tie: both tokens "
+              "within it of the target's best logit (default by dtype: float32 1e-3, bfloat16 0.5, float16 0.1).")
 @dtype_option
 @no_calibrate_option
 @click.option("--json", "as_json", is_flag=True, help="Print bench.json instead of the Markdown table.")

@@ -37,8 +37,9 @@ class PromptResult:
 
 @dataclass
 class Mismatch:
-    """A greedy output that differs from hf-generate's: a ``tie`` (the target's top-2 logits at the divergence
-    are within the dtype's rounding tolerance: legitimate in bf16/fp16, see ``ties.py``) or a ``mismatch``."""
+    """A greedy output that differs from hf-generate's: a ``tie`` (both tokens' logits at the divergence are
+    within the dtype's rounding tolerance of the target's best: legitimate in bf16/fp16, see ``ties.py``) or a
+    ``mismatch``."""
 
     prompt_id: object
     domain: str
@@ -48,7 +49,7 @@ class Mismatch:
     expected_tokens: int
     got_tokens: int
     kind: str = "mismatch"  # "tie" or "mismatch"
-    gap: float | None = None  # the target's top-1 minus top-2 logit at first_diff
+    gap: float | None = None  # the target's best logit minus the lower of the two tokens' at first_diff
 
 
 @dataclass
@@ -125,7 +126,7 @@ class BenchReport:
             return "Sampling run: outputs are not compared (they differ by design); speed and acceptance only."
         n = self.num_compared
         ties = self.ties
-        tie_note = (f"; {len(ties)} diverged at a tie of the target's top-2 logits (gap <= {max(m.gap for m in ties):.3g}, "
+        tie_note = (f"; {len(ties)} diverged at a near-tie of the target's best logits (gap <= {max(m.gap for m in ties):.3g}, "
                     f"legitimate in {self.environment.get('dtype', 'this dtype')})") if ties else ""
         if self.ok:
             if not ties:
@@ -243,7 +244,7 @@ def bench_markdown(report: BenchReport) -> str:
         lines.append(f"- {s.method} chose: " + ", ".join(f"{arm} x{n}" for arm, n in s.arms_chosen.items()))
     for m in report.mismatches:
         label = "MISMATCH" if m.kind == "mismatch" else "tie"
-        gap = f", target's top-2 logit gap {m.gap:.3g}" if m.gap is not None else ""
+        gap = f", logit gap to the target's best {m.gap:.3g}" if m.gap is not None else ""
         lines.append(f"- {label}: {m.method} on prompt {m.prompt_id} ({m.domain}), repeat {m.repeat}: first differs at "
                      f"token {m.first_diff} ({m.got_tokens} tokens vs {m.expected_tokens} from hf-generate{gap})")
     lines += [f"- {n}" for n in report.notes]

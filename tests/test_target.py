@@ -161,7 +161,7 @@ def test_the_qwen_target_writes_code_greedily_in_bfloat16(one_thread):
 @pytest.mark.qwen
 def test_the_qwen_target_drafted_by_its_small_sibling_is_lossless():
     """generate --target qwen2.5-coder-1.5b-instruct --draft model:qwen2.5-coder-0.5b-instruct, through the API:
-    the same tokens as plain decoding (or a divergence at a bf16 tie of the target's top-2 logits), and the small
+    the same tokens as plain decoding (or a divergence at a bf16 tie of the target's best logits), and the small
     model's drafts mostly accepted."""
     from ctxdraft.selfdraft.bundle import load_bundle
     from ctxdraft.selfdraft.ties import compare_greedy
