@@ -155,6 +155,8 @@ def export_policy(policy: nn.Module, path: str | os.PathLike, arms: list, featur
         "ctxdraft.version": str(version),
     }
     del model.metadata_props[:]
+    for node in model.graph.node:  # the exporter's per-node stack traces name this machine's source paths
+        del node.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     model.producer_name = "ctxdraft"

@@ -122,6 +122,8 @@ def test_graph_shapes_checker_size_and_metadata(exported):
         assert features["kind"] == kind and features["pooling"] == "mean"
         assert path.stat().st_size < 1_000_000
         assert path.stat().st_mode & 0o777 == 0o644
+        # The exporter's per-node stack traces would ship this machine's source paths in a file users hand on.
+        assert b"onnx_export.py" not in path.read_bytes() and not any(n.metadata_props for n in model.graph.node)
         assert read_metadata(path) == {"arms": ARMS, "features": features, "target": TARGET, "version": "0.1.0"}
     assert json.loads({p.key: p.value for p in onnx.load(str(exported["hidden"][1])).metadata_props}[
         "ctxdraft.features"])["dim"] == FEATURE_DIM
