@@ -41,6 +41,41 @@ def exit_arm(settings: ExitSettings) -> dict:
     return {"name": f"exit@{settings.exit_layer}", "kind": "exit", "settings": asdict(settings)}
 
 
+class HeadChoice:
+    """What exit and feature drafts do at each draft position: the head's logits over its (reduced) vocabulary
+    give the confidence for the stop, then the token: the argmax, or (sampling) a draw from q, with q scattered back
+    to the full vocabulary (zero off the kept ids) so that verification stays exact."""
+
+    def __init__(self, head, state: DecodeState, threshold: float):
+        self.head, self.state, self.threshold = head, state, threshold
+        self.sampling = state.temperature > 0
+        self.ids: list[int] = []
+        self.probs: list[torch.Tensor] = []
+        self.logits = self.q = None
+
+    def confidence(self, logits: torch.Tensor) -> float:
+        self.logits = logits
+        self.q = probs_from_logits(logits, self.state.temperature, self.state.top_p) if self.sampling else None
+        if self.threshold <= 0:
+            return 1.0
+        return float(self.q.max() if self.sampling else torch.softmax(logits.float(), dim=-1).max())
+
+    def take(self) -> int:
+        if self.sampling:
+            local = torch.multinomial(self.q, 1, generator=self.state.generator)[0]
+            q = self.q
+            if self.head.vocab_ids is not None:
+                q = torch.zeros(self.state.vocab_size).index_copy_(0, self.head.vocab_ids, q)
+            self.probs.append(q)
+        else:
+            local = self.logits.argmax()
+        self.ids.append(int(self.head.to_full_ids(local)))
+        return self.ids[-1]
+
+    def stacked_probs(self) -> torch.Tensor | None:
+        return torch.stack(self.probs) if self.probs else None
+
+
 class ExitDraft(Draft):
     """Draft with the target's layers [0, E) and an exit head, writing the target's own cache."""
 
@@ -68,17 +103,14 @@ class ExitDraft(Draft):
             # the verification ran): recompute their layer-E states, replacing those early cache entries.
             stack.crop(cache, self.head_len, 0, E)
             start = self.head_len
-        sampling = state.temperature > 0
-        probs: list[torch.Tensor] = []
+        choice = HeadChoice(self.head, state, self.settings.threshold)
         exit_states: list[torch.Tensor] = []
-        current: dict = {}
-        taken: list[int] = []
 
         def evaluate(j: int) -> float:
             if j == 0:
                 input_ids, positions = state.tokens[start:], torch.arange(start, len(state.tokens))
             else:
-                input_ids, positions = taken[-1:], torch.tensor([len(state.tokens) - 1 + j])
+                input_ids, positions = choice.ids[-1:], torch.tensor([len(state.tokens) - 1 + j])
             hidden = stack.run(stack.embed(torch.tensor([input_ids])), 0, E, cache, positions)  # [1, T, D]
             if self.head_cache is not None:
                 logits = self.head(hidden, self.head_cache, positions)[0, -1]  # [N]
@@ -86,29 +118,13 @@ class ExitDraft(Draft):
             else:
                 logits = self.head(hidden[:, -1:])[0, -1]
             exit_states.append(hidden[:, -1:])
-            current["q"] = probs_from_logits(logits, state.temperature, state.top_p) if sampling else None
-            current["logits"] = logits
-            if self.settings.threshold <= 0:
-                return 1.0
-            return float(current["q"].max() if sampling else torch.softmax(logits.float(), dim=-1).max())
+            return choice.confidence(logits)
 
-        def take() -> int:
-            if sampling:
-                q = current["q"]
-                local = torch.multinomial(q, 1, generator=state.generator)[0]
-                if self.head.vocab_ids is not None:  # q lives on the kept ids; zero elsewhere keeps verification exact
-                    q = torch.zeros(state.vocab_size).index_copy_(0, self.head.vocab_ids, q)
-                probs.append(q)
-            else:
-                local = current["logits"].argmax()
-            taken.append(int(self.head.to_full_ids(local)))
-            return taken[-1]
-
-        run = draft_loop(min(max_len, self.settings.draft_len), self.settings.threshold, evaluate, take)
+        run = draft_loop(min(max_len, self.settings.draft_len), self.settings.threshold, evaluate, choice.take)
         if not run.evaluations:
             return DraftOutput([], evaluations=0, stopped=False)
         # After a confidence stop the states also cover the last draft token: verification skips its [0, E).
-        return DraftOutput(run.ids, torch.stack(probs) if probs else None, exit_hidden=torch.cat(exit_states, dim=1),
+        return DraftOutput(run.ids, choice.stacked_probs(), exit_hidden=torch.cat(exit_states, dim=1),
                            exit_layer=E, evaluations=run.evaluations, stopped=run.stopped)
 
     def accept(self, state, committed_len):

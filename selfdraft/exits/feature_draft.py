@@ -14,8 +14,7 @@ import torch
 from ..draft import ChainTeacherForced, DecodeState, Draft, DraftOutput, TeacherPass, draft_loop
 from ..errors import CtxdraftError
 from ..layout import EXITS_FILE
-from ..sampling import probs_from_logits
-from .draft import check_stop_settings
+from .draft import HeadChoice, check_stop_settings
 from .feature_head import FeatureCache, FeatureHead
 
 
@@ -102,36 +101,19 @@ class FeatureDraft(Draft):
         if base != len(state.tokens) - 2 or self.last is None:
             raise CtxdraftError(f"arm {self.name!r}: the head's cache ({self.fed} positions) is out of step with the "
                                 f"sequence ({len(state.tokens) - 1} committed)")
-        head, sampling = self.head, state.temperature > 0
-        probs: list[torch.Tensor] = []
-        current = {"state": self.last}
-        taken: list[int] = []
+        head = self.head
+        choice = HeadChoice(head, state, self.settings.threshold)
+        current = self.last
 
         def evaluate(j: int) -> float:
+            nonlocal current
             if j > 0:
-                current["state"] = head.step(self.cache, current["state"], taken[-1], base + 1 + j)
-            logits = head.logits(current["state"])[0]
-            current["logits"] = logits
-            current["q"] = probs_from_logits(logits, state.temperature, state.top_p) if sampling else None
-            if self.settings.threshold <= 0:
-                return 1.0
-            return float(current["q"].max() if sampling else torch.softmax(logits.float(), dim=-1).max())
+                current = head.step(self.cache, current, choice.ids[-1], base + 1 + j)
+            return choice.confidence(head.logits(current)[0])
 
-        def take() -> int:
-            if sampling:
-                q = current["q"]
-                local = torch.multinomial(q, 1, generator=state.generator)[0]
-                if head.vocab_ids is not None:  # q lives on the kept ids; zero elsewhere keeps verification exact
-                    q = torch.zeros(state.vocab_size).index_copy_(0, head.vocab_ids, q)
-                probs.append(q)
-            else:
-                local = current["logits"].argmax()
-            taken.append(int(head.to_full_ids(local)))
-            return taken[-1]
-
-        run = draft_loop(min(max_len, self.settings.draft_len), self.settings.threshold, evaluate, take)
+        run = draft_loop(min(max_len, self.settings.draft_len), self.settings.threshold, evaluate, choice.take)
         self.cache.crop(self.fed)  # the chain's own entries were for this proposal only
-        return DraftOutput(run.ids, torch.stack(probs) if probs else None, evaluations=run.evaluations, stopped=run.stopped)
+        return DraftOutput(run.ids, choice.stacked_probs(), evaluations=run.evaluations, stopped=run.stopped)
 
     def accept(self, state: DecodeState, committed_len: int) -> None:
         count = committed_len - state.states_start  # the verified positions that are final
