@@ -1,6 +1,7 @@
 """Tiny random-initialised models and a character tokenizer, built from configs (no downloads)."""
 from __future__ import annotations
 
+import math
 import string
 from pathlib import Path
 
@@ -102,3 +103,13 @@ def write_word_prompts(path: Path, n: int = 8) -> Path:
         lines.append(json.dumps({"id": i, "domain": "ab"[i % 2], "prompt": " ".join(words)}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def assert_follows(counts: torch.Tensor, exact: torch.Tensor, num: int) -> None:
+    """Chi-square goodness of fit of ``num`` sampled outcomes (``counts``) to their exact probabilities, over the
+    cells expecting at least 5; P(chi2 > dof + 5 sqrt(2 dof)) is far below 1e-4 when the sampler is exact."""
+    expected = exact * num
+    keep = expected >= 5
+    chi2 = float((((counts - expected) ** 2) / expected)[keep].sum())
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)
