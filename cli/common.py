@@ -62,12 +62,20 @@ class ranks:
 
 
 def parse_ints(value: str, option: str, example: str) -> list[int]:
+    return _parse_list(value, option, example, int, "integers")
+
+
+def parse_floats(value: str, option: str, example: str) -> list[float]:
+    return _parse_list(value, option, example, float, "numbers")
+
+
+def _parse_list(value: str, option: str, example: str, kind, what: str) -> list:
     from ctxdraft.selfdraft.errors import CtxdraftError
 
     try:
-        return [int(x) for x in value.split(",") if x.strip()]
+        return [kind(x) for x in value.split(",") if x.strip()]
     except ValueError:
-        raise CtxdraftError(f"{option} must be comma-separated integers such as {example}, got {value!r}") from None
+        raise CtxdraftError(f"{option} must be comma-separated {what} such as {example}, got {value!r}") from None
 
 
 def dtype_option(fn):

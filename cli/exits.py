@@ -6,7 +6,7 @@ import click
 from ctxdraft.selfdraft.errors import CtxdraftError
 from ctxdraft.selfdraft.fileio import display_path
 
-from .common import dtype_option, echo_json, parse_ints, progress_bar, ranks
+from .common import dtype_option, echo_json, parse_floats, parse_ints, progress_bar, ranks
 
 
 @click.command("add-exits")
@@ -32,14 +32,18 @@ from .common import dtype_option, echo_json, parse_ints, progress_bar, ranks
 @click.option("--self-distill-tokens", type=int, default=64, show_default=True, help="Target continuation tokens per prompt.")
 @click.option("--max-prompt-tokens", type=int, default=192, show_default=True, help="Cut prompts to this many tokens.")
 @click.option("--max-prompts", type=int, default=None, help="Use a deterministic sample of this many prompts.")
+@click.option("--draft-lens", default="1,2,3,4,6", show_default=True, help="Draft lengths tried on the held-out prompts; "
+              "the best modelled one becomes the arm's (give one value to fix it).")
+@click.option("--thresholds", default="0,0.3,0.5,0.6,0.7,0.8,0.9", show_default=True, help="Confidence stops tried "
+              "likewise (0: none; give one value to fix it).")
 @click.option("--eval-frac", type=float, default=0.2, show_default=True, help="Fraction of prompts held out for evaluation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoints in BUNDLE/.add_exits_work.")
 @dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def add_exits_cmd(target, layers, data_path, out_dir, head, name, domains, ttt_steps, lr, samples, sample_temperature,
-                  draft_vocab, steps,
-                  self_distill_tokens, max_prompt_tokens, max_prompts, eval_frac, seed, resume, dtype, as_json):
+                  draft_vocab, steps, self_distill_tokens, max_prompt_tokens, max_prompts, draft_lens, thresholds,
+                  eval_frac, seed, resume, dtype, as_json):
     """Train early-exit heads on intermediate layers and add `exit@E` arms to a bundle.
 
     Training text is the prompts plus the target's own greedy continuations; each head is distilled
@@ -63,7 +67,8 @@ def add_exits_cmd(target, layers, data_path, out_dir, head, name, domains, ttt_s
         layers=parse_ints(layers, "--layers", "10,16,22"), head=head, draft_vocab=draft_vocab, steps=steps,
         self_distill_tokens=self_distill_tokens, max_prompt_tokens=max_prompt_tokens, max_prompts=max_prompts,
         eval_frac=eval_frac, seed=seed, resume=resume, name=name, ttt_steps=ttt_steps, lr=lr, samples=samples,
-        sample_temperature=sample_temperature,
+        sample_temperature=sample_temperature, draft_lens=parse_ints(draft_lens, "--draft-lens", "1,2,4"),
+        thresholds=parse_floats(thresholds, "--thresholds", "0,0.5,0.8"),
     )
     rows = read_prompts(data_path)
     if domains:

@@ -57,6 +57,19 @@ def test_add_exits_cli_builds_and_extends_a_bundle(tiny_setup):
     assert draft.head.draft_vocab == 12
 
 
+def test_add_exits_fixed_draft_len_and_threshold_become_the_arms(tiny_setup, tmp_path):
+    # one candidate each: the arm gets exactly these, whatever the modelled speed-ups would have picked
+    root, model_dir, data = tiny_setup
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(main, ["add-exits", str(model_dir), "--layers", "2", "--data", str(data), "--out", str(out),
+                                       "--draft-lens", "5", "--thresholds", "0.35", "--json", *FAST])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.output)["exits"]
+    assert [(o["draft_len"], o["threshold"]) for o in entry["all_settings"]] == [(5, 0.35)]
+    settings = load_bundle(out, target=str(model_dir)).arm_spec("exit@2")["settings"]
+    assert (settings["draft_len"], settings["threshold"]) == (5, 0.35)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -65,6 +78,11 @@ def test_add_exits_cli_builds_and_extends_a_bundle(tiny_setup):
         (["--layers", "1,1"], "duplicates"),
         (["--layers", "x"], "comma-separated"),
         (["--layers", "1", "--eval-frac", "1.5"], "eval-frac"),
+        (["--layers", "1", "--draft-lens", "0,2"], "--draft-lens"),
+        (["--layers", "1", "--draft-lens", "2.5"], "comma-separated integers"),
+        (["--layers", "1", "--thresholds", "0,1.5"], "--thresholds"),
+        (["--layers", "1", "--thresholds", "nan"], "--thresholds"),
+        (["--layers", "1", "--thresholds", "high"], "comma-separated numbers"),
     ],
 )
 def test_add_exits_bad_layers(tiny_setup, args, message):

@@ -90,8 +90,10 @@ class ExitTrainConfig:
                                 "in (0, 5]")
         if self.max_prompts is not None and self.max_prompts < 2:
             raise CtxdraftError("--max-prompts must be >= 2 (training and held-out prompts)")
-        if not self.draft_lens or min(self.draft_lens) < 1 or not self.thresholds:
-            raise CtxdraftError("draft lengths must be >= 1 and at least one threshold is needed")
+        if not self.draft_lens or min(self.draft_lens) < 1 or max(self.draft_lens) > 16:
+            raise CtxdraftError(f"--draft-lens must be draft lengths in 1..16, got {self.draft_lens}")
+        if not self.thresholds or not all(0 <= t < 1 for t in self.thresholds):  # also false for nan
+            raise CtxdraftError(f"--thresholds must be confidence stops in [0, 1), got {self.thresholds}")
 
 
 def distill_loss(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor,
