@@ -113,6 +113,26 @@ def test_bad_layers_are_refused(layers):
         FeatureHead(tiny_random("llama"), layers)
 
 
+def test_a_bfloat16_head_is_stored_in_bfloat16_and_loads_into_any_dtype(tmp_path):
+    from safetensors import safe_open
+
+    from ctxdraft.selfdraft.exits.feature_head import load_feature_head, save_feature_head
+
+    model = tiny_random("llama")
+    head = feature_draft(model, vocab_ids=torch.arange(0, 61, 2)).head.to(torch.bfloat16)
+    path = tmp_path / "exits.safetensors"
+    save_feature_head(path, "general", head)
+    with safe_open(str(path), framework="pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if not k.endswith("vocab_ids")}
+    assert dtypes == {torch.bfloat16}
+    want = {k: v.float() for k, v in head.state_dict().items()}
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = load_feature_head(model.to(dtype), path, "general", [1, 2, 4])
+        got = loaded.state_dict()
+        assert all(got[k].dtype == dtype and torch.equal(got[k].float(), want[k]) for k in want)
+        assert torch.equal(loaded.vocab_ids, head.vocab_ids)
+
+
 def test_add_exits_trains_a_feature_head_and_its_arm_drafts_losslessly(tmp_path):
     import json as _json
 
