@@ -166,7 +166,8 @@ def test_add_exits_trains_a_feature_head_and_its_arm_drafts_losslessly(tmp_path)
     assert r.exit_code == 0, r.output
     bundle = load_bundle(out, target=str(model_dir))
     assert {"feature", "feature:a"} <= set(bundle.arms)
-    report = _json.loads((out / "reports" / "add_exits.json").read_text())
+    assert _json.loads((out / "reports" / "add_exits_feature_general.json").read_text())["exits"][0]["name"] == "general"
+    report = _json.loads((out / "reports" / "add_exits_feature_a.json").read_text())
     assert report["data"]["num_train_texts"] == 2 * report["data"]["num_train"]  # greedy + one sampled each
     assert bundle.generate(prompt, draft="feature:a", max_new_tokens=16, chat=False).token_ids == plain.token_ids
     assert bundle.generate(prompt, draft="auto", max_new_tokens=16, chat=False).token_ids == plain.token_ids

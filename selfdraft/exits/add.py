@@ -30,7 +30,7 @@ from ..draft import Draft, TeacherForced
 from ..errors import CtxdraftError
 from ..fileio import display_path, read_json, write_json_atomic
 from ..layers import LayerStack
-from ..layout import EXITS_FILE, EXITS_REPORT
+from ..layout import EXITS_FILE, EXITS_REPORT, feature_report
 from ..pool import build_draft, cost_key, exit_arm
 from ..trajectories import replay
 from .data import build_examples, reduced_vocab
@@ -148,7 +148,8 @@ def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, c
 
     ``rows``: prompt rows as ``data.read_prompts`` returns them. ``out_dir`` may hold an existing bundle for the
     same target (the exits are added to it; an exit at a layer it already has is replaced).
-    Returns the report (also written to ``BUNDLE/reports/add_exits.json``).
+    Returns the report (also written to ``BUNDLE/reports/add_exits.json``, or ``add_exits_feature_NAME.json`` for a
+    feature head).
 
     Under torchrun (``group``) the ranks build the training data of their share of the prompts, train each head
     under DistributedDataParallel, and rank 0 measures the costs, picks the settings and writes the bundle.
@@ -261,6 +262,6 @@ def _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, tr
         "exits": entries,
         "total_s": round(time.perf_counter() - t_start, 1),
     }
-    write_json_atomic(out_dir / EXITS_REPORT, report)
+    write_json_atomic(out_dir / (EXITS_REPORT if config.head != "feature" else feature_report(config.name)), report)
     bundle.save()
     return report
