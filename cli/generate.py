@@ -111,6 +111,7 @@ def info_cmd(bundle_dir, as_json, dtype, no_calibrate):
         "arms": info["arms"],
         "default_arm": info.get("default_arm"),
         "exits": info.get("exits") or [],
+        "feature_heads": info.get("feature_heads") or [],
         "features": info.get("features"),
         "policy": info.get("policy"),
         "cost_profile": bool(info.get("cost_profile")),
@@ -130,6 +131,10 @@ def info_cmd(bundle_dir, as_json, dtype, no_calibrate):
     click.echo(f"arms     {', '.join(bundle.arms)}  (default: {info.get('default_arm')})")
     for e in info.get("exits") or []:
         click.echo(f"exit     layer {e.get('layer')} head {e.get('head')}  agreement {e.get('agreement', float('nan')):.3f}")
+    for e in info.get("feature_heads") or []:
+        first = (e.get("acceptance_per_position") or {}).get("overall", {}).get("prefix") or [float("nan")]
+        click.echo(f"feature  {e.get('name')} (arm {e.get('arm')}) layers {','.join(map(str, e.get('layers') or []))}  "
+                   f"draft vocab {e.get('draft_vocab')}  acceptance of draft 1 {first[0]:.3f}")
     click.echo(f"policy   {info.get('policy') or 'none (generate --draft auto uses the default arm)'}")
     click.echo(f"routing  {bundle.calibration_note()} [{summary['dtype']}]")
     if info.get("features"):

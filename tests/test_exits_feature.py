@@ -171,6 +171,12 @@ def test_add_exits_trains_a_feature_head_and_its_arm_drafts_losslessly(tmp_path)
     assert report["data"]["num_train_texts"] == 2 * report["data"]["num_train"]  # greedy + one sampled each
     assert bundle.generate(prompt, draft="feature:a", max_new_tokens=16, chat=False).token_ids == plain.token_ids
     assert bundle.generate(prompt, draft="auto", max_new_tokens=16, chat=False).token_ids == plain.token_ids
+    # `info` names both heads, their layers and the held-out acceptance add-exits measured
+    r = CliRunner().invoke(main, ["info", "--bundle", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "feature  general (arm feature) layers 1,2,4" in r.output and "feature  a (arm feature:a)" in r.output
+    r = CliRunner().invoke(main, ["info", "--bundle", str(out), "--json"])
+    assert [h["name"] for h in _json.loads(r.output)["feature_heads"]] == ["general", "a"]
 
 
 def test_resumed_feature_training_equals_uninterrupted(tiny_model_dir, tmp_path):
