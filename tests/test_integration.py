@@ -43,6 +43,20 @@ def test_none_and_lookup_equal_hf_greedy(bundle, prompt):
         assert result.text == target.tokenizer.decode(expected, skip_special_tokens=True)
 
 
+def test_the_shipped_feature_head_drafts_losslessly():
+    """The shipped bundle's EAGLE-3-style head (stored in bfloat16) loads into a float32 target, gets drafts
+    accepted, and leaves the greedy output exactly HF's."""
+    b = load_bundle(dtype="float32", calibrate=False)
+    assert b.arm_spec("feature")["kind"] == "feature"
+    accepted = 0
+    for prompt in PROMPTS:
+        ids = b.target.encode(prompt)
+        result = b.generate(prompt, draft="feature", max_new_tokens=48)
+        assert result.token_ids == hf_greedy(b.target.model, ids, 48, b.target.eos_ids)
+        accepted += result.stats.accepted_tokens
+    assert accepted > 10  # a broken head (wrong layers, a bad cast) gets next to nothing accepted
+
+
 def test_default_bundle_matches_the_embedded_target(bundle):
     bundle.check_target(bundle.target)
     assert bundle.target.num_layers == 30 and bundle.target.vocab_size == 49152
