@@ -5,10 +5,10 @@ from pathlib import Path
 
 import click
 
-from ctxdraft.selfdraft.bundle import add_arm
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.fileio import display_path
-from ctxdraft.selfdraft.pool import lookup_arm, model_arm, none_arm
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.fileio import display_path
+from ctxdraft.selfdraft.drafting.pool import lookup_arm, model_arm, none_arm
+from ctxdraft.selfdraft.serving.bundle import add_arm
 
 from .common import echo_json, parse_ints
 

@@ -1,14 +1,13 @@
 """`ctxdraft bench`: ctxdraft's arms and policy against HF generate, interleaved, with an equality check."""
 from __future__ import annotations
 
-
 import click
 
-from ctxdraft.selfdraft.bench import BenchConfig, run_bench, select_prompts
-from ctxdraft.selfdraft.bench_report import bench_markdown, write_bench_outputs
-from ctxdraft.selfdraft.bundle import load_bundle
-from ctxdraft.selfdraft.data import read_prompts
-from ctxdraft.selfdraft.fileio import display_path
+from ctxdraft.selfdraft.base.data import read_prompts
+from ctxdraft.selfdraft.base.fileio import display_path
+from ctxdraft.selfdraft.commands.bench import BenchConfig, run_bench, select_prompts
+from ctxdraft.selfdraft.commands.bench_report import bench_markdown, write_bench_outputs
+from ctxdraft.selfdraft.serving.bundle import load_bundle
 
 from .common import dtype_option, echo_json, no_calibrate_option, progress_bar
 

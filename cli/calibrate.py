@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import click
 
-from ctxdraft.selfdraft.bundle import load_bundle
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.serving.bundle import load_bundle
+from ctxdraft.selfdraft.serving.calibration import calibrate
 
 from .common import dtype_option, echo_json, progress_bar
 
@@ -25,8 +27,6 @@ def calibrate_cmd(bundle_dir, reps, dtype, as_json):
       ctxdraft calibrate                        # the shipped bundle, in bfloat16 where the CPU has it
       ctxdraft calibrate --bundle my_bundle --dtype float32 --json
     """
-    from ctxdraft.selfdraft.calibrate import calibrate
-    from ctxdraft.selfdraft.errors import CtxdraftError
 
     if reps < 1:
         raise CtxdraftError(f"--reps must be >= 1, got {reps}")

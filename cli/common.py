@@ -6,6 +6,10 @@ import sys
 
 import click
 
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.runtime.distributed import Group
+from ctxdraft.selfdraft.runtime.machine import DTYPE_CHOICES
+
 
 def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
@@ -52,7 +56,6 @@ class ranks:
     prints. The group is closed when the command ends."""
 
     def __enter__(self):
-        from ctxdraft.selfdraft.distributed import Group
 
         self.group = Group()
         return self.group
@@ -70,7 +73,6 @@ def parse_floats(value: str, option: str, example: str) -> list[float]:
 
 
 def _parse_list(value: str, option: str, example: str, kind, what: str) -> list:
-    from ctxdraft.selfdraft.errors import CtxdraftError
 
     try:
         return [kind(x) for x in value.split(",") if x.strip()]
@@ -80,7 +82,6 @@ def _parse_list(value: str, option: str, example: str, kind, what: str) -> list:
 
 def dtype_option(fn):
     """--dtype, shared by every command that loads a target."""
-    from ctxdraft.selfdraft.machine import DTYPE_CHOICES
 
     return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
                         help="What the target and every draft run in. auto: bfloat16 on CUDA and on CPUs with native "

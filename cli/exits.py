@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import click
 
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.fileio import display_path
+from ctxdraft.selfdraft.base.data import read_prompts
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.fileio import display_path
+from ctxdraft.selfdraft.commands.add_exits import add_exits
+from ctxdraft.selfdraft.learning.exit_train import ExitTrainConfig
+from ctxdraft.selfdraft.runtime.target import DEFAULT_TARGET, load_target
 
 from .common import dtype_option, echo_json, parse_floats, parse_ints, progress_bar, ranks
 
@@ -58,10 +62,6 @@ def add_exits_cmd(target, layers, data_path, out_dir, head, name, domains, ttt_s
       ctxdraft add-exits ./my-hf-model --layers 4 --head layer --draft-vocab 8192 \\
           --data prompts.jsonl --out my_bundle --json
     """
-    from ctxdraft.selfdraft.data import read_prompts
-    from ctxdraft.selfdraft.exits.add import add_exits
-    from ctxdraft.selfdraft.exits.train import ExitTrainConfig
-    from ctxdraft.selfdraft.target import DEFAULT_TARGET, load_target
 
     config = ExitTrainConfig(
         layers=parse_ints(layers, "--layers", "10,16,22"), head=head, draft_vocab=draft_vocab, steps=steps,

@@ -5,9 +5,9 @@ import sys
 
 import click
 
-from ctxdraft.selfdraft.bundle import load_bundle
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.fileio import display_path
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.fileio import display_path
+from ctxdraft.selfdraft.serving.bundle import load_bundle
 
 from .common import dtype_option, echo_json, no_calibrate_option, progress_bar
 

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ctxdraft.selfdraft.errors import CtxdraftError
+from ctxdraft.selfdraft.base.errors import CtxdraftError
 
 from .arms import add_arm_cmd
 from .bench import bench_cmd

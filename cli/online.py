@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import click
 
-from ctxdraft.selfdraft.bundle import load_bundle
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.fileio import display_path
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.fileio import display_path
+from ctxdraft.selfdraft.commands.update_policy import UpdateConfig, report_markdown, update_policy
+from ctxdraft.selfdraft.serving.bundle import load_bundle
 
 from .common import dtype_option, echo_json, progress_bar
 
@@ -36,7 +37,6 @@ def update_policy_cmd(bundle_dir, more_logs, logs, out_dir, force, folds, seed, 
       ctxdraft update-policy my_bundle --logs traffic.jsonl --out my_bundle_v2
       ctxdraft update-policy my_bundle --logs day1.jsonl day2.jsonl --json
     """
-    from ctxdraft.selfdraft.online import UpdateConfig, report_markdown, update_policy
 
     paths = list(logs) + list(more_logs)
     if not logs:

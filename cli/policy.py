@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import click
 
-from ctxdraft.selfdraft.bundle import load_bundle
-from ctxdraft.selfdraft.fileio import display_path
+from ctxdraft.export.onnx_export import read_metadata
+from ctxdraft.selfdraft.base.data import read_prompts
+from ctxdraft.selfdraft.base.fileio import display_path
+from ctxdraft.selfdraft.commands.collect import CollectConfig, collect
+from ctxdraft.selfdraft.commands.train_policy import export_bundle_policy, train_policy
+from ctxdraft.selfdraft.learning.policy import PolicyConfig
+from ctxdraft.selfdraft.learning.policy_report import report_markdown
+from ctxdraft.selfdraft.serving.bundle import load_bundle
 
 from .common import dtype_option, echo_json, progress_bar, ranks, with_options
 
@@ -75,8 +81,6 @@ def collect_cmd(bundle_dir, data_path, out_path, max_new_tokens, draft_len, wall
       ctxdraft collect my_bundle --data prompts.jsonl --out rewards.jsonl
       ctxdraft collect my_bundle --data prompts.jsonl --out rewards.jsonl --resume --wallclock-sample 6 --json
     """
-    from ctxdraft.selfdraft.collect import CollectConfig, collect
-    from ctxdraft.selfdraft.data import read_prompts
 
     config = CollectConfig(max_new_tokens=max_new_tokens, draft_len=draft_len, resume=resume,
                            wallclock_sample=wallclock_sample, reprofile=reprofile)
@@ -93,7 +97,6 @@ def collect_cmd(bundle_dir, data_path, out_path, max_new_tokens, draft_len, wall
 
 
 def _print_report(report: dict) -> None:
-    from ctxdraft.selfdraft.policy_report import report_markdown
 
     click.echo(report_markdown(report), nl=False)
     onnx = report.get("onnx", {})
@@ -127,9 +130,6 @@ def train_policy_cmd(bundle_dir, rewards_path, data_path, feature_kind, epochs, 
       ctxdraft train-policy my_bundle --rewards rewards.jsonl
       ctxdraft train-policy my_bundle --data prompts.jsonl --features tokens --json
     """
-    from ctxdraft.selfdraft.collect import CollectConfig
-    from ctxdraft.selfdraft.policy import PolicyConfig
-    from ctxdraft.selfdraft.train_policy import train_policy
 
     bundle = load_bundle(bundle_dir, dtype=dtype, calibrate=False)
     collect_config = CollectConfig(max_new_tokens=max_new_tokens, draft_len=draft_len, wallclock_sample=wallclock_sample,
@@ -162,8 +162,6 @@ def export_policy_cmd(bundle_dir, as_json):
     Example:
       ctxdraft export-policy my_bundle --json
     """
-    from ctxdraft.export.onnx_export import read_metadata
-    from ctxdraft.selfdraft.train_policy import export_bundle_policy
 
     path = export_bundle_policy(load_bundle(bundle_dir, calibrate=False))
     meta = read_metadata(path)

@@ -23,10 +23,9 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.fileio import atomic_path
-
-from ctxdraft.selfdraft.features import INPUT_NAMES
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.features import INPUT_NAMES
+from ctxdraft.selfdraft.base.fileio import atomic_path
 
 from .router import ARM_NAMES_OUTPUT, PROBS_OUTPUT, decode_metadata
 
@@ -116,7 +115,7 @@ def export_policy(policy: nn.Module, path: str | os.PathLike, arms: list, featur
     """Write `policy` to `path` as a self-describing ONNX file (atomically) and return the path.
 
     arms: the pool in the policy's output order, names or {name, kind, settings} dicts.
-    feature_spec: `ctxdraft.selfdraft.policy.feature_spec(policy, layer)`; its kind and dim must match.
+    feature_spec: `ctxdraft.selfdraft.learning.policy.feature_spec(policy, layer)`; its kind and dim must match.
     target: {"name": ..., "hash": ...} of the target model the features and rewards came from.
     version: the ctxdraft version (or any string identifying the producer).
     """

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.features import INPUT_NAMES, PADDING_ID
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.features import INPUT_NAMES, PADDING_ID
 
 METADATA_KEYS = ("ctxdraft.arms", "ctxdraft.features", "ctxdraft.target", "ctxdraft.version")
 PROBS_OUTPUT = "probs"

@@ -29,7 +29,7 @@ split="$out.split"
 python "$here/scripts/split_data.py" "$data" "$split" --heldout-frac 0.25 --seed 0
 python - "$split/train.jsonl" "$split/train_subset.jsonl" "$train_per_domain" <<'PY'
 import json, sys
-from ctxdraft.selfdraft.data import first_per_domain, read_prompts
+from ctxdraft.selfdraft.base.data import first_per_domain, read_prompts
 rows = first_per_domain(read_prompts(sys.argv[1]), int(sys.argv[3]))
 open(sys.argv[2], "w").write("".join(json.dumps(r) + "\n" for r in rows))
 print(f"{len(rows)} training prompts -> {sys.argv[2]}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The replay benchmark (``ctxdraft.selfdraft.replay``): regret to the per-prompt oracle against the number of
+"""The replay benchmark (``ctxdraft.selfdraft.learning.replay``): regret to the per-prompt oracle against the number of
 logged requests, for the frozen offline policy, `update-policy` every N requests and LinUCB. Writes
 <out>/<name>.json, <name>.md and <name>.png and prints the Markdown.
 
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.fileio import write_json_atomic, write_text_atomic
-from ctxdraft.selfdraft.policy import PolicyConfig
-from ctxdraft.selfdraft.replay import ReplayConfig, run_replay, synthetic_rewards
-from ctxdraft.selfdraft.rewards import load_rewards
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.fileio import write_json_atomic, write_text_atomic
+from ctxdraft.selfdraft.learning.policy import PolicyConfig
+from ctxdraft.selfdraft.learning.replay import ReplayConfig, run_replay, synthetic_rewards
+from ctxdraft.selfdraft.learning.rewards import load_rewards
 
 LABELS = {"frozen": "offline policy, frozen", "updated": "update-policy every {n} requests (explore {eps:g})"}
 

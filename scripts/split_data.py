@@ -5,7 +5,7 @@
 
 Writes OUT_DIR/train.jsonl and OUT_DIR/heldout.jsonl (the rows as they were). The default bundle's exits and
 policy are trained on train.jsonl only, and the README's benchmark runs on heldout.jsonl, so no measured
-prompt was trained on. The split is ``ctxdraft.selfdraft.data.stratified_split``, the one add-exits and
+prompt was trained on. The split is ``ctxdraft.selfdraft.base.data.stratified_split``, the one add-exits and
 train-policy use.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from ctxdraft.selfdraft.data import stratified_split
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.fileio import read_jsonl, write_text_atomic
+from ctxdraft.selfdraft.base.data import stratified_split
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.fileio import read_jsonl, write_text_atomic
 
 
 def main() -> int:

@@ -6,13 +6,13 @@
 set -euo pipefail
 data="${1:?usage: $0 TRAIN.jsonl [PER_DOMAIN] [MAX_NEW_TOKENS] [DTYPE]}"
 per_domain="${2:-4}"; max_new="${3:-64}"; dtype="${4:-bfloat16}"
-bundle="$(python -c 'from ctxdraft.selfdraft.bundle import DEFAULT_BUNDLE_DIR; print(DEFAULT_BUNDLE_DIR)')"
+bundle="$(python -c 'from ctxdraft.selfdraft.serving.bundle import DEFAULT_BUNDLE_DIR; print(DEFAULT_BUNDLE_DIR)')"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 python - "$data" "$per_domain" <<'PY'
 import json, sys
-from ctxdraft.selfdraft.data import first_per_domain, read_prompts
+from ctxdraft.selfdraft.base.data import first_per_domain, read_prompts
 rows = first_per_domain(read_prompts(sys.argv[1]), int(sys.argv[2]))
 open("prompts.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))
 print(f"{len(rows)} prompts", file=sys.stderr)

@@ -13,20 +13,20 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .bundle import Bundle, GenerationResult, add_arm, load_bundle
-    from .decoding import GenerationConfig, GenerationStats, prefill, speculative_decode
-    from .draft import Draft, DraftOutput
-    from .drafts import LookupDraft, ModelDraft, NoneDraft
-    from .errors import CtxdraftError
-    from .layers import LayerStack
-    from .target import Target, load_target
+    from .base.errors import CtxdraftError
+    from .drafting.decoding import GenerationConfig, GenerationStats, prefill, speculative_decode
+    from .drafting.draft import Draft, DraftOutput
+    from .drafting.drafts import LookupDraft, ModelDraft, NoneDraft
+    from .runtime.layers import LayerStack
+    from .runtime.target import Target, load_target
+    from .serving.bundle import Bundle, GenerationResult, add_arm, load_bundle
 
 _PUBLIC = {
-    "Bundle": "bundle", "GenerationResult": "bundle", "add_arm": "bundle", "load_bundle": "bundle",
-    "GenerationConfig": "decoding", "GenerationStats": "decoding", "prefill": "decoding",
-    "speculative_decode": "decoding", "Draft": "draft", "DraftOutput": "draft", "LookupDraft": "drafts",
-    "ModelDraft": "drafts", "NoneDraft": "drafts", "CtxdraftError": "errors", "LayerStack": "layers",
-    "Target": "target", "load_target": "target",
+    "Bundle": "serving.bundle", "GenerationResult": "serving.bundle", "add_arm": "serving.bundle", "load_bundle": "serving.bundle",
+    "GenerationConfig": "drafting.decoding", "GenerationStats": "drafting.decoding", "prefill": "drafting.decoding",
+    "speculative_decode": "drafting.decoding", "Draft": "drafting.draft", "DraftOutput": "drafting.draft", "LookupDraft": "drafting.drafts",
+    "ModelDraft": "drafting.drafts", "NoneDraft": "drafting.drafts", "CtxdraftError": "base.errors", "LayerStack": "runtime.layers",
+    "Target": "runtime.target", "load_target": "runtime.target",
 }
 
 __all__ = [

@@ -5,10 +5,13 @@ import json
 
 import pytest
 import torch
+from cli_helpers import assert_clean_error
 from click.testing import CliRunner
 
 from ctxdraft.cli.main import main
-from ctxdraft.selfdraft.bench import (
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.fileio import write_json_atomic
+from ctxdraft.selfdraft.commands.bench import (
     ORACLE,
     REFERENCE,
     BenchConfig,
@@ -19,13 +22,10 @@ from ctxdraft.selfdraft.bench import (
     run_bench,
     select_prompts,
 )
-from ctxdraft.selfdraft.bench_report import bench_markdown, write_bench_outputs
-from ctxdraft.selfdraft.bundle import Bundle, load_bundle
-from ctxdraft.selfdraft.bundle_info import new_bundle_info
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.fileio import write_json_atomic
-from ctxdraft.selfdraft.target import load_target
-from cli_helpers import assert_clean_error
+from ctxdraft.selfdraft.commands.bench_report import bench_markdown, write_bench_outputs
+from ctxdraft.selfdraft.runtime.target import load_target
+from ctxdraft.selfdraft.serving.bundle import Bundle, load_bundle
+from ctxdraft.selfdraft.serving.bundle_info import new_bundle_info
 
 ROWS = [
     {"id": "p1", "domain": "qa", "prompt": "the cat sat on the mat. the cat sat"},
@@ -39,8 +39,8 @@ def _tokens_policy(bundle_dir, info):
     """A small untrained tokens policy over the bundle's arms, exported to bundle_dir/policy.onnx."""
     pytest.importorskip("onnxruntime")
     from ctxdraft.export import export_policy
-    from ctxdraft.selfdraft.policy import PolicyConfig, build_policy, feature_spec
-    from ctxdraft.selfdraft.rewards import rewards_from_rows
+    from ctxdraft.selfdraft.learning.policy import PolicyConfig, build_policy, feature_spec
+    from ctxdraft.selfdraft.learning.rewards import rewards_from_rows
 
     rows = [{"id": i, "domain": "all", "prompt_len": 3, "features": {"tokens": [3 + i, 4, 5]},
              "arms": {a["name"]: {"speedup": 1.0 + 0.1 * j * (i % 2)} for j, a in enumerate(info["arms"])}} for i in range(6)]
@@ -249,7 +249,7 @@ def test_cli_bad_input(bundle_dir, data_file, tmp_path, args, needle):
 
 
 def test_hf_assisted_generation_is_the_peer_of_a_model_arm(tiny_model_dir, tmp_path):
-    from ctxdraft.selfdraft.pool import model_arm
+    from ctxdraft.selfdraft.drafting.pool import model_arm
 
     info = new_bundle_info(load_target(tiny_model_dir), str(tiny_model_dir))
     info["arms"] = info["arms"][:1] + [model_arm(str(tiny_model_dir), 3, name="model:self-k3")]
@@ -265,7 +265,7 @@ def test_hf_assisted_generation_is_the_peer_of_a_model_arm(tiny_model_dir, tmp_p
 
 
 def test_lookup_baselines_leave_out_hf_early_exit(bundle):
-    from ctxdraft.selfdraft.bench import build_methods
+    from ctxdraft.selfdraft.commands.bench import build_methods
 
     names = [m.name for m in build_methods(bundle, BenchConfig(max_new_tokens=4, baselines="lookup"))[0]]
     assert names[:2] == [REFERENCE, "hf-lookup"] and not any(n.startswith("hf-early-exit") for n in names)

@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from ctxdraft.selfdraft.bundle import Bundle, add_arm, load_bundle, open_or_create_bundle
-from ctxdraft.selfdraft.bundle_info import new_bundle_info, record_training_ids, trained_ids, validate_info
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.fileio import write_json_atomic
-from ctxdraft.selfdraft.pool import BASE_ARMS, lookup_arm
-from ctxdraft.selfdraft.target import load_target
 from tiny import char_tokenizer, save_model_dir, tiny_llama
+
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.fileio import write_json_atomic
+from ctxdraft.selfdraft.drafting.pool import BASE_ARMS, lookup_arm
+from ctxdraft.selfdraft.runtime.target import load_target
+from ctxdraft.selfdraft.serving.bundle import Bundle, add_arm, load_bundle, open_or_create_bundle
+from ctxdraft.selfdraft.serving.bundle_info import new_bundle_info, record_training_ids, trained_ids, validate_info
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_validate_info_names_the_field(info, message):
 
 
 def test_validate_info_accepts_the_shipped_bundle():
-    from ctxdraft.selfdraft.bundle import DEFAULT_BUNDLE_DIR
+    from ctxdraft.selfdraft.serving.bundle import DEFAULT_BUNDLE_DIR
 
     info = json.loads((DEFAULT_BUNDLE_DIR / "bundle.json").read_text())
     assert validate_info(info, "shipped") is info
@@ -82,9 +82,9 @@ def test_damaged_bundle_files_are_one_clear_error(target, tiny_model_dir, bundle
     import torch
     from safetensors.torch import save_file
 
-    from ctxdraft.selfdraft.exits.draft import ExitSettings
-    from ctxdraft.selfdraft.exits.head import ExitHead, save_heads
-    from ctxdraft.selfdraft.pool import exit_arm
+    from ctxdraft.selfdraft.drafting.exit_draft import ExitSettings
+    from ctxdraft.selfdraft.drafting.exit_head import ExitHead, save_heads
+    from ctxdraft.selfdraft.drafting.pool import exit_arm
 
     info = json.loads((bundle_dir / "bundle.json").read_text())
     info["arms"].append(exit_arm(ExitSettings(2)))

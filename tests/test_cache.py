@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from ctxdraft.selfdraft import cache
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.registry import REGISTRY, RegisteredModel, WheelMember, chunked
-from ctxdraft.selfdraft.target import HASH_FILE, checkpoint_hash, load_target
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.registry import REGISTRY, RegisteredModel, WheelMember, chunked
+from ctxdraft.selfdraft.runtime import cache
+from ctxdraft.selfdraft.runtime.target import HASH_FILE, checkpoint_hash, load_target
 
 NAME = "fake-tiny"
 VERSION = "1.0.0"
@@ -183,9 +183,9 @@ def test_no_progress_bars_off_a_terminal_including_the_gguf_readers_own():
 CHILD = """
 import hashlib, logging, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-from ctxdraft.selfdraft.registry import REGISTRY, RegisteredModel, WheelMember
+from ctxdraft.selfdraft.base.registry import REGISTRY, RegisteredModel, WheelMember
 REGISTRY[{name!r}] = {entry!r}
-from ctxdraft.selfdraft.target import load_target
+from ctxdraft.selfdraft.runtime.target import load_target
 target = load_target({name!r})
 print(target.content_hash, hashlib.sha256((target.path / "model.safetensors").read_bytes()).hexdigest())
 """

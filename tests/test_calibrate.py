@@ -6,16 +6,16 @@ import json
 
 import pytest
 
-from ctxdraft.selfdraft.bundle import load_bundle
-from ctxdraft.selfdraft.bundle_info import new_bundle_info
-from ctxdraft.selfdraft.calibrate import CALIBRATION_FILE, calibrate, find_calibration
-from ctxdraft.selfdraft.collect import CollectConfig
-from ctxdraft.selfdraft.costs import CostProfile
-from ctxdraft.selfdraft.fileio import write_json_atomic
-from ctxdraft.selfdraft.policy import PolicyConfig, choose_arms, policy_inputs, train_reinforce
-from ctxdraft.selfdraft.rewards import read_trajectories, recompute_rewards, rewards_from_rows
-from ctxdraft.selfdraft.target import load_target
-from ctxdraft.selfdraft.train_policy import train_policy
+from ctxdraft.selfdraft.base.fileio import write_json_atomic
+from ctxdraft.selfdraft.commands.collect import CollectConfig
+from ctxdraft.selfdraft.commands.train_policy import train_policy
+from ctxdraft.selfdraft.learning.costs import CostProfile
+from ctxdraft.selfdraft.learning.policy import PolicyConfig, choose_arms, policy_inputs, train_reinforce
+from ctxdraft.selfdraft.learning.rewards import read_trajectories, recompute_rewards, rewards_from_rows
+from ctxdraft.selfdraft.runtime.target import load_target
+from ctxdraft.selfdraft.serving.bundle import load_bundle
+from ctxdraft.selfdraft.serving.bundle_info import new_bundle_info
+from ctxdraft.selfdraft.serving.calibration import CALIBRATION_FILE, calibrate, find_calibration
 
 
 def synthetic_rows(n=12):
@@ -112,11 +112,11 @@ def test_a_changed_bundle_is_calibrated_anew(trained_bundle):
 
 
 def test_cli_calibrate_info_and_dtype_errors(trained_bundle, tmp_path, monkeypatch):
+    from cli_helpers import assert_clean_error
     from click.testing import CliRunner
 
-    from cli_helpers import assert_clean_error
     from ctxdraft.cli.main import main
-    from ctxdraft.selfdraft import machine
+    from ctxdraft.selfdraft.runtime import machine
 
     monkeypatch.delenv("CTXDRAFT_NO_CALIBRATE")  # the suite turns calibration off; this test is about it
     runner = CliRunner()
@@ -144,7 +144,7 @@ def test_a_bundle_without_trajectories_keeps_its_shipped_policy(trained_bundle):
     bundle = load_bundle(trained_bundle, calibrate=True)
     assert bundle.router().path == trained_bundle / "policy.onnx"
     assert "carries no trajectories" in bundle.calibration_note()
-    from ctxdraft.selfdraft.errors import CtxdraftError
+    from ctxdraft.selfdraft.base.errors import CtxdraftError
 
     with pytest.raises(CtxdraftError, match="carries no trajectories"):
         calibrate(bundle, reps=1)

@@ -4,14 +4,14 @@ from __future__ import annotations
 import math
 
 import pytest
+from cli_helpers import assert_clean_error
 from click.testing import CliRunner
 
-from cli_helpers import assert_clean_error
 from ctxdraft.cli.main import main
-from ctxdraft.selfdraft import checks
-from ctxdraft.selfdraft.bundle import load_bundle
-from ctxdraft.selfdraft.decoding import GenerationConfig
-from ctxdraft.selfdraft.errors import CtxdraftError
+from ctxdraft.selfdraft.base import checks
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.drafting.decoding import GenerationConfig
+from ctxdraft.selfdraft.serving.bundle import load_bundle
 
 
 @pytest.mark.parametrize("kwargs, message", [

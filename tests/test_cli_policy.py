@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_helpers import assert_clean_error
 from click.testing import CliRunner
+from tiny import char_tokenizer, save_model_dir, tiny_llama
 
 from ctxdraft.cli.main import main
-from ctxdraft.selfdraft.bundle_info import new_bundle_info
-from ctxdraft.selfdraft.fileio import write_json_atomic
-from ctxdraft.selfdraft.target import load_target
-from tiny import char_tokenizer, save_model_dir, tiny_llama
-from cli_helpers import assert_clean_error
+from ctxdraft.selfdraft.base.fileio import write_json_atomic
+from ctxdraft.selfdraft.runtime.target import load_target
+from ctxdraft.selfdraft.serving.bundle_info import new_bundle_info
 
 pytest.importorskip("onnxruntime")
 

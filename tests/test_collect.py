@@ -5,14 +5,12 @@ import json
 
 import pytest
 
-from ctxdraft.selfdraft.bundle import Bundle
-from ctxdraft.selfdraft.bundle_info import new_bundle_info
-from ctxdraft.selfdraft.collect import CollectConfig, collect, read_rows_for_resume
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.rewards import load_rewards
-from ctxdraft.selfdraft.target import load_target
-
-
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.commands.collect import CollectConfig, collect, read_rows_for_resume
+from ctxdraft.selfdraft.learning.rewards import load_rewards
+from ctxdraft.selfdraft.runtime.target import load_target
+from ctxdraft.selfdraft.serving.bundle import Bundle
+from ctxdraft.selfdraft.serving.bundle_info import new_bundle_info
 
 PROMPTS = ["abc abc abc", "hello there", "1 2 3 4 1 2 3", "go go go go", "xyz", "the cat sat", "a b a b a b"]
 
@@ -56,8 +54,8 @@ def test_collect_rows_load_as_rewards_and_resume(tiny_bundle, tmp_path):
     assert row["features"]["tokens"] == tiny_bundle.target.encode(rows(1)[0]["prompt"])
     assert row["arms"]["lookup"]["target_forwards"] >= 1
     # The stored trajectory is the arm's record: recomputing the reward from it gives the logged one.
-    from ctxdraft.selfdraft.costs import CostProfile
-    from ctxdraft.selfdraft.rewards import recompute_rewards
+    from ctxdraft.selfdraft.learning.costs import CostProfile
+    from ctxdraft.selfdraft.learning.rewards import recompute_rewards
 
     again = recompute_rewards([row], {"none": "none", "lookup": "lookup", "lookup-k2": "lookup"},
                               CostProfile.from_dict(info["cost_profile"]))[0]

@@ -5,21 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from ctxdraft.selfdraft.bundle import load_bundle
-from ctxdraft.selfdraft.collect import CollectConfig, collect
-from ctxdraft.selfdraft.costs import CostProfile, max_positions, measure_profile
-from ctxdraft.selfdraft.data import read_prompts
-from ctxdraft.selfdraft.drafts import LookupDraft, LookupSettings, NoneDraft
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.exits.add import add_exits
-from ctxdraft.selfdraft.exits.train import ExitTrainConfig
-from ctxdraft.selfdraft.layers import LayerStack
-from ctxdraft.selfdraft.pool import build_drafts
-from ctxdraft.selfdraft.target import load_target
-from ctxdraft.selfdraft.trajectories import Step, Trajectory
 from tiny import save_word_target, write_word_prompts
 
+from ctxdraft.selfdraft.base.data import read_prompts
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.commands.add_exits import add_exits
+from ctxdraft.selfdraft.commands.collect import CollectConfig, collect
+from ctxdraft.selfdraft.drafting.drafts import LookupDraft, LookupSettings, NoneDraft
+from ctxdraft.selfdraft.drafting.pool import build_drafts
+from ctxdraft.selfdraft.learning.costs import CostProfile, max_positions, measure_profile
+from ctxdraft.selfdraft.learning.exit_train import ExitTrainConfig
+from ctxdraft.selfdraft.learning.trajectories import Step, Trajectory
+from ctxdraft.selfdraft.runtime.layers import LayerStack
+from ctxdraft.selfdraft.runtime.target import load_target
+from ctxdraft.selfdraft.serving.bundle import load_bundle
 
 PROFILE = CostProfile(
     context_tokens=100,

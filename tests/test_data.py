@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.data import first_per_domain, read_prompts, rotated, round_robin, stratified_split
+from ctxdraft.selfdraft.base.data import first_per_domain, read_prompts, rotated, round_robin, stratified_split
+from ctxdraft.selfdraft.base.errors import CtxdraftError
 
 SPLIT = Path(__file__).resolve().parents[1] / "scripts" / "split_data.py"
 

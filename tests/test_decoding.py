@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-
-from ctxdraft.selfdraft.decoding import GenerationConfig, prefill, speculative_decode
-from ctxdraft.selfdraft.drafts import LookupDraft, LookupSettings, ModelDraft, ModelDraftSettings, NoneDraft
-from ctxdraft.selfdraft.layers import LayerStack
 from tiny import tiny_llama
+
+from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
+from ctxdraft.selfdraft.drafting.drafts import LookupDraft, LookupSettings, ModelDraft, ModelDraftSettings, NoneDraft
+from ctxdraft.selfdraft.runtime.layers import LayerStack
 
 V = 61
 REPEATING = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 10, 11, 12, 5, 6, 7]

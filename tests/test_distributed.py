@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from ctxdraft.selfdraft.distributed import Group
 from tiny import save_word_target, write_word_prompts
+
+from ctxdraft.selfdraft.runtime.distributed import Group
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python"]
 TIMING = ("generate_s", "simulate_s")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from ctxdraft.selfdraft.draft import PredictionTeacherForced, draft_loop
-from ctxdraft.selfdraft.drafts import LookupDraft, LookupSettings, LookupTeacherForced, NgramIndex
-from ctxdraft.selfdraft.errors import CtxdraftError
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.drafting.draft import PredictionTeacherForced, draft_loop
+from ctxdraft.selfdraft.drafting.drafts import LookupDraft, LookupSettings, LookupTeacherForced, NgramIndex
 
 
 def scripted(tokens, confidences):

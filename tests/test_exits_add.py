@@ -6,13 +6,11 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
-from ctxdraft.cli.main import main
-from ctxdraft.selfdraft.pool import build_draft
-from ctxdraft.selfdraft.bundle import load_bundle
 from tiny import save_word_target, write_word_prompts
 
-
+from ctxdraft.cli.main import main
+from ctxdraft.selfdraft.drafting.pool import build_draft
+from ctxdraft.selfdraft.serving.bundle import load_bundle
 
 FAST = ["--steps", "3", "--self-distill-tokens", "6", "--eval-frac", "0.25"]
 
@@ -142,10 +140,10 @@ class _Payload:
 
 @pytest.mark.parametrize("damage", ["pickle", "truncated", "empty"])
 def test_resume_never_unpickles_and_damaged_work_files_are_clean_errors(tiny_setup, tmp_path, damage):
-    from ctxdraft.selfdraft.data import read_prompts
-    from ctxdraft.selfdraft.exits.add import WORK_DIR, add_exits
-    from ctxdraft.selfdraft.exits.train import ExitTrainConfig
-    from ctxdraft.selfdraft.target import load_target
+    from ctxdraft.selfdraft.base.data import read_prompts
+    from ctxdraft.selfdraft.commands.add_exits import WORK_DIR, add_exits
+    from ctxdraft.selfdraft.learning.exit_train import ExitTrainConfig
+    from ctxdraft.selfdraft.runtime.target import load_target
 
     root, model_dir, data = tiny_setup
     out = tmp_path / "bundle"

@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
-
-from ctxdraft.selfdraft.decoding import GenerationConfig, prefill, speculative_decode
-from ctxdraft.selfdraft.draft import DecodeState
-from ctxdraft.selfdraft.exits.draft import ExitDraft, ExitSettings
-from ctxdraft.selfdraft.exits.head import ExitHead
-from ctxdraft.selfdraft.layers import LayerStack
 from tiny import assert_follows, tiny_random
 
+from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
+from ctxdraft.selfdraft.drafting.draft import DecodeState
+from ctxdraft.selfdraft.drafting.exit_draft import ExitDraft, ExitSettings
+from ctxdraft.selfdraft.drafting.exit_head import ExitHead
+from ctxdraft.selfdraft.runtime.layers import LayerStack
 
 
 def greedy_reference(model, prompt: list[int], n: int) -> list[int]:

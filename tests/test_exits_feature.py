@@ -3,17 +3,16 @@ reduced vocabularies, K = 1/3/6), exact sampling, a teacher-forced replay equal 
 test forward equal to incremental drafting."""
 from __future__ import annotations
 
-
 import pytest
 import torch
-
-from ctxdraft.selfdraft.decoding import GenerationConfig, prefill, speculative_decode
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.exits.feature_draft import FeatureDraft, FeatureSettings
-from ctxdraft.selfdraft.exits.feature_head import FeatureCache, FeatureHead
-from ctxdraft.selfdraft.layers import LayerStack
-from ctxdraft.selfdraft.trajectories import replay, teacher_pass
 from tiny import assert_follows, tiny_random
+
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
+from ctxdraft.selfdraft.drafting.feature_draft import FeatureDraft, FeatureSettings
+from ctxdraft.selfdraft.drafting.feature_head import FeatureCache, FeatureHead
+from ctxdraft.selfdraft.learning.trajectories import replay, teacher_pass
+from ctxdraft.selfdraft.runtime.layers import LayerStack
 
 PROMPT = [5, 9, 2, 33, 7, 7, 18, 40, 3, 11, 5, 9, 2, 33]
 
@@ -116,7 +115,7 @@ def test_bad_layers_are_refused(layers):
 def test_a_bfloat16_head_is_stored_in_bfloat16_and_loads_into_any_dtype(tmp_path):
     from safetensors import safe_open
 
-    from ctxdraft.selfdraft.exits.feature_head import load_feature_head, save_feature_head
+    from ctxdraft.selfdraft.drafting.feature_head import load_feature_head, save_feature_head
 
     model = tiny_random("llama")
     head = feature_draft(model, vocab_ids=torch.arange(0, 61, 2)).head.to(torch.bfloat16)
@@ -137,10 +136,10 @@ def test_add_exits_trains_a_feature_head_and_its_arm_drafts_losslessly(tmp_path)
     import json as _json
 
     from click.testing import CliRunner
+    from tiny import save_word_target, write_word_prompts
 
     from ctxdraft.cli.main import main
-    from ctxdraft.selfdraft.bundle import load_bundle
-    from tiny import save_word_target, write_word_prompts
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
 
     model_dir = save_word_target(tmp_path / "model")
     data = write_word_prompts(tmp_path / "data.jsonl", n=8)
@@ -180,10 +179,10 @@ def test_add_exits_trains_a_feature_head_and_its_arm_drafts_losslessly(tmp_path)
 
 
 def test_resumed_feature_training_equals_uninterrupted(tiny_model_dir, tmp_path):
-    from ctxdraft.selfdraft.exits.data import build_examples
-    from ctxdraft.selfdraft.exits.feature_train import train_feature_head
-    from ctxdraft.selfdraft.exits.train import ExitTrainConfig
-    from ctxdraft.selfdraft.target import load_target
+    from ctxdraft.selfdraft.learning.exit_train import ExitTrainConfig
+    from ctxdraft.selfdraft.learning.feature_train import train_feature_head
+    from ctxdraft.selfdraft.learning.head_data import build_examples
+    from ctxdraft.selfdraft.runtime.target import load_target
 
     target = load_target(tiny_model_dir)
     rows = [{"id": i, "domain": "d", "prompt": p} for i, p in enumerate(["abc abc abc", "hello there", "1 2 3 1 2"])]

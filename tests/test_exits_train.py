@@ -4,11 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctxdraft.selfdraft.exits.data import build_examples
-from ctxdraft.selfdraft.exits.head import ExitHead
-from ctxdraft.selfdraft.exits.train import ExitTrainConfig, agreement, distill_loss, train_head
-from ctxdraft.selfdraft.target import load_target
-
+from ctxdraft.selfdraft.drafting.exit_head import ExitHead
+from ctxdraft.selfdraft.learning.exit_train import ExitTrainConfig, agreement, distill_loss, train_head
+from ctxdraft.selfdraft.learning.head_data import build_examples
+from ctxdraft.selfdraft.runtime.target import load_target
 
 
 def test_distill_loss_zero_exactly_when_exit_equals_teacher():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ctxdraft.export import OnnxRouter, export_policy, read_metadata
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.policy import PolicyConfig, build_policy, feature_spec, pad_token_ids
-from ctxdraft.selfdraft.rewards import rewards_from_rows
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.learning.policy import PolicyConfig, build_policy, feature_spec, pad_token_ids
+from ctxdraft.selfdraft.learning.rewards import rewards_from_rows
 
 ort = pytest.importorskip("onnxruntime")
 

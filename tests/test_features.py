@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.features import (
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.features import (
     INPUT_NAMES,
     PADDING_ID,
     default_feature_layer,

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ctxdraft.selfdraft.bundle import load_bundle
-from ctxdraft.selfdraft.bundle_info import new_bundle_info
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.target import load_target
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.runtime.target import load_target
+from ctxdraft.selfdraft.serving.bundle import load_bundle
+from ctxdraft.selfdraft.serving.bundle_info import new_bundle_info
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)

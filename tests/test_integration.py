@@ -77,8 +77,8 @@ def test_public_api_shape(bundle):
 def test_calibrating_the_shipped_bundle(tmp_path, monkeypatch):
     """The shipped bundle carries its trajectories: calibrate measures this machine, retrains from every stored
     row, stores the result under the calibration directory (never in the package) and routing then uses it."""
-    from ctxdraft.selfdraft.calibrate import calibrate, find_calibration
-    from ctxdraft.selfdraft.rewards import read_trajectories
+    from ctxdraft.selfdraft.learning.rewards import read_trajectories
+    from ctxdraft.selfdraft.serving.calibration import calibrate, find_calibration
 
     monkeypatch.setenv("CTXDRAFT_CALIBRATIONS", str(tmp_path))
     b = load_bundle(calibrate=True)

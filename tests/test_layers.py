@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from ctxdraft.selfdraft.layers import LayerStack
 from tiny import tiny_random
 
+from ctxdraft.selfdraft.runtime.layers import LayerStack
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from ctxdraft.selfdraft import machine
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.machine import cpu_flags, cpu_model, machine_fingerprint, native_bf16, resolve_dtype
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.runtime import machine
+from ctxdraft.selfdraft.runtime.machine import cpu_flags, cpu_model, machine_fingerprint, native_bf16, resolve_dtype
 
 EPYC = """processor\t: 0
 vendor_id\t: AuthenticAMD

@@ -10,11 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.online import (Estimate, Feedback, RewardModel, UpdateConfig, compare, policy_value,
-                                       pseudo_rewards, train_on_feedback, update_policy)
-from ctxdraft.selfdraft.policy import PolicyConfig, choose_arms
-from ctxdraft.selfdraft.rewards import RewardData
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.commands.update_policy import UpdateConfig, update_policy
+from ctxdraft.selfdraft.learning.offpolicy import (
+    Estimate,
+    Feedback,
+    RewardModel,
+    compare,
+    policy_value,
+    pseudo_rewards,
+    train_on_feedback,
+)
+from ctxdraft.selfdraft.learning.policy import PolicyConfig, choose_arms
+from ctxdraft.selfdraft.learning.rewards import RewardData
 
 A, D = 3, 4
 W = torch.tensor([[1.0, -0.5, 0.3, 0.0], [-0.8, 0.9, 0.0, 0.4], [0.2, 0.2, -1.0, 0.7]])  # [A, D]
@@ -167,8 +175,9 @@ def bundle_dir(built_bundle, tmp_path):
 
 
 def serve(bundle_dir, log, n: int = 12, explore: float = 0.5, seed: int = 0, **kw):
-    from ctxdraft.selfdraft.bundle import load_bundle
     from test_traffic import PROMPTS
+
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, log=log, explore=explore, **kw)
     bundle.explore_rng = np.random.default_rng(seed)
@@ -182,8 +191,8 @@ def snapshot(path) -> dict:
 
 
 def test_update_policy_writes_a_whole_bundle_that_records_what_it_learned_from(bundle_dir, tmp_path):
-    from ctxdraft.selfdraft.bundle import load_bundle
-    from ctxdraft.selfdraft.calibrate import bundle_hash
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
+    from ctxdraft.selfdraft.serving.bundle_info import bundle_hash
 
     log = tmp_path / "traffic.jsonl"
     old = serve(bundle_dir, log)
@@ -218,8 +227,8 @@ def test_the_policy_in_use_is_kept_when_it_is_estimated_better_unless_forced(bun
     (trained on rewards that said lookup is slow), and the served traffic agrees with it (its lookup trajectories
     rewritten to accept nothing after 100 lookups a step). A policy retrained mostly on the offline rows picks
     lookup and is estimated worse on these logs: kept, nothing written; --force replaces it."""
-    from ctxdraft.selfdraft.bundle import load_bundle
-    from ctxdraft.selfdraft.train_policy import train_bundle_policy
+    from ctxdraft.selfdraft.commands.train_policy import train_bundle_policy
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
 
     said_slow = _rows(bundle_dir / "rewards.jsonl")
     for row in said_slow:
@@ -267,7 +276,7 @@ def _write(path, rows, tail: str = ""):
     (lambda r: r["features"].update(hidden_layer=3), "features pooled at layer 3"),
 ])
 def test_bad_logs_are_one_clear_error_and_nothing_is_written(bundle_dir, tmp_path, edit, message):
-    from ctxdraft.selfdraft.bundle import load_bundle
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
 
     log = tmp_path / "traffic.jsonl"
     serve(bundle_dir, log, n=4)
@@ -285,7 +294,7 @@ def test_bad_logs_are_one_clear_error_and_nothing_is_written(bundle_dir, tmp_pat
 def test_torn_lines_are_skipped_and_reported_empty_logs_refused(bundle_dir, tmp_path, caplog, monkeypatch):
     import logging
 
-    from ctxdraft.selfdraft.bundle import load_bundle
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
 
     monkeypatch.setattr(logging.getLogger("ctxdraft"), "propagate", True)  # the CLI tests give it its own handler
     log = tmp_path / "traffic.jsonl"
@@ -310,7 +319,7 @@ def test_torn_lines_are_skipped_and_reported_empty_logs_refused(bundle_dir, tmp_
 
 
 def test_a_bundle_without_policy_or_offline_data_cannot_be_updated(bundle_dir, tmp_path):
-    from ctxdraft.selfdraft.bundle import load_bundle
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
 
     log = tmp_path / "traffic.jsonl"
     serve(bundle_dir, log, n=2)
@@ -325,8 +334,8 @@ def test_a_bundle_without_policy_or_offline_data_cannot_be_updated(bundle_dir, t
 
 
 def test_with_calibration_the_update_becomes_this_machines_policy_of_the_new_bundle(bundle_dir, tmp_path, monkeypatch):
-    from ctxdraft.selfdraft.bundle import load_bundle
-    from ctxdraft.selfdraft.calibrate import find_calibration
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
+    from ctxdraft.selfdraft.serving.calibration import find_calibration
 
     monkeypatch.setenv("CTXDRAFT_CALIBRATIONS", str(tmp_path / "calibrations"))
     log = tmp_path / "traffic.jsonl"
@@ -343,9 +352,9 @@ def test_with_calibration_the_update_becomes_this_machines_policy_of_the_new_bun
 
 
 def test_cli_update_policy(bundle_dir, tmp_path):
+    from cli_helpers import assert_clean_error
     from click.testing import CliRunner
 
-    from cli_helpers import assert_clean_error
     from ctxdraft.cli.main import main
 
     log, log2 = tmp_path / "a.jsonl", tmp_path / "b.jsonl"

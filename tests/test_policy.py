@@ -1,13 +1,19 @@
 """The routing policy's networks and training on toy contextual bandits whose best arm depends on the context."""
 import pytest
 import torch
-
-from ctxdraft.selfdraft.data import stratified_split
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.policy import PolicyConfig, choose_arms, policy_inputs, train_reinforce, train_supervised
-from ctxdraft.selfdraft.policy_report import evaluate
-from ctxdraft.selfdraft.rewards import rewards_from_rows
 from toy_rewards import BEST_ARM, toy_rows
+
+from ctxdraft.selfdraft.base.data import stratified_split
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.learning.policy import (
+    PolicyConfig,
+    choose_arms,
+    policy_inputs,
+    train_reinforce,
+    train_supervised,
+)
+from ctxdraft.selfdraft.learning.policy_report import evaluate
+from ctxdraft.selfdraft.learning.rewards import rewards_from_rows
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from ctxdraft.selfdraft.policy import HiddenPolicy, PolicyConfig
-from ctxdraft.selfdraft.policy_report import evaluate
-from ctxdraft.selfdraft.rewards import rewards_from_rows
+from ctxdraft.selfdraft.learning.policy import HiddenPolicy, PolicyConfig
+from ctxdraft.selfdraft.learning.policy_report import evaluate
+from ctxdraft.selfdraft.learning.rewards import rewards_from_rows
 
 
 def test_evaluate_exact_numbers():

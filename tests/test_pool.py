@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from ctxdraft.selfdraft.drafts import LookupDraft, ModelDraft, NoneDraft
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.exits.draft import ExitSettings
-from ctxdraft.selfdraft.pool import (
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.drafting.drafts import LookupDraft, ModelDraft, NoneDraft
+from ctxdraft.selfdraft.drafting.exit_draft import ExitSettings
+from ctxdraft.selfdraft.drafting.pool import (
     BASE_ARMS,
     DRAFT_KINDS,
     build_draft,
@@ -17,7 +17,7 @@ from ctxdraft.selfdraft.pool import (
     pool_key,
     with_draft_len,
 )
-from ctxdraft.selfdraft.target import load_target
+from ctxdraft.selfdraft.runtime.target import load_target
 
 
 def test_registry_has_every_kind():

@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.policy import PolicyConfig
-from ctxdraft.selfdraft.replay import LinUCB, ReplayConfig, regret, replay_seed, run_replay, subset, synthetic_rewards
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.learning.policy import PolicyConfig
+from ctxdraft.selfdraft.learning.replay import (
+    LinUCB,
+    ReplayConfig,
+    regret,
+    replay_seed,
+    run_replay,
+    subset,
+    synthetic_rewards,
+)
 
 FAST = dict(seeds=1, num_requests=60, update_every=30, checkpoint_every=30, folds=2, linucb_alphas=[1.0],
             policy=PolicyConfig(epochs=20))

@@ -1,10 +1,10 @@
 """Reading the logged bandit table (rewards files) with clear errors."""
 import pytest
 import torch
-
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.rewards import load_rewards
 from toy_rewards import ARMS, toy_rows, write_rows
+
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.learning.rewards import load_rewards
 
 
 def test_load_rewards_round_trip(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ctxdraft.export import OnnxRouter, export_policy
-from ctxdraft.selfdraft.policy import PolicyConfig, build_policy, feature_spec
-from ctxdraft.selfdraft.rewards import rewards_from_rows
+from ctxdraft.selfdraft.learning.policy import PolicyConfig, build_policy, feature_spec
+from ctxdraft.selfdraft.learning.rewards import rewards_from_rows
 
 pytest.importorskip("onnxruntime")
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ctxdraft.selfdraft import machine
-from ctxdraft.selfdraft.cache import cache_dir, is_checkpoint
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.target import checkpoint_hash, load_target
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.runtime import machine
+from ctxdraft.selfdraft.runtime.cache import cache_dir, is_checkpoint
+from ctxdraft.selfdraft.runtime.target import checkpoint_hash, load_target
 
 EPYC_FLAGS = "model name\t: AMD EPYC\nflags\t\t: avx2 avx512f avx512_bf16\n"
 NO_BF16_FLAGS = "model name\t: Intel Xeon\nflags\t\t: avx2 avx512f\n"
@@ -163,8 +163,8 @@ def test_the_qwen_target_drafted_by_its_small_sibling_is_lossless():
     """generate --target qwen2.5-coder-1.5b-instruct --draft model:qwen2.5-coder-0.5b-instruct, through the API:
     the same tokens as plain decoding (or a divergence at a bf16 tie of the target's best logits), and the small
     model's drafts mostly accepted."""
-    from ctxdraft.selfdraft.bundle import load_bundle
-    from ctxdraft.selfdraft.ties import compare_greedy
+    from ctxdraft.selfdraft.drafting.ties import compare_greedy
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
 
     _require_cached(QWEN_TARGET, QWEN_DRAFT)
     bundle = load_bundle(target=QWEN_TARGET, dtype="bfloat16")

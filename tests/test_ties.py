@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from ctxdraft.selfdraft.decoding import GenerationConfig, prefill, speculative_decode
-from ctxdraft.selfdraft.drafts import LookupDraft, LookupSettings, ModelDraft, ModelDraftSettings, NoneDraft
-from ctxdraft.selfdraft.exits.draft import ExitDraft, ExitSettings
-from ctxdraft.selfdraft.exits.head import ExitHead
-from ctxdraft.selfdraft.layers import LayerStack
-from ctxdraft.selfdraft.ties import compare_greedy, first_difference
 from tiny import tiny_random
+
+from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
+from ctxdraft.selfdraft.drafting.drafts import LookupDraft, LookupSettings, ModelDraft, ModelDraftSettings, NoneDraft
+from ctxdraft.selfdraft.drafting.exit_draft import ExitDraft, ExitSettings
+from ctxdraft.selfdraft.drafting.exit_head import ExitHead
+from ctxdraft.selfdraft.drafting.ties import compare_greedy, first_difference
+from ctxdraft.selfdraft.runtime.layers import LayerStack
 
 PROMPT = [5, 9, 2, 33, 7, 7, 18, 40, 3, 11, 5, 9, 2]
 

@@ -10,18 +10,18 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-from ctxdraft.selfdraft.decoding import GenerationConfig, prefill, speculative_decode
-from ctxdraft.selfdraft.draft import TeacherForced
-from ctxdraft.selfdraft.drafts import LookupDraft, ModelDraft, ModelDraftSettings, NoneDraft
-from ctxdraft.selfdraft.errors import CtxdraftError
-from ctxdraft.selfdraft.exits.draft import ExitDraft, ExitSettings
-from ctxdraft.selfdraft.exits.head import ExitHead
-from ctxdraft.selfdraft.layers import LayerStack
-from ctxdraft.selfdraft.traffic import (StepRecorder, TRAFFIC_FORMAT, append_line, choose_arm, plain_steps,
-                                        read_traffic)
-from ctxdraft.selfdraft.trajectories import replay, teacher_pass
 from tiny import tiny_random
+
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
+from ctxdraft.selfdraft.drafting.draft import TeacherForced
+from ctxdraft.selfdraft.drafting.drafts import LookupDraft, ModelDraft, ModelDraftSettings, NoneDraft
+from ctxdraft.selfdraft.drafting.exit_draft import ExitDraft, ExitSettings
+from ctxdraft.selfdraft.drafting.exit_head import ExitHead
+from ctxdraft.selfdraft.learning.offpolicy import choose_arm
+from ctxdraft.selfdraft.learning.trajectories import replay, teacher_pass
+from ctxdraft.selfdraft.runtime.layers import LayerStack
+from ctxdraft.selfdraft.serving.traffic import TRAFFIC_FORMAT, StepRecorder, append_line, plain_steps, read_traffic
 
 ARMS = ["none", "lookup", "exit@2"]
 
@@ -175,7 +175,7 @@ PROMPTS = [f"abc abc {i} abc abc" for i in range(8)]
 
 
 def _fixed_profile():
-    from ctxdraft.selfdraft.costs import CostProfile
+    from ctxdraft.selfdraft.learning.costs import CostProfile
 
     return CostProfile(40, {m: 1.0 + 0.1 * (m - 1) for m in range(1, 10)},
                        {"none": {"evaluation_s": 0.0}, "lookup": {"evaluation_s": 0.01}})
@@ -187,13 +187,13 @@ FIXED_PROFILE = _fixed_profile()
 def train_tiny_bundle(model_dir, path, num_prompts: int = 8, max_new_tokens: int = 8):
     """A tiny bundle (none, lookup, lookup-k2) with a policy trained on collected rows (BUNDLE/rewards.jsonl,
     BUNDLE/trajectories.jsonl.gz) and a fixed cost profile in bundle.json."""
-    from ctxdraft.selfdraft.bundle import load_bundle
-    from ctxdraft.selfdraft.bundle_info import new_bundle_info
-    from ctxdraft.selfdraft.collect import CollectConfig
-    from ctxdraft.selfdraft.fileio import write_json_atomic
-    from ctxdraft.selfdraft.policy import PolicyConfig
-    from ctxdraft.selfdraft.target import load_target
-    from ctxdraft.selfdraft.train_policy import train_policy
+    from ctxdraft.selfdraft.base.fileio import write_json_atomic
+    from ctxdraft.selfdraft.commands.collect import CollectConfig
+    from ctxdraft.selfdraft.commands.train_policy import train_policy
+    from ctxdraft.selfdraft.learning.policy import PolicyConfig
+    from ctxdraft.selfdraft.runtime.target import load_target
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
+    from ctxdraft.selfdraft.serving.bundle_info import new_bundle_info
 
     target = load_target(model_dir)
     info = new_bundle_info(target, str(model_dir))
@@ -214,8 +214,8 @@ def trained_bundle(tiny_model_dir, tmp_path_factory):
 
 
 def test_generate_logs_each_routed_request_with_the_offline_reward(trained_bundle, tmp_path):
-    from ctxdraft.selfdraft.bundle import load_bundle
-    from ctxdraft.selfdraft.calibrate import bundle_hash
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
+    from ctxdraft.selfdraft.serving.bundle_info import bundle_hash
 
     log = tmp_path / "traffic.jsonl"
     bundle = load_bundle(trained_bundle, calibrate=False, log=log)
@@ -242,7 +242,7 @@ def test_generate_logs_each_routed_request_with_the_offline_reward(trained_bundl
 
 
 def test_exploration_is_logged_with_its_propensity(trained_bundle, tmp_path):
-    from ctxdraft.selfdraft.bundle import load_bundle
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
 
     log = tmp_path / "traffic.jsonl"
     bundle = load_bundle(trained_bundle, calibrate=False, log=log, log_features_only=True, explore=1.0)
@@ -262,7 +262,7 @@ def test_exploration_is_logged_with_its_propensity(trained_bundle, tmp_path):
 
 
 def test_logging_needs_a_policy_and_a_usable_path(trained_bundle, tiny_model_dir, tmp_path):
-    from ctxdraft.selfdraft.bundle import load_bundle
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
 
     with pytest.raises(CtxdraftError, match="is a directory"):
         load_bundle(trained_bundle, log=tmp_path)
@@ -278,9 +278,9 @@ def test_logging_needs_a_policy_and_a_usable_path(trained_bundle, tiny_model_dir
 
 
 def test_cli_generate_log_options(trained_bundle, tmp_path):
+    from cli_helpers import assert_clean_error
     from click.testing import CliRunner
 
-    from cli_helpers import assert_clean_error
     from ctxdraft.cli.main import main
 
     log = tmp_path / "traffic.jsonl"

@@ -1,11 +1,12 @@
 """Training a bundle's policy: both policies, the split and the report."""
 import json
 
-from ctxdraft.selfdraft.policy import PolicyConfig
-from ctxdraft.selfdraft.policy_report import report_markdown
-from ctxdraft.selfdraft.rewards import rewards_from_rows
-from ctxdraft.selfdraft.train_policy import train_policies
 from toy_rewards import ARMS, DOMAINS, toy_rows
+
+from ctxdraft.selfdraft.learning.policy import PolicyConfig
+from ctxdraft.selfdraft.learning.policy_report import report_markdown
+from ctxdraft.selfdraft.learning.policy_train import train_policies
+from ctxdraft.selfdraft.learning.rewards import rewards_from_rows
 
 
 def test_train_policies_report_and_markdown():
@@ -23,12 +24,12 @@ def test_train_policies_report_and_markdown():
 
 
 def test_train_policy_collects_first_and_continues_a_matching_rewards_file(tiny_model_dir, tmp_path):
-    from ctxdraft.selfdraft.bundle import load_bundle
-    from ctxdraft.selfdraft.bundle_info import new_bundle_info
-    from ctxdraft.selfdraft.collect import CollectConfig
-    from ctxdraft.selfdraft.fileio import write_json_atomic
-    from ctxdraft.selfdraft.target import load_target
-    from ctxdraft.selfdraft.train_policy import train_policy
+    from ctxdraft.selfdraft.base.fileio import write_json_atomic
+    from ctxdraft.selfdraft.commands.collect import CollectConfig
+    from ctxdraft.selfdraft.commands.train_policy import train_policy
+    from ctxdraft.selfdraft.runtime.target import load_target
+    from ctxdraft.selfdraft.serving.bundle import load_bundle
+    from ctxdraft.selfdraft.serving.bundle_info import new_bundle_info
 
     info = new_bundle_info(load_target(tiny_model_dir), str(tiny_model_dir))
     info["arms"] = info["arms"][:2]  # none, lookup
@@ -51,9 +52,9 @@ def test_train_policy_collects_first_and_continues_a_matching_rewards_file(tiny_
 def test_train_policy_needs_exactly_one_source(tiny_model_dir, tmp_path):
     import pytest
 
-    from ctxdraft.selfdraft.bundle import Bundle
-    from ctxdraft.selfdraft.errors import CtxdraftError
-    from ctxdraft.selfdraft.train_policy import train_policy
+    from ctxdraft.selfdraft.base.errors import CtxdraftError
+    from ctxdraft.selfdraft.commands.train_policy import train_policy
+    from ctxdraft.selfdraft.serving.bundle import Bundle
 
     bundle = Bundle(tmp_path, {"arms": []})
     with pytest.raises(CtxdraftError, match="either --rewards"):

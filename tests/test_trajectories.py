@@ -6,15 +6,22 @@ import copy
 
 import pytest
 import torch
-
-from ctxdraft.selfdraft.decoding import GenerationConfig, prefill, speculative_decode
-from ctxdraft.selfdraft.draft import PredictionTeacherForced, TeacherForced
-from ctxdraft.selfdraft.drafts import LookupDraft, LookupSettings, LookupTeacherForced, ModelDraft, ModelDraftSettings, NoneDraft
-from ctxdraft.selfdraft.exits.draft import ExitDraft, ExitSettings
-from ctxdraft.selfdraft.exits.head import ExitHead
-from ctxdraft.selfdraft.layers import LayerStack
-from ctxdraft.selfdraft.trajectories import replay, teacher_pass
 from tiny import tiny_llama
+
+from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
+from ctxdraft.selfdraft.drafting.draft import PredictionTeacherForced, TeacherForced
+from ctxdraft.selfdraft.drafting.drafts import (
+    LookupDraft,
+    LookupSettings,
+    LookupTeacherForced,
+    ModelDraft,
+    ModelDraftSettings,
+    NoneDraft,
+)
+from ctxdraft.selfdraft.drafting.exit_draft import ExitDraft, ExitSettings
+from ctxdraft.selfdraft.drafting.exit_head import ExitHead
+from ctxdraft.selfdraft.learning.trajectories import replay, teacher_pass
+from ctxdraft.selfdraft.runtime.layers import LayerStack
 
 V = 61
 REPEATING = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 10, 11, 12, 5, 6, 7]

@@ -1,0 +1,334 @@
+"""``ctxdraft update-policy``: learn from served traffic and write the updated bundle.
+
+The logged requests (``serving/traffic.py`` lines) are checked against the bundle and costed under this machine's
+profile from the trajectory each request realised; ``learning/offpolicy.py`` trains on them beside the bundle's
+offline rows and estimates the new policy against the one in use. ``update_policy`` writes policy.onnx (and its
+weights, report, bundle.json) whole or not at all, records in bundle.json what it learned from, and stores the new
+policy as this machine's calibration of the new bundle (the policy was trained for this machine's costs).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from ..base import checks
+from ..base.errors import CtxdraftError
+from ..base.fileio import display_path, write_json_atomic, write_text_atomic
+from ..base.layout import BUNDLE_FILE, EXITS_FILE, POLICY_FILE, POLICY_WEIGHTS_FILE, TRAJECTORIES_FILE
+from ..drafting.pool import cost_key, pool_key
+from ..learning.costs import CostProfile
+from ..learning.offpolicy import TIE, Feedback, learn_from_feedback
+from ..learning.policy import PolicyConfig
+from ..learning.rewards import read_trajectories, recompute_rewards, rewards_from_rows
+from ..learning.trajectories import Trajectory
+from ..runtime.cache import item_lock, staged
+from ..serving.bundle import DEFAULT_BUNDLE_DIR
+from ..serving.bundle_info import bundle_hash
+from ..serving.calibration import CALIBRATION_FILE, CALIBRATION_VERSION, calibrations_dir
+from ..serving.traffic import modelled_reward, read_traffic
+from .train_policy import save_policy
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+UPDATE_REPORT = "reports/update_policy.json"
+# Two arms with the same speed-up are a tie, not "the policy in use is estimated better": rewards carry about 7
+# significant digits (float32 tables, collect's rounding), so gains below this are rounding.
+
+
+# ----------------------------------------------------------------------------------------------
+# Logged feedback, the reward model and the pseudo-rewards
+
+
+# ----------------------------------------------------------------------------------------------
+# Training on offline rows plus logged feedback
+
+
+# ----------------------------------------------------------------------------------------------
+# update-policy: a bundle on disk
+
+
+@dataclass
+class UpdateConfig:
+    folds: int = 5  # cross-fitting folds of the logs for the estimate of the new policy
+    seed: int = 0  # which logged rows go into which fold
+    epochs: int | None = None  # training epochs (None: the bundle's policy config)
+
+    def validate(self) -> None:
+        checks.integer("folds (--folds)", self.folds, minimum=2)
+        checks.seed("seed (--seed)", self.seed)
+        if self.epochs is not None:
+            checks.integer("epochs (--epochs)", self.epochs, minimum=1)
+
+
+@dataclass
+class UpdateResult:
+    replaced: bool  # False: the policy in use is estimated better, nothing was written
+    path: Path | None  # the bundle written (None when nothing was)
+    report: dict
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _row_features(row: dict, where: str, meta: dict) -> tuple[list[float] | None, list[int] | None]:
+    features = row.get("features")
+    if not isinstance(features, dict):
+        raise CtxdraftError(f"{where}: no 'features' object; the line is not a complete traffic row")
+    if meta["feature_kind"] == "tokens":
+        tokens = features.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+            raise CtxdraftError(f"{where}: features.tokens must be the prompt's token ids (this bundle routes on tokens)")
+        return None, tokens
+    hidden = features.get("hidden")
+    if not isinstance(hidden, list) or len(hidden) != meta["feature_dim"] or not all(_finite(v) for v in hidden):
+        got = len(hidden) if isinstance(hidden, list) else hidden
+        raise CtxdraftError(f"{where}: features.hidden must be {meta['feature_dim']} finite numbers (got {got!r}); "
+                            "the row was logged by a bundle with other features")
+    if features.get("hidden_layer") != meta.get("layer"):
+        raise CtxdraftError(f"{where}: features pooled at layer {features.get('hidden_layer')}, but this bundle's policy "
+                            f"reads layer {meta.get('layer')}; pass only this bundle's logs")
+    return hidden, None
+
+
+def feedback_from_traffic(traffic, bundle, profile, arm_names: list[str], bundle_hashes: set[str]) -> Feedback:
+    """Check every logged row against ``bundle`` and recompute its reward under ``profile`` from the logged
+    trajectory. A row from another target, bundle or pool, a propensity outside (0, 1], or a row without its
+    trajectory is one CtxdraftError naming the line."""
+    meta = bundle.info["policy_model"]
+    target = bundle.info["target"]
+    pool = pool_key(bundle.info["arms"])
+    keys = {a["name"]: cost_key(a) for a in bundle.info["arms"]}
+    arms, propensity, rewards, hidden, tokens = [], [], [], [], []
+    for row, where in zip(traffic.rows, traffic.where):
+        if row.get("target") != target.get("hash"):
+            raise CtxdraftError(f"{where}: logged for another target (hash {row.get('target')}), not this bundle's "
+                                f"{target.get('name')} (hash {target.get('hash')}); pass only this bundle's logs")
+        if row.get("bundle") not in bundle_hashes:
+            raise CtxdraftError(f"{where}: logged by another bundle (content hash {row.get('bundle')}); this one is "
+                                f"{bundle_hash(bundle)} (earlier versions it learned from: {len(bundle_hashes) - 1}); "
+                                "pass only this bundle's logs")
+        if row.get("pool") != pool:
+            raise CtxdraftError(f"{where}: logged for another pool of arms; pass only this bundle's logs")
+        arm, p = row.get("arm"), row.get("propensity")
+        if arm not in arm_names:
+            raise CtxdraftError(f"{where}: arm {arm!r} is not in this bundle's pool {arm_names}")
+        if not _finite(p) or not 0 < p <= 1:
+            raise CtxdraftError(f"{where}: propensity {p!r} must be in (0, 1]; a row whose arm had no chance of being "
+                                "chosen cannot be reweighted (the log is damaged or was written by another program)")
+        m = row.get("measurement")
+        if not isinstance(m, dict) or not isinstance(m.get("trajectory"), dict) or not isinstance(m.get("plain_steps"), int) \
+                or m["plain_steps"] < 0:
+            raise CtxdraftError(f"{where}: no measurement.trajectory / plain_steps; the line is not a complete traffic row")
+        traj = Trajectory.from_dict(m["trajectory"], f"{where}: measurement.trajectory")
+        if 1 + sum(s.accepted + 1 for s in traj.steps) < traj.new_tokens or m["plain_steps"] > traj.new_tokens:
+            raise CtxdraftError(f"{where}: the trajectory's steps emit fewer tokens than its new_tokens (or plain_steps "
+                                "exceeds them); the line was edited or damaged")
+        row_hidden, row_tokens = _row_features(row, where, meta)
+        arms.append(arm_names.index(arm))
+        propensity.append(float(p))
+        rewards.append(modelled_reward(profile, keys[arm], traj, m["plain_steps"]))
+        hidden.append(row_hidden)
+        tokens.append(row_tokens)
+    return Feedback(arm_names, torch.tensor(arms, dtype=torch.long), torch.tensor(propensity, dtype=torch.float64),
+                    torch.tensor(rewards, dtype=torch.float64),
+                    torch.tensor(hidden, dtype=torch.float32) if meta["feature_kind"] == "hidden" else None,
+                    tokens if meta["feature_kind"] == "tokens" else None)
+
+
+def _profile(bundle):
+    """The cost profile rewards are computed with on this machine: the bundle's calibration (made now if routing
+    would make it), else the profile in bundle.json."""
+    calibration = bundle.calibration(create=True)
+    if calibration is not None:
+        return calibration.profile, calibration
+    profile = CostProfile.from_dict(bundle.info.get("cost_profile"))
+    if profile is None:
+        raise CtxdraftError(f"bundle {display_path(bundle.path)} has no cost profile of this version to compute rewards "
+                            "with; calibrate it (`ctxdraft calibrate`) or collect with it once")
+    return profile, None
+
+
+def _old_choices(bundle, feedback: Feedback, arm_names: list[str]) -> torch.Tensor:
+    """What the routing policy in use (``Bundle.router``: this machine's calibration or the shipped policy) picks
+    on every logged row, without exploration."""
+    router = bundle.router()
+    batch = feedback.tokens if feedback.hidden is None else feedback.hidden.numpy()
+    picks = router.probs(batch).argmax(1)
+    return torch.tensor([arm_names.index(router.arms[int(k)]) for k in picks], dtype=torch.long)
+
+
+def _file_sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def update_policy(bundle, logs, out: str | os.PathLike | None = None, force: bool = False,
+                  config: UpdateConfig | None = None, progress: Progress | None = None) -> UpdateResult:
+    """What ``ctxdraft update-policy`` does (module docstring): learn from the traffic ``logs`` (files ``generate
+    --log`` wrote) and write the updated bundle to ``out`` (None: in place), unless the policy in use is estimated
+    better and ``force`` is False; then nothing is written."""
+    config = config or UpdateConfig()
+    config.validate()
+    checks.flag("force", force)
+    t0 = time.perf_counter()
+    meta = bundle.info.get("policy_model")
+    if bundle.path is None or not meta or not bundle.info.get("policy"):
+        raise CtxdraftError(f"bundle {display_path(bundle.path)} has no trained policy to update; "
+                            "run `ctxdraft train-policy` first")
+    final = _output_dir(bundle, out)
+    traffic = read_traffic(logs)
+    if not (bundle.path / TRAJECTORIES_FILE).is_file():
+        raise CtxdraftError(f"bundle {display_path(bundle.path)} carries no offline data ({TRAJECTORIES_FILE}) to learn "
+                            "alongside the logs; train its policy with `ctxdraft train-policy --data ...`")
+    online = bundle.info.get("online") or {}
+    hashes = {bundle_hash(bundle), *online.get("lineage", [])}
+    rows = read_trajectories(bundle.path)
+    profile, calibration = _profile(bundle)
+    if progress:
+        progress("update-policy: rewards", 0, 1)
+    offline = rewards_from_rows(recompute_rewards(rows, {a["name"]: cost_key(a) for a in bundle.info["arms"]}, profile,
+                                                  source=TRAJECTORIES_FILE), source=TRAJECTORIES_FILE)
+    if set(offline.arm_names) != set(bundle.arms) or set(meta["arms"]) != set(bundle.arms):
+        raise CtxdraftError(f"the trajectories in {display_path(bundle.path / TRAJECTORIES_FILE)} are for arms "
+                            f"{offline.arm_names}, not the bundle's {bundle.arms}; train the policy again")
+    feedback = feedback_from_traffic(traffic, bundle, profile, offline.arm_names, hashes)
+    cfg = dict(meta["config"], hidden_sizes=tuple(meta["config"].get("hidden_sizes", ())))
+    if config.epochs is not None:
+        cfg["epochs"] = config.epochs
+    learned = learn_from_feedback(offline, feedback, PolicyConfig(**cfg), _old_choices(bundle, feedback, offline.arm_names),
+                                  config.folds, config.seed, force, progress)
+    comparison, model = learned.comparison, learned.model
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "logs": traffic.files, "skipped_lines": traffic.skipped,
+        "logged_requests": len(feedback),
+        "explored": sum(r.get("arm") != r.get("greedy_arm") for r in traffic.rows),
+        "logged_arms": {name: int((feedback.arms == a).sum()) for a, name in enumerate(offline.arm_names)},
+        "from_bundles": sorted({r["bundle"] for r in traffic.rows}),
+        "offline_rows": len(offline),
+        "profile": f"calibration {calibration.machine.get('hash')}" if calibration is not None else "bundle.json",
+        "reward_model": {"kind": "ridge" if model.weights is not None else "mean",
+                         "penalties": dict(zip(offline.arm_names, model.penalties)) if model.penalties else None},
+        "mean_logged_speedup": round(float(feedback.rewards.mean()), 6),
+        "estimate": comparison.to_dict(), "folds": min(config.folds, len(feedback)),
+        "replaced": learned.replace, "forced": bool(force and comparison.gain.value < -TIE),
+    }
+    if not learned.replace:
+        report["total_s"] = round(time.perf_counter() - t0, 1)
+        return UpdateResult(False, None, report)
+    policy = learned.policy
+    report["total_s"] = round(time.perf_counter() - t0, 1)
+    record = {"created": report["created"], "logs": [dict(f, sha256=_file_sha(p)) for f, p in zip(traffic.files, logs)],
+              "logged_requests": len(feedback), "from_bundles": report["from_bundles"], "estimate": report["estimate"],
+              "forced": report["forced"]}
+    info = dict(bundle.info, online={"lineage": sorted(hashes), "updates": online.get("updates", []) + [record]})
+    _write_bundle(bundle, final, info, policy, meta, offline.arm_names, report, calibration, profile)
+    return UpdateResult(True, final, report)
+
+
+def _output_dir(bundle, out) -> Path:
+    if out is None:
+        if bundle.path.resolve() == DEFAULT_BUNDLE_DIR.resolve():
+            raise CtxdraftError("the shipped default bundle is part of the installed package; write the update "
+                                "elsewhere with --out DIR")
+        return bundle.path
+    final = Path(out)
+    if final.resolve() == bundle.path.resolve():
+        return bundle.path
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise CtxdraftError(f"--out {display_path(final)} exists and is not an empty directory; give a new directory "
+                            "(or leave --out out to update the bundle in place)")
+    return final
+
+
+def _write_bundle(bundle, final: Path, info: dict, policy, meta: dict, arm_names: list[str], report: dict,
+                  calibration, profile) -> None:
+    """Stage the updated bundle beside ``final`` and commit it: a new directory is renamed into place; in place,
+    the policy files are replaced first and bundle.json (the commit point) last. When the profile came from this
+    machine's calibration, the new policy is also stored as the calibration of the new bundle, so that routing
+    uses it instead of recalibrating from the offline trajectories alone."""
+
+    in_place = final == bundle.path
+    weights = meta.get("weights", POLICY_WEIGHTS_FILE)
+    stage = final.parent / f".{final.name}.update-{os.getpid()}-{time.time_ns()}.tmp"
+    try:
+        if in_place:
+            stage.mkdir()
+            for name in (EXITS_FILE, TRAJECTORIES_FILE):  # what the bundle's content hash reads besides bundle.json
+                if (bundle.path / name).is_file():
+                    shutil.copy2(bundle.path / name, stage / name)
+        else:
+            shutil.copytree(bundle.path, stage)
+        info["features"] = save_policy(bundle, policy, meta.get("layer"), arm_names, stage / POLICY_FILE, stage / weights)
+        info["policy"] = POLICY_FILE
+        write_json_atomic(stage / UPDATE_REPORT, report)
+        write_text_atomic((stage / UPDATE_REPORT).with_suffix(".md"), report_markdown(report))
+        write_json_atomic(stage / BUNDLE_FILE, info)
+        if calibration is not None:
+            _store_calibration(bundle, bundle_hash(SimpleNamespace(path=stage)), calibration, profile, stage, weights, report)
+        if not in_place:
+            if final.is_dir():
+                final.rmdir()
+            os.replace(stage, final)
+            return
+        for name in (POLICY_FILE, weights, UPDATE_REPORT, str(Path(UPDATE_REPORT).with_suffix(".md")), BUNDLE_FILE):
+            (final / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / name, final / name)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    bundle._router = None
+
+
+def _store_calibration(bundle, new_hash: str, calibration, profile, stage: Path, weights: str, report: dict) -> None:
+    """The updated policy as this machine's calibration of the new bundle (``calibrate.py``'s layout and record)."""
+    final = calibrations_dir() / f"{new_hash}-{calibration.machine['hash']}"
+    with item_lock(f"calibration-{final.name}"), staged(final, directory=True) as tmp:
+        shutil.copy2(stage / POLICY_FILE, tmp / POLICY_FILE)
+        shutil.copy2(stage / weights, tmp / POLICY_WEIGHTS_FILE)
+        write_json_atomic(tmp / CALIBRATION_FILE, {
+            "version": CALIBRATION_VERSION, "bundle_hash": new_hash, "machine": calibration.machine,
+            "profile": profile.to_dict(),
+            "report": {"created": report["created"], "update_policy": True, "logged_requests": report["logged_requests"],
+                       "rows": report["offline_rows"], "estimate": report["estimate"]}})
+
+
+def report_markdown(report: dict) -> str:
+    """update-policy's report as Markdown: the off-policy estimates and what was learned from."""
+    e = report["estimate"]
+
+    def cell(est: dict) -> str:
+        if est["low"] is None:
+            return f"{est['value']:.3f}"
+        return f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}]"
+
+    decision = "replaced" + (" (forced)" if report["forced"] else "") if report["replaced"] else "kept the policy in use"
+    lines = [
+        "## update-policy",
+        "",
+        f"{report['logged_requests']} logged requests ({report['explored']} explored) from "
+        f"{len(report['logs'])} log(s), {len(report['skipped_lines'])} unreadable line(s) skipped; "
+        f"{report['offline_rows']} offline rows; rewards under the {report['profile']} cost profile.",
+        "",
+        "| policy | off-policy value (mean speed-up, 95% CI) |",
+        "| --- | --- |",
+        f"| in use | {cell(e['old'])} |",
+        f"| updated ({report['folds']}-fold cross-fitted) | {cell(e['new'])} |",
+        f"| gain | {cell(e['gain'])} |",
+        "",
+        f"Decision: {decision}.",
+        "",
+    ]
+    return "\n".join(lines)

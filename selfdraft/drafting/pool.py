@@ -1,0 +1,156 @@
+"""The pool a bundle routes between: arm specs, the one registry of draft kinds, and building drafts.
+
+An *arm* is a draft with its settings, ``{"name", "kind", "settings"}`` in bundle.json: ``lookup`` with
+K = 2 and K = 8 are two arms of one draft. ``DRAFT_KINDS`` maps each kind to the function that builds its
+draft from an arm spec; it is filled here, in one place.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+from ..base.errors import CtxdraftError
+from .draft import Draft
+from .drafts import LookupDraft, LookupSettings, ModelDraft, ModelDraftSettings, NoneDraft
+from .exit_draft import ExitDraft, ExitSettings, exit_arm
+from .exit_head import load_head
+from .feature_draft import FeatureDraft, FeatureSettings, feature_arm
+from .feature_head import load_feature_head
+
+# Prompt lookup with different draft lengths behaves very differently per prompt (short drafts are cheap
+# when matches are rare, long ones pay off on copy-heavy prompts), so each length is its own arm.
+BASE_ARMS = [
+    {"name": "none", "kind": "none", "settings": {}},
+    {"name": "lookup", "kind": "lookup", "settings": {"draft_len": 4, "ngram_sizes": [3, 2, 1]}},
+    {"name": "lookup-k2", "kind": "lookup", "settings": {"draft_len": 2, "ngram_sizes": [3, 2, 1]}},
+    {"name": "lookup-k8", "kind": "lookup", "settings": {"draft_len": 8, "ngram_sizes": [3, 2, 1]}},
+]
+
+
+def base_arms() -> list[dict]:
+    return copy.deepcopy(BASE_ARMS)
+
+
+def lookup_arm(draft_len: int, ngram_sizes=(3, 2, 1), name: str | None = None) -> dict:
+    settings = LookupSettings(draft_len, list(ngram_sizes))  # validates
+    return {"name": name or f"lookup-k{draft_len}", "kind": "lookup",
+            "settings": {"draft_len": settings.draft_len, "ngram_sizes": list(ngram_sizes)}}
+
+
+def model_arm(path: str, draft_len: int = 4, name: str | None = None) -> dict:
+    """An external draft model: ``path`` is a model directory, a .gguf file or a registered name."""
+    if not path:
+        raise CtxdraftError("a model arm needs the draft model's path or registered name")
+    if not isinstance(draft_len, int) or draft_len < 1:
+        raise CtxdraftError(f"draft_len must be an integer >= 1, got {draft_len!r}")
+    return {"name": name or f"model:{Path(path).name}", "kind": "model", "settings": {"path": str(path), "draft_len": draft_len}}
+
+
+def none_arm(name: str = "none") -> dict:
+    return {"name": name, "kind": "none", "settings": {}}
+
+
+def _build_none(spec, target, bundle_dir, shared):
+    return NoneDraft(spec["name"])
+
+
+def _build_lookup(spec, target, bundle_dir, shared):
+    return LookupDraft(spec["name"], LookupSettings(**spec.get("settings", {})))
+
+
+def _build_model(spec, target, bundle_dir, shared):
+    settings = dict(spec.get("settings", {}))
+    path = settings.get("path", "")
+    if bundle_dir is not None and not Path(path).is_absolute() and (Path(bundle_dir) / path).exists():
+        path = str(Path(bundle_dir) / path)
+    key = ("model", str(path))
+    if key not in shared:  # arms that differ only in draft length share one loaded draft model
+        shared[key] = ModelDraft.load(path, target)
+    return ModelDraft(spec["name"], shared[key], ModelDraftSettings(str(path), settings.get("draft_len", 4)))
+
+
+def _build_exit(spec, target, bundle_dir, shared):
+    settings = ExitSettings(**spec.get("settings", {}))
+    if bundle_dir is None:
+        raise CtxdraftError(f"arm {spec['name']!r} needs the bundle directory that holds its weights")
+    if not settings.exit_layer < target.num_layers:
+        raise CtxdraftError(f"arm {spec['name']!r}: exit layer {settings.exit_layer} is outside 1..{target.num_layers - 1}")
+    head = load_head(target.model, Path(bundle_dir) / settings.weights, settings.exit_layer, settings.head)
+    return ExitDraft(spec["name"], head, settings)
+
+
+# kind -> builder(arm spec, target, bundle directory, shared) -> Draft; ``shared`` holds what several arms can
+# share (a loaded draft model) for as long as the caller keeps it.
+def _build_feature(spec, target, bundle_dir, shared):
+    settings = FeatureSettings(**spec.get("settings", {}))
+    if bundle_dir is None:
+        raise CtxdraftError(f"arm {spec['name']!r} needs the bundle directory that holds its weights")
+    if max(settings.layers) > target.num_layers:
+        raise CtxdraftError(f"arm {spec['name']!r}: feature layers {settings.layers} go past the target's {target.num_layers}")
+    key = ("feature", settings.name, str(Path(bundle_dir) / settings.weights))
+    if key not in shared:  # arms of one head (other draft lengths) share it
+        shared[key] = load_feature_head(target.model, Path(bundle_dir) / settings.weights, settings.name, settings.layers)
+    return FeatureDraft(spec["name"], shared[key], settings)
+
+
+DRAFT_KINDS: dict[str, Callable[[dict, object, Path | None, dict], Draft]] = {
+    "none": _build_none,
+    "lookup": _build_lookup,
+    "model": _build_model,
+    "exit": _build_exit,
+    "feature": _build_feature,
+}
+
+
+def cost_key(spec: dict) -> str:
+    """What the cost profile measures an arm under: its draft without the settings that leave the cost of one
+    draft evaluation alone (draft length, threshold, n-gram sizes)."""
+    kind, settings = spec.get("kind"), spec.get("settings") or {}
+    if kind == "exit":
+        return f"exit@{settings.get('exit_layer')}:{settings.get('head', 'linear')}:{settings.get('draft_vocab') or 'full'}"
+    if kind == "model":
+        return f"model:{settings.get('path')}"
+    if kind == "feature":
+        return f"feature:{settings.get('name')}:{settings.get('draft_vocab') or 'full'}"
+    return str(kind)
+
+
+def build_draft(spec: dict, target, bundle_dir: Path | None = None, shared: dict | None = None) -> Draft:
+    """Instantiate the draft for one arm spec ``{"name", "kind", "settings"}``. ``shared``: a dict the caller keeps
+    so that arms of one draft model load it once."""
+    kind = spec.get("kind")
+    if kind not in DRAFT_KINDS:
+        raise CtxdraftError(f"arm {spec.get('name')!r} has unknown kind {kind!r} (known: {', '.join(sorted(DRAFT_KINDS))})")
+    try:
+        draft = DRAFT_KINDS[kind](spec, target, bundle_dir, {} if shared is None else shared)
+    except TypeError as e:
+        raise CtxdraftError(f"arm {spec.get('name')!r}: bad settings ({e})") from None
+    draft.cost_key = cost_key(spec)
+    return draft
+
+
+def build_drafts(arms: list[dict], target, bundle_dir: Path | None = None, shared: dict | None = None) -> dict[str, Draft]:
+    shared = {} if shared is None else shared
+    return {spec["name"]: build_draft(spec, target, bundle_dir, shared) for spec in arms}
+
+
+def with_draft_len(arms: list[dict], draft_len: int | None) -> list[dict]:
+    """A copy of ``arms`` with every drafting arm's draft length set to ``draft_len`` (None: unchanged)."""
+    arms = copy.deepcopy(arms)
+    if draft_len is not None:
+        for arm in arms:
+            if arm["kind"] != "none":
+                arm.setdefault("settings", {})["draft_len"] = draft_len
+    return arms
+
+
+def pool_key(arms: list[dict]) -> str:
+    """A short hash of the arms and their settings: rows collected for another pool cannot train this one."""
+    return hashlib.sha256(json.dumps(arms, sort_keys=True).encode()).hexdigest()[:12]
+
+
+__all__ = ["BASE_ARMS", "DRAFT_KINDS", "base_arms", "build_draft", "build_drafts", "cost_key", "exit_arm", "feature_arm",
+           "lookup_arm", "model_arm", "none_arm", "pool_key", "with_draft_len"]

@@ -1,0 +1,226 @@
+"""The one cost model: what a speculative loop step costs on this machine, and what a trajectory is worth.
+
+A *cost profile* (hardware- and dtype-dependent, measured here, medians of interleaved repetitions at one
+context length) holds:
+- ``target_step_s[m]``: one loop step's target forward over m = K + 1 positions + verification + cache crop;
+- per draft (keyed by ``Draft.cost_key``, so arms that differ only in draft length or threshold share one
+  measurement): ``evaluation_s``, one draft evaluation (``Draft.propose`` of one token + roll-back), and for
+  exit drafts ``verify_s[k]`` / ``verify_stopped_s[k]``, the step's verification with k drafted tokens reusing
+  the layer-E states the draft computed (without / with a confidence stop: then [0, E) already ran for all
+  k + 1 positions).
+
+A *trajectory* (``trajectories.py``, hardware-independent) is a list of loop steps. Its modelled time is
+
+    seconds = sum over steps of  evaluations * evaluation_s + verify(drafted)
+
+and an arm's *reward* on a prompt is its speed-up over plain decoding of the same tokens,
+``plain_seconds / seconds`` with plain decoding = one single-position target step per step (the prefill is
+common to all arms and left out). add-exits picks an exit's draft length and threshold with these numbers,
+collect writes them as the policy's rewards, and calibrate recomputes them for another machine.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from ctxdraft.triton_kernels import verify_greedy
+
+from ..base.errors import CtxdraftError
+from ..drafting.decoding import target_forward
+from ..drafting.draft import DecodeState, Draft, DraftOutput
+from ..runtime.layers import LayerStack
+from ..runtime.machine import machine_fingerprint
+from .trajectories import Trajectory
+
+PROFILE_VERSION = 2
+
+
+@dataclass
+class CostProfile:
+    context_tokens: int
+    target_step_s: dict[int, float]  # m positions -> seconds
+    drafts: dict[str, dict] = field(default_factory=dict)  # cost key -> {"evaluation_s", ["verify_s", "verify_stopped_s"]}
+    target_hash: str | None = None
+    machine: dict = field(default_factory=dict)
+    reps: int = 0
+    measured_at: str = ""
+    version: int = PROFILE_VERSION
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_step_s"] = {str(m): s for m, s in self.target_step_s.items()}
+        for entry in d["drafts"].values():
+            for key in ("verify_s", "verify_stopped_s"):
+                if key in entry:
+                    entry[key] = {str(k): s for k, s in entry[key].items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d) -> "CostProfile | None":
+        """The profile stored in ``d``, or None when ``d`` is missing or from another version of this model."""
+        if not isinstance(d, dict) or d.get("version") != PROFILE_VERSION:
+            return None
+        try:
+            drafts = {}
+            for key, entry in d["drafts"].items():
+                drafts[key] = {"evaluation_s": float(entry["evaluation_s"])}
+                for name in ("verify_s", "verify_stopped_s"):
+                    if name in entry:
+                        drafts[key][name] = {int(k): float(s) for k, s in entry[name].items()}
+            return cls(int(d["context_tokens"]), {int(m): float(s) for m, s in d["target_step_s"].items()}, drafts,
+                       d.get("target_hash"), dict(d.get("machine") or {}), int(d.get("reps", 0)), str(d.get("measured_at", "")))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+    def fits(self, drafts: dict[str, Draft], target_hash: str | None) -> bool:
+        """Whether this profile has every timing ``drafts`` (arm name -> Draft) need, for this target."""
+        if target_hash is not None and self.target_hash != target_hash:
+            return False
+        if max(self.target_step_s, default=0) < max_positions(drafts):
+            return False
+        for draft in drafts.values():
+            entry = self.drafts.get(draft.cost_key)
+            if entry is None:
+                return False
+            if draft.kind == "exit" and any(k not in entry.get(name, {}) for k in range(draft.draft_len + 1)
+                                            for name in ("verify_s", "verify_stopped_s")):
+                return False
+        return True
+
+    def verify_seconds(self, cost_key: str, drafted: int, stopped: bool) -> float:
+        entry = self.drafts[cost_key]
+        if "verify_s" in entry:  # an exit draft: verification reuses the layer-E states the draft computed
+            value = entry["verify_stopped_s" if stopped else "verify_s"].get(drafted)
+        else:
+            value = self.target_step_s.get(drafted + 1)
+        if value is None:
+            raise CtxdraftError(f"the cost profile has no timing for verifying {drafted} drafted token(s) of {cost_key!r}; "
+                                "measure it again (collect --reprofile, or ctxdraft calibrate)")
+        return value
+
+    def seconds(self, traj: Trajectory, cost_key: str) -> float:
+        """Modelled decoding time of a trajectory of the draft measured under ``cost_key`` (prefill excluded)."""
+        if cost_key not in self.drafts:
+            raise CtxdraftError(f"the cost profile has no timings for draft {cost_key!r}; measure it again "
+                                "(collect --reprofile, or ctxdraft calibrate)")
+        evaluation_s = self.drafts[cost_key]["evaluation_s"]
+        return sum(s.evaluations * evaluation_s + self.verify_seconds(cost_key, s.drafted, s.stopped) for s in traj.steps)
+
+    def plain_seconds(self, plain: Trajectory) -> float:
+        """Modelled time of plain decoding (one single-position target step per loop step)."""
+        return len(plain.steps) * self.target_step_s[1]
+
+    def speedup(self, traj: Trajectory, plain: Trajectory, cost_key: str) -> float:
+        """The reward: modelled speed-up of this trajectory over plain decoding of the same tokens."""
+        seconds = self.seconds(traj, cost_key)
+        return self.plain_seconds(plain) / seconds if seconds > 0 else 1.0
+
+
+def max_positions(drafts: dict[str, Draft]) -> int:
+    """The most positions one verification step of these drafts covers (K + 1)."""
+    return max([d.draft_len for d in drafts.values()] + [0]) + 1
+
+
+def context_ids(token_lists: list[list[int]], max_new_tokens: int, max_context: int, positions: int) -> list[int]:
+    """The context a profile is measured at: as long as a typical decoding step sees (the median prompt plus
+    half the new tokens), filled with real prompt tokens."""
+    lengths = sorted(len(t) for t in token_lists) or [64]
+    length = min(lengths[len(lengths) // 2] + max_new_tokens // 2, max_context - positions - 2)
+    source = [t for tokens in token_lists for t in tokens] or [0]
+    return (source * (length // len(source) + 1))[: max(2, length)]
+
+
+def median_times(jobs: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+    """Median seconds of each job, timed interleaved (a noisy neighbour slows all of them alike)."""
+    for fn in jobs.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(reps):
+        for name, fn in jobs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def machine_info(dtype: torch.dtype) -> dict:
+    """Where a profile was measured: ``machine.machine_fingerprint`` (device, CPU model, threads, dtype, torch)
+    plus the platform and core count."""
+    return {**machine_fingerprint(dtype), "platform": platform.platform(), "cpus": os.cpu_count()}
+
+
+@torch.inference_mode()
+def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[int], vocab_size: int, reps: int = 7,
+                    target_hash: str | None = None) -> CostProfile:
+    """Measure the profile ``drafts`` (arm name -> Draft) need at a context of ``len(context)`` tokens."""
+    if reps < 1:
+        raise CtxdraftError(f"profile repetitions must be >= 1, got {reps}")
+    D = stack.config.hidden_size
+    n = len(context)
+    cache = stack.new_cache()
+    stack.run(stack.embed(torch.tensor([context[:-1]])), 0, stack.num_layers, cache, torch.arange(n - 1))
+    token = context[-1]
+
+    def verify_job(num_positions: int, exit_layer: int = 0, stopped: bool = False):
+        k = num_positions - 1
+        early = torch.zeros(1, num_positions if stopped else k, D, dtype=stack.model.dtype) \
+            if exit_layer and (k or stopped) else None
+        out = DraftOutput([token] * k, exit_hidden=early, exit_layer=exit_layer)
+        draft_ids = torch.tensor([out.ids], dtype=torch.long).reshape(1, k)
+        num_draft = torch.tensor([k])
+
+        def run():
+            logits = target_forward(stack, cache, [token] * num_positions, n - 1, out)
+            int(verify_greedy(logits, draft_ids, num_draft).num_accepted[0])
+            stack.crop(cache, n - 1)
+
+        return run
+
+    def evaluation_job(draft: Draft):
+        state = DecodeState(stack, cache, list(context), vocab_size, 0.0, 1.0, None)
+
+        def run():
+            draft.propose(state, 1)
+            stack.crop(cache, n - 1)  # an exit draft wrote the pending token into layers [0, E)
+            draft.accept(state, n - 1)
+
+        draft.start(state)
+        run()  # catch up on the context (a draft model, a layer exit head): later runs feed one token
+        return run
+
+    positions = max_positions(drafts)
+    jobs = {f"verify:{m}": verify_job(m) for m in range(1, positions + 1)}
+    by_key: dict[str, Draft] = {}
+    longest: dict[str, int] = {}
+    for draft in drafts.values():
+        by_key.setdefault(draft.cost_key, draft)
+        longest[draft.cost_key] = max(longest.get(draft.cost_key, 0), draft.draft_len)
+    for key, draft in by_key.items():
+        if draft.kind == "none":
+            continue
+        jobs[f"draft:{key}"] = evaluation_job(draft)
+        if draft.kind == "exit":
+            E = draft.head.exit_layer
+            for k in range(longest[key] + 1):
+                jobs[f"exit:{key}:{k}"] = verify_job(k + 1, E)
+                jobs[f"exit-stopped:{key}:{k}"] = verify_job(k + 1, E, stopped=True)
+    medians = median_times(jobs, reps)
+    profile = CostProfile(
+        context_tokens=n,
+        target_step_s={m: medians[f"verify:{m}"] for m in range(1, positions + 1)},
+        target_hash=target_hash, machine=machine_info(stack.model.dtype), reps=reps,
+        measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    for key, draft in by_key.items():
+        entry = {"evaluation_s": medians.get(f"draft:{key}", 0.0)}
+        if draft.kind == "exit":
+            entry["verify_s"] = {k: medians[f"exit:{key}:{k}"] for k in range(longest[key] + 1)}
+            entry["verify_stopped_s"] = {k: medians[f"exit-stopped:{key}:{k}"] for k in range(longest[key] + 1)}
+        profile.drafts[key] = entry
+    return profile

@@ -1,0 +1,163 @@
+"""Training text for exit heads: each prompt plus the target's own greedy continuation, with the target's
+states at the exit layers, its LM head input and its top-k next-token distribution, from one teacher pass
+(``trajectories.teacher_pass``: the same pass collect replays drafts on). Cached per prompt in safetensors,
+so an interrupted ``add-exits --resume`` skips what is done (never pickle: the work directory is a user's file).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..base.errors import CtxdraftError
+from ..base.fileio import atomic_path, display_path
+from ..drafting.decoding import GenerationConfig, prefill, speculative_decode
+from ..drafting.draft import TeacherPass
+from ..drafting.drafts import LookupDraft
+from ..runtime.distributed import Group
+from ..runtime.layers import LayerStack
+from .trajectories import greedy_continuation, teacher_pass
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class Example:
+    """One training text: the prompt (chat template applied) + the target's greedy continuation."""
+
+    row: dict
+    tp: TeacherPass
+    num_positions: int  # positions with a known next token: the prompt and the returned continuation
+
+    def states(self, layer: int) -> torch.Tensor:  # [T, D]
+        return self.tp.states[layer][: self.num_positions]
+
+    @property
+    def lm_input(self) -> torch.Tensor:  # [T, D]
+        return self.tp.lm_input[: self.num_positions]
+
+    @property
+    def teacher_ids(self) -> torch.Tensor:  # [T, k]
+        return self.tp.topk_ids[: self.num_positions]
+
+    @property
+    def teacher_logp(self) -> torch.Tensor:  # [T, k]
+        return self.tp.topk_logp[: self.num_positions]
+
+
+def encode_prompt(target, prompt: str, max_prompt_tokens: int) -> list[int]:
+    """The prompt cut to ``max_prompt_tokens`` (before the chat template), as the target sees it."""
+    raw = target.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(raw) > max_prompt_tokens:
+        prompt = target.tokenizer.decode(raw[:max_prompt_tokens])
+    return target.encode(prompt, chat=True)
+
+
+def _save(path: Path, ex: Example) -> None:
+    tp = ex.tp
+    tensors = {"token_ids": torch.tensor(tp.token_ids, dtype=torch.int64), "lm_input": tp.lm_input.contiguous(),
+               "topk_ids": tp.topk_ids.contiguous(), "topk_logp": tp.topk_logp.contiguous()}
+    tensors.update({f"states.{E}": s.contiguous() for E, s in tp.states.items()})
+    meta = {"prompt_len": tp.prompt_len, "num_new": tp.num_new, "num_positions": ex.num_positions}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"ctxdraft": json.dumps(meta)})
+
+
+def _load(path: Path, row: dict) -> Example:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["ctxdraft"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        states = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("states.")}
+        tp = TeacherPass(tensors["token_ids"].tolist(), int(meta["prompt_len"]), int(meta["num_new"]), states,
+                         tensors["lm_input"], tensors["topk_ids"], tensors["topk_logp"])
+        return Example(row, tp, int(meta["num_positions"]))
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+        raise CtxdraftError(f"work file {display_path(path)} is damaged ({type(e).__name__}); "
+                            "run again without --resume to start over") from None
+
+
+@torch.inference_mode()
+def build_examples(target, rows: list[dict], layers: list[int], *, max_prompt_tokens: int, new_tokens: int,
+                   topk: int, extend: int, work: Path | None = None, progress: Progress | None = None,
+                   group: Group | None = None, sample: int | None = None, temperature: float = 0.8,
+                   seed: int = 0) -> list[Example]:
+    """The target's greedy continuation of each row (``new_tokens``) and one teacher pass over it, keeping the
+    states after ``layers``, the LM head's input and the top-``topk`` log-probabilities. Each finished prompt
+    is saved under ``work`` and read back from there when present.
+
+    ``sample``: build the ``sample``-th *sampled* continuation of each row instead (at ``temperature``, seeded by
+    ``seed``, the row and the sample number): more training text of the target's own, for diversity. The teacher
+    is still the target's distribution at every position.
+
+    Under torchrun each rank builds its share of the prompts (``group.shard``) and then reads the others' from
+    ``work``, which must be a directory every rank sees."""
+    group = group or Group.single()
+    if group.active and work is None:
+        raise CtxdraftError("several ranks share their examples through a work directory; give one")
+    stack = LayerStack(target.model)
+    examples: list[Example | None] = [None] * len(rows)
+    mine = group.shard(range(len(rows)))
+
+    suffix = "" if sample is None else f"_s{sample}"
+
+    def build_mine() -> None:
+        for count, i in enumerate(mine):
+            row = rows[i]
+            saved = work / f"example_{i}{suffix}.safetensors" if work is not None else None
+            if saved is not None and saved.is_file():
+                examples[i] = _load(saved, row)
+            else:
+                prompt_ids = encode_prompt(target, row["prompt"], max_prompt_tokens)
+                if new_tokens <= 0:
+                    new_ids, ended = [], False
+                elif sample is None:
+                    run = greedy_continuation(stack, prompt_ids, new_tokens, target.eos_ids)
+                    new_ids, ended = run.new_ids, run.ended_on_eos
+                else:
+                    config = GenerationConfig(max_new_tokens=new_tokens, temperature=temperature,
+                                              seed=(seed * 1_000_003 + i * 101 + sample) % (2**63))
+                    new_ids, _ = speculative_decode(stack, prefill(stack, prompt_ids), LookupDraft("lookup"), config,
+                                                    target.eos_ids)
+                    ended = len(new_ids) < new_tokens
+                tp = teacher_pass(stack, prompt_ids, new_ids, target.eos_ids, ended_on_eos=ended, layers=layers,
+                                  extend=extend, topk=topk, lm_input=True)
+                examples[i] = Example(row, tp, len(prompt_ids) + len(new_ids))
+                if saved is not None:
+                    _save(saved, examples[i])
+            if progress:
+                progress("generate", count + 1, len(mine))
+
+    group.run(build_mine)
+    for i, row in enumerate(rows):  # the other ranks' share
+        if examples[i] is None:
+            examples[i] = _load(work / f"example_{i}{suffix}.safetensors", row)
+    return examples
+
+
+def reduced_vocab(target, examples: list[Example], size: int) -> torch.Tensor:
+    """The ``size`` most frequent ids of the training text (and of the teacher's top-1) plus special tokens."""
+    counts: Counter = Counter()
+    for ex in examples:
+        counts.update(ex.tp.token_ids[: ex.num_positions + 1])
+        counts.update(ex.teacher_ids[:, 0].tolist())
+    special = set(getattr(target.tokenizer, "all_special_ids", []) or []) | set(target.eos_ids)
+    special = {i for i in special if 0 <= i < target.vocab_size}
+    keep = list(special)
+    for token, _ in counts.most_common():
+        if len(keep) >= size:
+            break
+        if token not in special:
+            keep.append(token)
+    for token in range(target.vocab_size):  # tiny data: fill up with the lowest ids
+        if len(keep) >= size:
+            break
+        if token not in special and token not in counts:
+            keep.append(token)
+    return torch.tensor(sorted(keep[:max(size, len(special))]), dtype=torch.long)

@@ -1,0 +1,162 @@
+"""bundle.json: its one schema, a new bundle's content, and what commands record in it.
+
+What the file holds (the other files of a bundle are named in ``layout.py``)::
+
+    {"format": "ctxdraft-bundle", "version": 1,
+     "target": {"spec": "smollm2-135m-instruct", "name": "...", "hash": "<content hash>"},
+     "arms": [{"name": "none", "kind": "none", "settings": {}}, {"name": "lookup", "kind": "lookup", ...}],
+     "default_arm": "lookup",
+     "exits": [...], "features": {...}, "policy": "policy.onnx" | null, "policy_model": {...},
+     "cost_profile": {...}, "trained_on": {"add-exits": [ids], "train-policy": [ids]}, "versions": {...}}
+"""
+from __future__ import annotations
+
+import hashlib
+
+from ..base.errors import CtxdraftError
+from ..base.layout import BUNDLE_FILE, EXITS_FILE, TRAJECTORIES_FILE
+from ..base.versions import versions
+from ..drafting.pool import base_arms
+
+BUNDLE_FORMAT = "ctxdraft-bundle"
+BUNDLE_VERSION = 1
+
+
+def new_bundle_info(target, spec: str) -> dict:
+    return {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "target": {"spec": spec, "name": target.name, "hash": target.content_hash},
+        "arms": base_arms(),
+        "default_arm": "lookup",
+        "exits": [],
+        "features": None,
+        "policy": None,
+        "cost_profile": None,
+        "versions": versions(),
+    }
+
+
+_INT = {"type": "integer"}
+_POS_INT = {"type": "integer", "minimum": 1}
+_NUM = {"type": "number"}
+_STR = {"type": "string"}
+_NAME = {"type": "string", "minLength": 1}
+# A file inside the bundle directory: a relative path with no '..' part (checked again in _check_semantics).
+_FILE = {"type": "string", "minLength": 1, "not": {"anyOf": [{"pattern": "^/"}, {"pattern": "(^|[/\\\\])\\.\\.([/\\\\]|$)"}]}}
+
+ARM_SETTINGS = {
+    "none": {"type": "object", "additionalProperties": False, "properties": {}},
+    "lookup": {"type": "object", "additionalProperties": False,
+               "properties": {"draft_len": _POS_INT, "ngram_sizes": {"type": "array", "minItems": 1, "items": _POS_INT}}},
+    "model": {"type": "object", "additionalProperties": False, "required": ["path"],
+              "properties": {"path": _NAME, "draft_len": _POS_INT}},
+    "exit": {"type": "object", "additionalProperties": False, "required": ["exit_layer"],
+             "properties": {"exit_layer": _POS_INT, "draft_len": _POS_INT,
+                            "threshold": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                            "head": {"enum": ["linear", "layer"]}, "draft_vocab": {"type": ["integer", "null"], "minimum": 1},
+                            "weights": _FILE}},
+    "feature": {"type": "object", "additionalProperties": False, "required": ["name", "layers"],
+                "properties": {"name": _NAME, "layers": {"type": "array", "minItems": 1, "items": _POS_INT},
+                               "draft_len": _POS_INT, "threshold": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                               "draft_vocab": {"type": ["integer", "null"], "minimum": 1}, "weights": _FILE}},
+}
+
+# The one declared schema of bundle.json (JSON Schema, checked with the jsonschema library on every read).
+SCHEMA = {
+    "type": "object",
+    "required": ["format", "version", "target", "arms"],
+    "properties": {
+        "format": {"const": "ctxdraft-bundle"},
+        "version": {"type": "integer", "minimum": 1},
+        "target": {"type": "object", "required": ["spec"],
+                   "properties": {"spec": _NAME, "name": {"type": ["string", "null"]}, "hash": {"type": ["string", "null"]}}},
+        "arms": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "kind"],
+            "properties": {"name": _NAME, "kind": {"enum": sorted(ARM_SETTINGS)}, "settings": {"type": "object"}},
+            "allOf": [{"if": {"properties": {"kind": {"const": kind}}}, "then": {"properties": {"settings": schema}}}
+                      for kind, schema in ARM_SETTINGS.items()]}},
+        "default_arm": {"type": ["string", "null"]},
+        "exits": {"type": ["array", "null"], "items": {"type": "object", "required": ["layer"], "properties": {
+            "layer": _POS_INT, "arm": _STR, "head": {"enum": ["linear", "layer"]}, "draft_vocab": {"type": ["integer", "null"]},
+            "agreement": {"type": ["number", "null"]}, "speedup": {"type": ["number", "null"]},
+            "draft_len": _POS_INT, "threshold": _NUM}}},
+        "feature_heads": {"type": ["array", "null"], "items": {"type": "object", "required": ["name", "layers"], "properties": {
+            "name": _NAME, "layers": {"type": "array", "items": _POS_INT}, "draft_vocab": {"type": ["integer", "null"]},
+            "speedup": {"type": ["number", "null"]}}}},
+        "features": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["kind"], "properties": {
+            "kind": {"enum": ["hidden", "tokens"]}, "layer": {"type": ["integer", "null"], "minimum": 1},
+            "dim": {"type": ["integer", "null"], "minimum": 1}}}]},
+        "policy": {"anyOf": [{"type": "null"}, _FILE]},
+        "policy_model": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["feature_kind", "arms", "config"], "properties": {
+            "weights": _FILE, "feature_kind": {"enum": ["hidden", "tokens"]}, "feature_dim": {"type": ["integer", "null"], "minimum": 1},
+            "layer": {"type": ["integer", "null"], "minimum": 1}, "arms": {"type": "array", "items": _NAME},
+            "config": {"type": "object"}}}]},
+        "cost_profile": {"type": ["object", "null"]},
+        "trained_on": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": ["string", "integer"]}}},
+        "versions": {"type": ["object", "null"]},
+    },
+}
+
+
+def _where(error) -> str:
+    path = ""
+    for part in error.absolute_path:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def validate_info(info, where: str) -> dict:
+    """The one check of a bundle.json's content (``SCHEMA``, then what a schema cannot say), applied on every
+    read. A failure is one CtxdraftError naming the field."""
+    import jsonschema
+
+    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
+        raise CtxdraftError(f"{where} is not a ctxdraft bundle (no \"format\": \"{BUNDLE_FORMAT}\")")
+    if isinstance(info.get("version"), int) and not isinstance(info["version"], bool) and info["version"] > BUNDLE_VERSION:
+        raise CtxdraftError(f"{where} has format version {info['version']}; this ctxdraft reads up to {BUNDLE_VERSION}")
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(SCHEMA).iter_errors(info))
+    if error is not None:
+        if error.validator == "not" or (error.validator == "anyOf" and isinstance(error.instance, str)):
+            message = f"{error.instance!r} must be a file inside the bundle directory (a relative path without '..')"
+        elif error.validator == "anyOf":
+            message = f"{error.instance!r} is neither null nor what the field holds"
+        else:
+            message = error.message if len(error.message) < 160 else error.message[:157] + "..."
+        raise CtxdraftError(f"{where}: {_where(error)}: {message}; fix the file or rebuild the bundle")
+    names = [a["name"] for a in info["arms"]]
+    if len(set(names)) != len(names):
+        raise CtxdraftError(f"{where}: arm names must be unique, got {names}")
+    if info.get("default_arm") is not None and info["default_arm"] not in names:
+        raise CtxdraftError(f"{where}: default_arm {info['default_arm']!r} is not one of the arms {names}")
+    model = info.get("policy_model") or {}
+    missing = [a for a in model.get("arms", []) if a not in names]
+    if missing and info.get("policy"):
+        raise CtxdraftError(f"{where}: policy_model.arms names arms the bundle does not have: {missing}")
+    return info
+
+
+def record_training_ids(info: dict, command: str, ids: list) -> None:
+    """Remember which prompt ids ``command`` trained on, so that ``bench --split eval`` can leave them out."""
+    info.setdefault("trained_on", {})[command] = list(ids)
+
+
+def trained_ids(info: dict) -> set[str] | None:
+    """Every prompt id any part of the bundle trained on (as strings), or None when nothing is recorded."""
+    recorded = info.get("trained_on") or {}
+    if not recorded:
+        return None
+    return {str(i) for ids in recorded.values() for i in ids}
+
+
+def bundle_hash(bundle) -> str:
+    """A content hash of what a calibration depends on: bundle.json, the exit weights and the trajectories."""
+    h = hashlib.sha256()
+    for name in (BUNDLE_FILE, EXITS_FILE, TRAJECTORIES_FILE):
+        path = bundle.path / name
+        h.update(name.encode())
+        if path.is_file():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]

@@ -1,0 +1,164 @@
+"""A bundle calibrated to the machine it runs on.
+
+Costs are a property of the machine and the dtype; acceptance is not. A bundle therefore carries its
+trajectories (``BUNDLE/trajectories.jsonl.gz``, hardware-independent: every arm's exact greedy loop steps on
+its training prompts, with the routing features), and ``calibrate`` turns them into a policy for *this*
+machine: it measures this machine's cost profile with the one cost model (``costs.measure_profile``, well
+under a minute), recomputes every arm's reward on the stored trajectories (``rewards.recompute_rewards``),
+retrains the policy (seconds) and exports it to ONNX.
+
+The result lives under the cache directory (``CTXDRAFT_CALIBRATIONS``, default ``$CTXDRAFT_CACHE/calibrations``),
+never inside the bundle or an installed package, keyed by the bundle's content hash and the machine's
+fingerprint (CPU model or GPU name, torch threads, dtype, torch version)::
+
+    calibrations/<bundle hash>-<machine hash>/calibration.json   what was measured and trained (written last)
+                                             /policy.onnx         the calibrated policy
+                                             /policy.safetensors  its torch weights
+
+``Bundle.router`` uses the calibration for this machine when one exists; without one it calibrates once on
+first use (``CTXDRAFT_NO_CALIBRATE=1`` or ``load_bundle(..., calibrate=False)`` keeps the shipped policy).
+A calibration that is damaged or was made for other files is never used: a fresh one replaces it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..base.errors import CtxdraftError
+from ..base.fileio import display_path, write_json_atomic
+from ..base.layout import POLICY_FILE, POLICY_WEIGHTS_FILE, TRAJECTORIES_FILE
+from ..drafting.pool import cost_key
+from ..learning.costs import CostProfile, context_ids, max_positions, measure_profile
+from ..learning.policy import PolicyConfig
+from ..learning.policy_train import save_policy, train_policies
+from ..learning.rewards import read_trajectories, recompute_rewards, rewards_from_rows, summarize
+from ..runtime.cache import cache_dir, item_lock, staged
+from ..runtime.machine import machine_fingerprint, resolve_dtype
+from .bundle_info import bundle_hash
+
+log = logging.getLogger(__name__)
+
+CALIBRATIONS_ENV = "CTXDRAFT_CALIBRATIONS"
+NO_CALIBRATE_ENV = "CTXDRAFT_NO_CALIBRATE"
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_VERSION = 1
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def calibrations_dir() -> Path:
+    return Path(os.environ.get(CALIBRATIONS_ENV) or cache_dir() / "calibrations")
+
+
+def auto_calibrate_default() -> bool:
+    """Whether a bundle calibrates itself on first use unless told otherwise (``CTXDRAFT_NO_CALIBRATE``)."""
+    return os.environ.get(NO_CALIBRATE_ENV, "").strip().lower() in ("", "0", "false", "no")
+
+
+@dataclass
+class Calibration:
+    path: Path  # the calibration's directory
+    bundle_hash: str
+    machine: dict  # machine_fingerprint
+    profile: CostProfile
+    report: dict
+
+    @property
+    def policy_path(self) -> Path:
+        return self.path / POLICY_FILE
+
+    def describe(self) -> str:
+        m = self.machine
+        return (f"calibrated {self.report.get('created', '?')} for {m.get('processor')}, {m.get('threads')} threads, "
+                f"{m.get('dtype')} ({display_path(self.path)})")
+
+
+def _fingerprint(bundle) -> dict:
+    return machine_fingerprint(resolve_dtype(bundle.dtype))
+
+
+def calibration_path(bundle, machine: dict | None = None) -> Path:
+    machine = machine or _fingerprint(bundle)
+    return calibrations_dir() / f"{bundle_hash(bundle)}-{machine['hash']}"
+
+
+def find_calibration(bundle, machine: dict | None = None) -> Calibration | None:
+    """This machine's calibration of ``bundle``, or None (also when the stored one is damaged or stale)."""
+    if bundle.path is None:
+        return None
+    machine = machine or _fingerprint(bundle)
+    path = calibration_path(bundle, machine)
+    try:
+        record = json.loads((path / CALIBRATION_FILE).read_text())
+        profile = CostProfile.from_dict(record["profile"])
+        if (record.get("version") != CALIBRATION_VERSION or record.get("bundle_hash") != bundle_hash(bundle)
+                or record.get("machine", {}).get("hash") != machine["hash"] or profile is None
+                or not (path / POLICY_FILE).is_file()):
+            raise ValueError("stale")
+        return Calibration(path, record["bundle_hash"], record["machine"], profile, record.get("report", {}))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning("ignoring the damaged or stale calibration in %s", display_path(path))
+        return None
+
+
+def calibrate(bundle, progress: Progress | None = None, reps: int = 5, epochs: int | None = None) -> Calibration:
+    """Measure this machine's costs, recompute the rewards of the bundle's trajectories, retrain and export the
+    policy, and store the result under the calibration directory (see the module docstring)."""
+    if bundle.path is None:
+        raise CtxdraftError("only a bundle directory can be calibrated")
+    meta = bundle.info.get("policy_model")
+    if not meta:
+        raise CtxdraftError(f"bundle {display_path(bundle.path)} has no trained policy to calibrate; "
+                            "run `ctxdraft train-policy` first")
+    t0 = time.perf_counter()
+    rows = read_trajectories(bundle.path)
+    arms = bundle.info["arms"]
+    names = [a["name"] for a in arms]
+    if set(rows[0]["arms"]) != set(names):
+        raise CtxdraftError(f"the trajectories in {display_path(bundle.path / TRAJECTORIES_FILE)} are for arms "
+                            f"{sorted(rows[0]['arms'])}, not the bundle's {names}; train the policy again")
+    machine = _fingerprint(bundle)
+    target = bundle.target
+    drafts = {name: bundle.draft(name) for name in names}
+    if progress:
+        progress("calibrate: costs", 0, 3)
+    max_new = max(int(r.get("max_new_tokens") or r.get("new_tokens") or 1) for r in rows)
+    context = context_ids([r["features"]["tokens"] for r in rows if r["features"].get("tokens")], max_new,
+                          target.max_context, max_positions(drafts))
+    profile = measure_profile(bundle.stack, drafts, context, target.vocab_size, reps, target.content_hash)
+    profile_s = time.perf_counter() - t0
+    if progress:
+        progress("calibrate: policy", 1, 3)
+    rewarded = recompute_rewards(rows, {a["name"]: cost_key(a) for a in arms}, profile, source=TRAJECTORIES_FILE)
+    data = rewards_from_rows(rewarded, source=TRAJECTORIES_FILE)
+    cfg = dict(meta["config"])
+    cfg["hidden_sizes"] = tuple(cfg.get("hidden_sizes", ()))
+    if epochs is not None:
+        cfg["epochs"] = epochs
+    result = train_policies(data, PolicyConfig(**cfg))
+    if progress:
+        progress("calibrate: export", 2, 3)
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "rows": len(rows),
+        "profile_s": round(profile_s, 1),
+        "arms": summarize(rewarded, names),
+        "policy": result.report["policies"]["reinforce"]["overall"],
+        "num_train": len(result.train_idx), "num_eval": len(result.eval_idx),
+    }
+    final = calibration_path(bundle, machine)
+    with item_lock(f"calibration-{final.name}"), staged(final, directory=True) as tmp:
+        save_policy(bundle, result.reinforce, meta.get("layer"), list(data.arm_names), tmp / POLICY_FILE,
+                    tmp / POLICY_WEIGHTS_FILE)
+        report["total_s"] = round(time.perf_counter() - t0, 1)
+        write_json_atomic(tmp / CALIBRATION_FILE, {"version": CALIBRATION_VERSION, "bundle_hash": bundle_hash(bundle),
+                                                   "machine": machine, "profile": profile.to_dict(), "report": report})
+    if progress:
+        progress("calibrate: export", 3, 3)
+    return Calibration(final, bundle_hash(bundle), machine, profile, report)
