@@ -4,23 +4,28 @@ For every (mode, B, K, V) it draws fresh random inputs, checks that both paths r
 (torch.equal, on shared noise), and times each with triton.testing.do_bench (median, ms). Bandwidth is
 the bytes of target logits the step must read, B * (K+1) * V * itemsize, divided by the time; the
 exponentials [B, V] and draft probabilities are extra traffic not counted in it. Noise is drawn once,
-outside the timed call, so both paths time verification alone.
+outside the timed call, so both paths time verification alone. The tree modes verify token trees of
+K = N nodes (--tree-nodes) with verify_tree_greedy / verify_tree_sampling.
 
 Example:
     python benchmarks/verify_gpu.py                       # the issue's grid, bf16 logits, Markdown table
     python benchmarks/verify_gpu.py --modes sampling_q --batch 64 --vocab 151936 --json
+    python benchmarks/verify_gpu.py --modes tree_greedy tree_sampling --tree-nodes 16 32 64
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import NamedTuple
 
 import torch
 
-from ctxdraft.triton_kernels import draw_noise, verify_greedy, verify_sampling
+from ctxdraft.triton_kernels import draw_noise, verify_greedy, verify_sampling, verify_tree_greedy, verify_tree_sampling
 
-MODES = ("greedy", "sampling", "sampling_q")  # sampling: lookup drafts (one-hot q); sampling_q: drafts with probs
+# sampling: lookup drafts (one-hot q); sampling_q: drafts with probs; tree_*: token trees of N nodes
+MODES = ("greedy", "sampling", "sampling_q", "tree_greedy", "tree_sampling")
+TREE_MODES = ("tree_greedy", "tree_sampling")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # HBM bandwidth by device name, GB/s
 
@@ -29,8 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="batch sizes B")
     parser.add_argument("--draft-len", type=int, nargs="+", default=[4, 8], help="draft lengths K")
+    parser.add_argument("--tree-nodes", type=int, nargs="+", default=[16, 32, 64],
+                        help="nodes per tree N (the K of the tree modes)")
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 151936], help="vocabulary sizes V")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=["greedy", "sampling"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["greedy", "sampling", *TREE_MODES])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the target logits")
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="HBM bandwidth for the %% of peak column (default: from the device name, if known)")
@@ -39,7 +46,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_case(mode: str, B: int, K: int, V: int, dtype: torch.dtype, generator: torch.Generator):
+class Case(NamedTuple):
+    logits: torch.Tensor  # [B, K+1, V]
+    draft_ids: torch.Tensor  # [B, K], the node tokens of a tree
+    num_draft: torch.Tensor  # [B]
+    draft_probs: torch.Tensor | None  # [B, K, V] (sampling_q only)
+    temperature: torch.Tensor  # [B]
+    noise: object  # SamplingNoise
+    parents: torch.Tensor | None  # [B, K] (tree modes only)
+
+
+def make_case(mode: str, B: int, K: int, V: int, dtype: torch.dtype, generator: torch.Generator) -> Case:
     """Random inputs with full-length drafts that mostly agree with the target (realistic acceptance)."""
     device = generator.device
     logits = (torch.randn(B, K + 1, V, device=device, generator=generator) * 3).to(dtype)
@@ -48,19 +65,44 @@ def make_case(mode: str, B: int, K: int, V: int, dtype: torch.dtype, generator: 
     agree = torch.rand(B, K, device=device, generator=generator) < 0.8
     draft_ids = torch.where(agree, target_ids, guesses)
     num_draft = torch.full((B,), K, device=device, dtype=torch.long)
-    draft_probs = None
+    draft_probs = parents = None
     if mode == "sampling_q":
         draft_noise = torch.randn(B, K, V, device=device, generator=generator)
         draft_probs = torch.softmax(logits[:, :K].float() + draft_noise, -1)
+    elif mode in TREE_MODES:
+        draft_ids, parents = random_tree(logits, generator)
     temperature = torch.full((B,), 0.8, device=device)
     noise = draw_noise(B, K, V, device, generator)
-    return logits, draft_ids, num_draft, draft_probs, temperature, noise
+    return Case(logits, draft_ids, num_draft, draft_probs, temperature, noise, parents)
 
 
-def verify_fn(mode: str, impl: str, case):
-    logits, draft_ids, num_draft, draft_probs, temperature, noise = case
+def random_tree(logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tree_ids, parents) [B, N]: half the nodes extend the previous node, half branch from an earlier one; most
+    carry the target's argmax at their parent, so paths several nodes deep are accepted."""
+    B, N1, V = logits.shape
+    device = logits.device
+    target_ids = logits.argmax(-1)
+    parents = torch.empty(B, N1 - 1, dtype=torch.long, device=device)
+    tree_ids = torch.empty_like(parents)
+    for node in range(N1 - 1):
+        earlier = torch.randint(-1, node, (B,), device=device, generator=generator)
+        extend = torch.rand(B, device=device, generator=generator) < 0.5
+        parents[:, node] = torch.where(extend, node - 1, earlier)
+        guess = torch.randint(0, V, (B,), device=device, generator=generator)
+        agree = torch.rand(B, device=device, generator=generator) < 0.8
+        tree_ids[:, node] = torch.where(agree, target_ids.gather(1, parents[:, node, None] + 1)[:, 0], guess)
+    return tree_ids, parents
+
+
+def verify_fn(mode: str, impl: str, case: Case):
+    logits, draft_ids, num_draft, draft_probs, temperature, noise, parents = case
     if mode == "greedy":
         return lambda: verify_greedy(logits, draft_ids, num_draft, impl=impl)
+    if mode == "tree_greedy":
+        return lambda: verify_tree_greedy(logits, draft_ids, parents, num_draft, impl=impl)
+    if mode == "tree_sampling":
+        return lambda: verify_tree_sampling(logits, draft_ids, parents, num_draft, temperature, impl=impl,
+                                            noise=noise)
     return lambda: verify_sampling(logits, draft_ids, num_draft, draft_probs, temperature, impl=impl, noise=noise)
 
 
@@ -69,11 +111,11 @@ def bench_one(mode: str, B: int, K: int, V: int, dtype: torch.dtype, generator, 
 
     case = make_case(mode, B, K, V, dtype, generator)
     expected, result = verify_fn(mode, "torch", case)(), verify_fn(mode, "triton", case)()
-    mismatched_rows = int((expected.out_ids != result.out_ids).any(dim=1).sum())
+    mismatched_rows = int((expected.out_ids != result.out_ids).any(dim=1).sum())  # out_ids also spells the path
     mismatched_rows += int((expected.num_accepted != result.num_accepted).sum())
     torch_ms = do_bench(verify_fn(mode, "torch", case), return_mode="median")
     triton_ms = do_bench(verify_fn(mode, "triton", case), return_mode="median")
-    logits_bytes = B * (K + 1) * V * case[0].element_size()
+    logits_bytes = B * (K + 1) * V * case.logits.element_size()
     triton_gbps = logits_bytes / (triton_ms * 1e-3) / 1e9
     return {
         "mode": mode, "B": B, "K": K, "V": V, "dtype": str(dtype).removeprefix("torch."),
@@ -89,7 +131,7 @@ def markdown_table(rows: list[dict], device_name: str, peak_gbps) -> str:
     lines = [
         f"{device_name}, {rows[0]['dtype']} logits{peak}; bandwidth = bytes of logits read / median time",
         "",
-        "| mode | B | K | V | equal | torch ms | triton ms | speedup | torch GB/s | triton GB/s | % peak |",
+        "| mode | B | K (N) | V | equal | torch ms | triton ms | speedup | torch GB/s | triton GB/s | % peak |",
         "|---|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -121,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator(device="cuda").manual_seed(args.seed)
     rows = [
         bench_one(mode, B, K, V, DTYPES[args.dtype], generator, peak_gbps)
-        for mode in args.modes for V in args.vocab for K in args.draft_len for B in args.batch
+        for mode in args.modes for V in args.vocab
+        for K in (args.tree_nodes if mode in TREE_MODES else args.draft_len) for B in args.batch
     ]
     print(json.dumps(rows, indent=2) if args.json else markdown_table(rows, device_name, peak_gbps))
     if not all(r["equal"] for r in rows):

@@ -8,6 +8,8 @@ Terms used by every verify function:
 - the *bonus* token follows when every draft token of the row was accepted: the target's own next token
   at position num_draft, which the same forward computed for free.
 Each row of ``out_ids`` is ``accepted draft tokens + one correction or bonus token``, padded with -1.
+A draft may also be a token tree (``verify_tree_greedy.py``): there the accepted draft tokens form a path from
+the root, and the correction token follows the path's last node when none of its children is accepted.
 """
 from __future__ import annotations
 
@@ -45,24 +47,64 @@ class VerifyResult(NamedTuple):
         return self.num_accepted + 1
 
 
-def check_verify_inputs(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_draft: torch.Tensor) -> None:
-    """Shape/dtype/device checks shared by every public verify entry point."""
+class TreeVerifyResult(NamedTuple):
+    """Verification of a token tree of N nodes per row; D = N, the depth of the deepest possible path (a chain)."""
+
+    out_ids: torch.Tensor  # [B, N+1] int64, tokens of the accepted path + one correction/bonus id, then -1
+    path_nodes: torch.Tensor  # [B, N] int64, node index accepted at each depth, then -1
+    num_accepted: torch.Tensor  # [B] int64, accepted nodes per row (the length of the accepted path)
+
+    @property
+    def num_emitted(self) -> torch.Tensor:
+        """[B] tokens each row emits this step: the accepted path plus the correction/bonus token."""
+        return self.num_accepted + 1
+
+
+def check_verify_inputs(
+    target_logits: torch.Tensor,
+    draft_ids: torch.Tensor,
+    num_draft: torch.Tensor,
+    names: tuple[str, str, str] = ("draft_ids", "num_draft", "K"),
+) -> None:
+    """Shape/dtype/device checks shared by every public verify entry point.
+
+    ``names`` are the names the caller knows the ids, their count and their length by (a tree passes
+    ``("tree_ids", "num_nodes", "N")``), so that an error names the argument that is wrong.
+    """
+    ids_name, count_name, length = names
     if target_logits.dim() != 3:
-        raise ValueError(f"target_logits must be [B, K+1, V], got shape {tuple(target_logits.shape)}")
+        raise ValueError(f"target_logits must be [B, {length}+1, V], got shape {tuple(target_logits.shape)}")
     B, K1, V = target_logits.shape
     if V < 1:
         raise ValueError("target_logits must have a vocabulary of at least one token")
     if not target_logits.is_floating_point():
         raise TypeError(f"target_logits must be floating point, got {target_logits.dtype}")
     if draft_ids.shape != (B, K1 - 1):
-        raise ValueError(f"draft_ids must be [B, K] = {(B, K1 - 1)}, got {tuple(draft_ids.shape)}")
+        raise ValueError(f"{ids_name} must be [B, {length}] = {(B, K1 - 1)}, got {tuple(draft_ids.shape)}")
     if num_draft.shape != (B,):
-        raise ValueError(f"num_draft must be [B] = {(B,)}, got {tuple(num_draft.shape)}")
+        raise ValueError(f"{count_name} must be [B] = {(B,)}, got {tuple(num_draft.shape)}")
     if draft_ids.dtype not in (torch.int32, torch.int64) or num_draft.dtype not in (torch.int32, torch.int64):
-        raise TypeError("draft_ids and num_draft must be integer tensors")
+        raise TypeError(f"{ids_name} and {count_name} must be integer tensors")
     devices = {target_logits.device, draft_ids.device, num_draft.device}
     if len(devices) != 1:
         raise ValueError(f"all verify inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def check_tree_inputs(
+    target_logits: torch.Tensor,  # [B, N+1, V]
+    tree_ids: torch.Tensor,  # [B, N]
+    parents: torch.Tensor,  # [B, N]
+    num_nodes: torch.Tensor,  # [B]
+) -> None:
+    """``check_verify_inputs`` for a tree, plus the parent indices. That parents[b, i] < i is not checked (it
+    would sync with the host); a node whose parent is not an earlier node is simply never accepted."""
+    check_verify_inputs(target_logits, tree_ids, num_nodes, names=("tree_ids", "num_nodes", "N"))
+    if parents.shape != tree_ids.shape:
+        raise ValueError(f"parents must be [B, N] = {tuple(tree_ids.shape)}, got {tuple(parents.shape)}")
+    if parents.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"parents must be an integer tensor, got {parents.dtype}")
+    if parents.device != tree_ids.device:
+        raise ValueError(f"all verify inputs must be on one device, got {parents.device} and {tree_ids.device}")
 
 
 def use_triton(impl: str, device: torch.device) -> bool:

@@ -33,7 +33,7 @@ _TINY = 1e-7
 
 
 class SamplingNoise(NamedTuple):
-    uniforms: torch.Tensor  # [B, K] fp32 in (0, 1), one accept test per draft position
+    uniforms: torch.Tensor  # [B, K] fp32 in (0, 1), one accept test per draft position (per node of a tree)
     exponentials: torch.Tensor  # [B, V] fp32 Exp(1), one race per row (the row emits one sampled token)
 
 
@@ -101,6 +101,56 @@ def verify_sampling_ref(
 
 
 @jit
+def _softmax_stats(row_ptr, live, safe_t, V, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One pass over the V logits of BLOCK_R rows (``row_ptr`` [BLOCK_R], unit stride over V), tiled.
+
+    Returns the raw argmax (greedy rows), and max_v x/T and log sum_v exp(x/T - max), from which
+    ``_log_prob`` gives log p. Dead rows get neutral stats (0, 0), which keep -inf - -inf and log(0) out of
+    what follows.
+    """
+    best_val = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_R], tl.int64)
+    row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    sum_exp = tl.zeros([BLOCK_R], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_vocab = cols < V
+        mask = live[:, None] & in_vocab[None, :]
+        x = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        best_val, best_idx = _argmax_update(x, cols, in_vocab, best_val, best_idx)
+        scaled = tl.math.div_rn(x, safe_t[:, None])  # IEEE division, as the reference's logits / T
+        new_max = tl.maximum(row_max, tl.max(scaled, axis=1))
+        # A row that has seen only -inf so far keeps sum 0 instead of exp(-inf - -inf) = nan.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        sum_exp = sum_exp * tl.exp(row_max - shift) + tl.sum(tl.exp(scaled - shift[:, None]), axis=1)
+        row_max = new_max
+    row_max = tl.where(live, row_max, 0.0)
+    log_sum = tl.log(tl.where(live, sum_exp, 1.0))
+    return best_idx, row_max, log_sum
+
+
+@jit
+def _log_prob(x, safe_t, row_max, log_sum):
+    """log p of logits ``x`` from ``_softmax_stats`` (all arguments broadcast against each other)."""
+    return (tl.math.div_rn(x, safe_t) - row_max) - log_sum
+
+
+@jit
+def _race_update(p, residual, exponentials, mask, cols, in_vocab, best_residual, residual_id, best_p, p_id,
+                 residual_max):
+    """Fold one [R, BLOCK_V] tile into two exponential races at once: over the residual and over p itself.
+
+    The race over p gives the bonus token, or the fallback when the residual is empty (``residual_max`` stays 0).
+    """
+    residual_max = tl.maximum(residual_max, tl.max(tl.where(mask, residual, 0.0), axis=1))
+    residual_race = tl.where(mask, residual / exponentials, float("-inf"))
+    best_residual, residual_id = _argmax_update(residual_race, cols, in_vocab, best_residual, residual_id)
+    p_race = tl.where(mask, p / exponentials, float("-inf"))
+    best_p, p_id = _argmax_update(p_race, cols, in_vocab, best_p, p_id)
+    return best_residual, residual_id, best_p, p_id, residual_max
+
+
+@jit
 def _sampling_stats_kernel(
     logits_ptr,  # [B, K+1, V] fp32 / bf16 / fp16, unit stride over V
     draft_ids_ptr,  # [B, K] int32 / int64, contiguous
@@ -133,33 +183,14 @@ def _sampling_stats_kernel(
     greedy = temperature <= 0
     safe_t = tl.where(greedy, 1.0, temperature)
     row_ptr = logits_ptr + b.to(tl.int64) * stride_b + k.to(tl.int64) * stride_k  # [BLOCK_R]
-
-    best_val = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_R], tl.int64)
-    row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    sum_exp = tl.zeros([BLOCK_R], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_vocab = cols < V
-        mask = live[:, None] & in_vocab[None, :]
-        x = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        best_val, best_idx = _argmax_update(x, cols, in_vocab, best_val, best_idx)
-        scaled = tl.math.div_rn(x, safe_t[:, None])  # IEEE division, as the reference's logits / T
-        new_max = tl.maximum(row_max, tl.max(scaled, axis=1))
-        # A row that has seen only -inf so far keeps sum 0 instead of exp(-inf - -inf) = nan.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        sum_exp = sum_exp * tl.exp(row_max - shift) + tl.sum(tl.exp(scaled - shift[:, None]), axis=1)
-        row_max = new_max
-    # Dead rows saw only masked lanes: neutral stats keep -inf - -inf and log(0) out of what follows.
-    row_max = tl.where(live, row_max, 0.0)
-    log_sum = tl.log(tl.where(live, sum_exp, 1.0))
+    best_idx, row_max, log_sum = _softmax_stats(row_ptr, live, safe_t, V, BLOCK_R, BLOCK_V)
 
     # Accept test for this position's draft token (positions k < n only).
     has_draft = live & (k < n)
     draft_id = tl.load(draft_ids_ptr + b.to(tl.int64) * K + k, mask=has_draft, other=0).to(tl.int64)
     in_range = has_draft & (draft_id >= 0) & (draft_id < V)  # an id outside the vocabulary is rejected
     x_draft = tl.load(row_ptr + draft_id, mask=in_range, other=float("-inf")).to(tl.float32)
-    log_p_draft = (tl.math.div_rn(x_draft, safe_t) - row_max) - log_sum
+    log_p_draft = _log_prob(x_draft, safe_t, row_max, log_sum)
     if HAS_DRAFT_PROBS:
         q_ptr = draft_probs_ptr + b.to(tl.int64) * probs_stride_b + k.to(tl.int64) * probs_stride_k
         q_draft = tl.load(q_ptr + draft_id, mask=in_range, other=0.0).to(tl.float32)
@@ -238,8 +269,7 @@ def _sampling_emit_kernel(
         in_vocab = cols < V
         mask = sampling[:, None] & in_vocab[None, :]
         x = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        log_p = (tl.math.div_rn(x, safe_t[:, None]) - row_max[:, None]) - log_sum[:, None]
-        p = tl.exp(log_p)
+        p = tl.exp(_log_prob(x, safe_t[:, None], row_max[:, None], log_sum[:, None]))
         if HAS_DRAFT_PROBS:
             q_mask = mask & rejected[:, None]
             q = tl.load(q_row_ptr[:, None] + cols[None, :], mask=q_mask, other=0.0).to(tl.float32)
@@ -247,11 +277,8 @@ def _sampling_emit_kernel(
             q = tl.where(cols[None, :].to(tl.int64) == rejected_id[:, None], 1.0, 0.0)
         residual = tl.maximum(p - q, 0.0)
         exponentials = tl.load(exponentials_ptr + b64[:, None] * V + cols[None, :], mask=mask, other=1.0)
-        residual_max = tl.maximum(residual_max, tl.max(tl.where(mask, residual, 0.0), axis=1))
-        residual_race = tl.where(mask, residual / exponentials, float("-inf"))
-        best_residual, residual_id = _argmax_update(residual_race, cols, in_vocab, best_residual, residual_id)
-        p_race = tl.where(mask, p / exponentials, float("-inf"))
-        best_p, p_id = _argmax_update(p_race, cols, in_vocab, best_p, p_id)
+        best_residual, residual_id, best_p, p_id, residual_max = _race_update(
+            p, residual, exponentials, mask, cols, in_vocab, best_residual, residual_id, best_p, p_id, residual_max)
     # p == q up to rounding leaves an empty residual: fall back to p, as the reference does.
     sampled_id = tl.where(rejected & (residual_max > 0), residual_id, p_id)
     next_id = tl.where(greedy, target_id, sampled_id)
