@@ -5,7 +5,9 @@
 ``train_bundle_policy`` splits the rows (stratified by domain), trains REINFORCE (the paper's method) and the
 supervised baseline, writes the held-out report, exports the REINFORCE network to ``BUNDLE/policy.onnx``
 (``export.export_policy``) and its weights to ``BUNDLE/policy.safetensors`` so that ``export_bundle_policy``
-can redo the ONNX file later. bundle.json gets ``policy``, ``policy_model`` (what rebuilds the network),
+can redo the ONNX file later. The ONNX file is checked against torch on the held-out rows (max |p_onnx - p_torch|
+<= ``ONNX_TOLERANCE``) before anything is written; a failing check leaves the bundle as it was.
+bundle.json gets ``policy``, ``policy_model`` (what rebuilds the network),
 ``features`` (what the router feeds it) and the ids it trained on (``trained_on``).
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ..base.layout import POLICY_FILE, POLICY_REPORT, POLICY_WEIGHTS_FILE, REWAR
 from ..drafting.pool import pool_key, with_draft_len
 from ..learning.policy import PolicyConfig
 from ..learning.policy_report import report_markdown
-from ..learning.policy_train import load_bundle_policy, onnx_check, save_policy, train_policies
+from ..learning.policy_train import load_bundle_policy, save_checked_policy, save_policy, train_policies
 from ..learning.rewards import rewards_from_rows, write_trajectories
 from ..runtime.distributed import Group
 from ..serving.bundle_info import record_training_ids
@@ -72,7 +74,9 @@ def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig |
     result = train_policies(data, config, eval_frac, split_seed)
     train_s = time.perf_counter() - t0
     policy = result.reinforce
-    spec = save_policy(bundle, policy, layer, data.arm_names, bundle.path / POLICY_FILE, bundle.path / POLICY_WEIGHTS_FILE)
+    # Checked against torch before anything is written: a failing export leaves the bundle as it was.
+    saved = save_checked_policy(bundle, policy, layer, data.arm_names, data, result.eval_idx, bundle.path / POLICY_FILE,
+                                bundle.path / POLICY_WEIGHTS_FILE)
     num_trajectories = write_trajectories(bundle.path / TRAJECTORIES_FILE, rows)
     if not num_trajectories:
         (bundle.path / TRAJECTORIES_FILE).unlink(missing_ok=True)  # trajectories of an older pool would mislead
@@ -85,7 +89,7 @@ def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig |
         "arms": list(data.arm_names),
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
     }
-    bundle.info["features"] = spec
+    bundle.info["features"] = saved.spec
     record_training_ids(bundle.info, "train-policy", [data.ids[i] for i in result.train_idx])
     bundle._router = None
     bundle.save()
@@ -95,7 +99,7 @@ def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig |
     report["exported"] = "reinforce"
     report["train_s"] = round(train_s, 1)
     report["trajectories"] = num_trajectories  # rows calibrate can retrain from (0: rows without trajectories)
-    report["onnx"] = onnx_check(bundle, policy, data, result.eval_idx)
+    report["onnx"] = saved.onnx
     write_json_atomic(bundle.path / POLICY_REPORT, report)
     write_text_atomic((bundle.path / POLICY_REPORT).with_suffix(".md"), report_markdown(report))
     return report
