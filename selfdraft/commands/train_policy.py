@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ctxdraft.export.onnx_export import read_metadata
+
 from ..base.data import read_prompts
 from ..base.errors import CtxdraftError
 from ..base.fileio import display_path, read_jsonl, write_json_atomic, write_text_atomic
@@ -27,6 +29,7 @@ from ..learning.policy_report import report_markdown
 from ..learning.policy_train import load_bundle_policy, save_checked_policy, save_policy, train_policies
 from ..learning.rewards import rewards_from_rows, write_trajectories
 from ..runtime.distributed import Group
+from ..serving.bundle import load_bundle
 from ..serving.bundle_info import record_training_ids
 from .collect import CollectConfig, can_resume, collect
 
@@ -109,6 +112,8 @@ def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig |
 class TrainPolicyResult:
     report: dict  # train_bundle_policy's report
     collected: dict | None  # collect's summary when the flow collected first
+    bundle_path: Path | None = None  # train_policy_at, on rank 0: the bundle and the policy file it now routes with
+    policy_path: Path | None = None
 
 
 def train_policy(bundle, *, rewards: str | Path | None = None, data: str | Path | None = None,
@@ -159,3 +164,31 @@ def export_bundle_policy(bundle) -> Path:
     bundle.save()
     return path
 
+
+def train_policy_at(bundle_dir: str | Path, *, rewards: str | Path | None = None, data: str | Path | None = None,
+                    collect_config: CollectConfig | None = None, config: PolicyConfig | None = None,
+                    eval_frac: float = 0.25, dtype: str = "auto", progress: Progress | None = None,
+                    group: Group | None = None) -> TrainPolicyResult:
+    """What ``ctxdraft train-policy`` does: load the bundle (its shipped policy, no calibration), ``train_policy``,
+    then, on rank 0, read the bundle back as it was written to say where its policy is."""
+    group = group or Group.single()
+    result = train_policy(load_bundle(bundle_dir, dtype=dtype, calibrate=False), rewards=rewards, data=data,
+                          collect_config=collect_config, config=config, eval_frac=eval_frac, progress=progress, group=group)
+    if group.main:
+        bundle = load_bundle(bundle_dir, calibrate=False)  # as rank 0 wrote it
+        result.bundle_path = bundle.path
+        result.policy_path = bundle.path / bundle.info["policy"]
+    return result
+
+
+@dataclass
+class ExportedPolicy:
+    path: Path
+    meta: dict  # the ONNX file's ctxdraft metadata (export.onnx_export.read_metadata)
+
+
+def export_policy_at(bundle_dir: str | Path) -> ExportedPolicy:
+    """What ``ctxdraft export-policy`` does: redo ``BUNDLE/policy.onnx`` from the saved weights, and read its
+    metadata back."""
+    path = export_bundle_policy(load_bundle(bundle_dir, calibrate=False))
+    return ExportedPolicy(path, read_metadata(path))
