@@ -1,14 +1,10 @@
 """`ctxdraft add-arm`: put a draft model or a prompt-lookup variant into a bundle's pool."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.base.fileio import display_path
-from ctxdraft.selfdraft.drafting.pool import lookup_arm, model_arm, none_arm
-from ctxdraft.selfdraft.serving.bundle import add_arm
+from ctxdraft.selfdraft.commands.add_arm import add_arm_from_options
 
 from .common import echo_json, parse_ints
 
@@ -31,18 +27,10 @@ def add_arm_cmd(bundle_dir, kind, model_path, name, draft_len, ngram_sizes, targ
       ctxdraft add-arm my_bundle --kind lookup --draft-len 6 --ngram-sizes 4,3,2
       ctxdraft add-arm new_bundle --target ./my-llama --kind lookup --draft-len 3
     """
-    if draft_len < 1:
-        raise CtxdraftError(f"--draft-len must be >= 1, got {draft_len}")
-    if kind == "model":
-        if not model_path:
-            raise CtxdraftError("--kind model needs --path to the draft model")
-        path = Path(model_path).expanduser()
-        spec = model_arm(str(path.resolve()) if path.exists() else model_path, draft_len, name)
-    elif kind == "lookup":
-        spec = lookup_arm(draft_len, parse_ints(ngram_sizes, "--ngram-sizes", "3,2,1"), name)
-    else:
-        spec = none_arm(name or "none")
-    bundle = add_arm(bundle_dir, spec, target=target)
+    ngrams = parse_ints(ngram_sizes, "--ngram-sizes", "3,2,1") if kind == "lookup" else ()
+    added = add_arm_from_options(bundle_dir, kind, draft_len, model_path=model_path, name=name, ngram_sizes=ngrams,
+                                 target=target)
+    bundle, spec = added.bundle, added.spec
     if as_json:
         echo_json({"bundle": display_path(bundle.path), "added": spec, "arms": bundle.arms})
     else:

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import click
 
-from ctxdraft.selfdraft.base.data import read_prompts
 from ctxdraft.selfdraft.base.fileio import display_path
-from ctxdraft.selfdraft.commands.bench import BenchConfig, run_bench, select_prompts
-from ctxdraft.selfdraft.commands.bench_report import bench_markdown, write_bench_outputs
-from ctxdraft.selfdraft.serving.bundle import load_bundle
+from ctxdraft.selfdraft.commands.bench import BenchConfig, bench
+from ctxdraft.selfdraft.commands.bench_report import bench_markdown
 
 from .common import dtype_option, echo_json, no_calibrate_option, progress_bar
 
@@ -48,7 +46,7 @@ def bench_cmd(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, rep
     Every prompt runs every method (HF generate, HF prompt lookup, HF early exit, each arm of the
     bundle, auto, and the per-prompt oracle) before the next prompt, in rotating order, so machine
     drift hits all alike. A greedy output that differs from HF generate is reported as a MISMATCH
-    (the exit code stays 0).
+    and the exit code is 1 (a divergence at a near-tie of the target's best logits is not one).
 
     \b
     Examples:
@@ -58,19 +56,15 @@ def bench_cmd(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, rep
     """
     config = BenchConfig(max_new_tokens=max_new_tokens, arms=_parse_arms(arms), baselines=baselines, repeats=repeats,
                          temperature=temperature, seed=seed, threads=threads, tie_tolerance=tie_tolerance)
-    config.validate()
-    rows = read_prompts(data)
-    bundle = load_bundle(bundle_dir, dtype=dtype, calibrate=False if no_calibrate else None)
-    rows, notes = select_prompts(rows, bundle, split, per_domain)
     with progress_bar(as_json) as bar:
-        bundle.progress = bar
-        report = run_bench(bundle, rows, config, progress=bar)
-    report.notes[:0] = notes
-    written = write_bench_outputs(report, out_dir)
+        run = bench(data, config, bundle_dir=bundle_dir, split=split, per_domain=per_domain, out_dir=out_dir, dtype=dtype,
+                    calibrate=False if no_calibrate else None, progress=bar)
+    report = run.report
     if as_json:
         echo_json(report.to_dict())
     else:
         click.echo(bench_markdown(report))
-        click.echo(f"wrote {', '.join(display_path(p) for p in written.values())}")
+        click.echo(f"wrote {', '.join(display_path(p) for p in run.written.values())}")
     if not report.ok:
         click.echo(report.status_line(), err=True)
+        raise SystemExit(1)

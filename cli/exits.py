@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import click
 
-from ctxdraft.selfdraft.base.data import read_prompts
-from ctxdraft.selfdraft.base.errors import CtxdraftError
-from ctxdraft.selfdraft.base.fileio import display_path
-from ctxdraft.selfdraft.commands.add_exits import add_exits
+from ctxdraft.selfdraft.commands.add_exits import add_exits_from_file
+from ctxdraft.selfdraft.commands.report_text import add_exits_text
 from ctxdraft.selfdraft.learning.exit_train import ExitTrainConfig
-from ctxdraft.selfdraft.runtime.target import DEFAULT_TARGET, load_target
 
 from .common import dtype_option, echo_json, parse_floats, parse_ints, progress_bar, ranks
 
@@ -70,34 +67,12 @@ def add_exits_cmd(target, layers, data_path, out_dir, head, name, domains, ttt_s
         sample_temperature=sample_temperature, draft_lens=parse_ints(draft_lens, "--draft-lens", "1,2,4"),
         thresholds=parse_floats(thresholds, "--thresholds", "0,0.5,0.8"),
     )
-    rows = read_prompts(data_path)
-    if domains:
-        wanted = {d.strip() for d in domains.split(",") if d.strip()}
-        rows = [r for r in rows if r["domain"] in wanted]
-        if not rows:
-            raise CtxdraftError(f"--domain {domains}: no prompt of the data file has that domain")
-    spec = target or DEFAULT_TARGET
-    loaded = load_target(spec, dtype=dtype)
-    config.validate(loaded.num_layers, loaded.vocab_size)
     with ranks() as group, progress_bar(as_json, group.main) as bar:
-        report = add_exits(loaded, spec, rows, out_dir, config, progress=bar, group=group)
+        report = add_exits_from_file(data_path, out_dir, config, target=target, domains=domains, dtype=dtype,
+                                     progress=bar, group=group)
     if not group.main:
         return
     if as_json:
         echo_json(report)
         return
-    click.echo(f"Added {len(report['exits'])} exit(s) to {display_path(out_dir)} in {report['total_s']:.0f} s "
-               f"({report['data']['num_train']} training / {report['data']['num_heldout']} held-out prompts).")
-    click.echo(f"{'arm':<16} {'head':<8} {'vocab':>6} {'params':>8} {'agree':>6} {'cost':>5} {'K':>2} {'thr':>4} "
-               f"{'accept':>6} {'tok/fwd':>7} {'speed-up':>8}")
-    for e in report["exits"]:
-        vocab = e["draft_vocab"] or "full"
-        agree = e["agreement"] if e["kind"] == "exit" else e["acceptance_per_position"]["overall"]["prefix"][0]
-        kind = e["head"] if e["kind"] == "exit" else "feature"
-        click.echo(f"{e['arm']:<16} {kind:<8} {vocab:>6} {e['num_params']:>8} {agree:>6.1%} "
-                   f"{e['cost_ratio']:>5.2f} {e['draft_len']:>2} {e['threshold']:>4.1f} {e['acceptance']:>6.1%} "
-                   f"{e['tokens_per_forward']:>7.2f} {e['speedup']:>7.2f}x")
-        if e["kind"] == "feature":
-            acc = e["acceptance_per_position"]["overall"]["conditional"]
-            click.echo("  held-out acceptance per draft position (given the earlier ones): "
-                       + ", ".join(f"{j + 1}: {a:.0%}" for j, a in enumerate(acc)))
+    click.echo(add_exits_text(report, out_dir))

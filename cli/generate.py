@@ -6,8 +6,8 @@ import sys
 import click
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
-from ctxdraft.selfdraft.base.fileio import display_path
-from ctxdraft.selfdraft.serving.bundle import load_bundle
+from ctxdraft.selfdraft.commands.generate import generate, generation_line
+from ctxdraft.selfdraft.commands.info import info
 
 from .common import dtype_option, echo_json, no_calibrate_option, progress_bar
 
@@ -62,18 +62,12 @@ def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature,
       ctxdraft generate --bundle my_bundle --temperature 0.7 --seed 1 "Write a haiku."
       ctxdraft generate --bundle my_bundle --log traffic.jsonl --explore 0.1 "..."   # then: ctxdraft update-policy
     """
-    if (log_features_only or explore) and log_path is None:
-        raise CtxdraftError("--log-features-only and --explore go with --log FILE (the traffic log update-policy learns from)")
-    if log_path is not None and draft != "auto":
-        raise CtxdraftError(f"--log records requests the policy routes; --draft {draft} names its arm, so use --draft auto")
     text = _read_prompt(prompt)
-    bundle = load_bundle(bundle_dir, target=target, dtype=dtype, calibrate=False if no_calibrate else None,
-                         log=log_path, log_features_only=log_features_only, explore=explore)
-    with progress_bar(as_json) as bar:
-        bundle.progress = bar  # a first calibration, on a terminal
-        result = bundle.generate(text, draft=draft, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed, chat=not no_chat, stop=list(stop),
-                                 on_text=_print_piece if stream and not as_json else None)
+    with progress_bar(as_json) as bar:  # a first calibration, on a terminal
+        result = generate(text, bundle_dir=bundle_dir, target=target, dtype=dtype, calibrate=False if no_calibrate else None,
+                          log=log_path, log_features_only=log_features_only, explore=explore, progress=bar, draft=draft,
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                          chat=not no_chat, stop=list(stop), on_text=_print_piece if stream and not as_json else None)
     if as_json:
         echo_json(result.to_dict())
         return
@@ -81,13 +75,7 @@ def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature,
         click.echo()
     else:
         click.echo(result.text)
-    s = result.stats
-    how = "chosen by the policy" if result.routed else ("the bundle's default arm; no policy yet" if draft == "auto" else "as asked")
-    click.echo(
-        f"[arm {result.arm} ({how}) | {s.new_tokens} tokens in {s.wall_s:.2f}s = {s.tokens_per_s:.1f} tok/s | "
-        f"{s.target_forwards} target forwards, {s.accepted_tokens}/{s.drafted_tokens} drafted tokens accepted]",
-        err=True,
-    )
+    click.echo(generation_line(result, draft), err=True)
 
 
 @click.command("info")
@@ -102,40 +90,8 @@ def info_cmd(bundle_dir, as_json, dtype, no_calibrate):
     Example:
       ctxdraft info --bundle my_bundle --json
     """
-    bundle = load_bundle(bundle_dir, dtype=dtype, calibrate=False if no_calibrate else None)
-    info = bundle.info
-    calibration = bundle.calibration(create=False)
-    summary = {
-        "path": display_path(bundle.path),
-        "target": info["target"],
-        "arms": info["arms"],
-        "default_arm": info.get("default_arm"),
-        "exits": info.get("exits") or [],
-        "feature_heads": info.get("feature_heads") or [],
-        "features": info.get("features"),
-        "policy": info.get("policy"),
-        "cost_profile": bool(info.get("cost_profile")),
-        "dtype": str(bundle.dtype).removeprefix("torch."),
-        "routing_policy": bundle.calibration_note(),
-        "calibration": None if calibration is None else {
-            "path": display_path(calibration.path), "machine": calibration.machine, "created": calibration.report.get("created"),
-            "policy_speedup": calibration.report.get("policy", {}).get("policy")},
-        "versions": info.get("versions"),
-    }
+    report = info(bundle_dir, dtype=dtype, calibrate=False if no_calibrate else None)
     if as_json:
-        echo_json(summary)
+        echo_json(report.to_dict())
         return
-    t = info["target"]
-    click.echo(f"bundle   {display_path(bundle.path)}")
-    click.echo(f"target   {t.get('name')} (spec {t.get('spec')}, hash {t.get('hash')})")
-    click.echo(f"arms     {', '.join(bundle.arms)}  (default: {info.get('default_arm')})")
-    for e in info.get("exits") or []:
-        click.echo(f"exit     layer {e.get('layer')} head {e.get('head')}  agreement {e.get('agreement', float('nan')):.3f}")
-    for e in info.get("feature_heads") or []:
-        first = (e.get("acceptance_per_position") or {}).get("overall", {}).get("prefix") or [float("nan")]
-        click.echo(f"feature  {e.get('name')} (arm {e.get('arm')}) layers {','.join(map(str, e.get('layers') or []))}  "
-                   f"draft vocab {e.get('draft_vocab')}  acceptance of draft 1 {first[0]:.3f}")
-    click.echo(f"policy   {info.get('policy') or 'none (generate --draft auto uses the default arm)'}")
-    click.echo(f"routing  {bundle.calibration_note()} [{summary['dtype']}]")
-    if info.get("features"):
-        click.echo(f"features {info['features'].get('kind')} (layer {info['features'].get('layer')}, dim {info['features'].get('dim')})")
+    click.echo(report.to_text())

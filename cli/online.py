@@ -5,8 +5,7 @@ import click
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.base.fileio import display_path
-from ctxdraft.selfdraft.commands.update_policy import UpdateConfig, report_markdown, update_policy
-from ctxdraft.selfdraft.serving.bundle import load_bundle
+from ctxdraft.selfdraft.commands.update_policy import UpdateConfig, report_markdown, update_policy_at
 
 from .common import dtype_option, echo_json, progress_bar
 
@@ -41,11 +40,9 @@ def update_policy_cmd(bundle_dir, more_logs, logs, out_dir, force, folds, seed, 
     paths = list(logs) + list(more_logs)
     if not logs:
         raise CtxdraftError("give the traffic logs to learn from with --logs FILE [FILE...]")
-    bundle = load_bundle(bundle_dir, dtype=dtype)
     with progress_bar(as_json) as bar:
-        bundle.progress = bar
-        result = update_policy(bundle, paths, out=out_dir, force=force,
-                               config=UpdateConfig(folds=folds, seed=seed, epochs=epochs), progress=bar)
+        result = update_policy_at(bundle_dir, paths, out=out_dir, force=force, dtype=dtype,
+                                  config=UpdateConfig(folds=folds, seed=seed, epochs=epochs), progress=bar)
     if as_json:
         echo_json({"replaced": result.replaced, "bundle": display_path(result.path), "report": result.report})
     else:

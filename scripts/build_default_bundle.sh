@@ -10,12 +10,14 @@
 #   1. add-exits   exit heads at layers 10 and 24 (linear, reduced 8192-token draft vocab) next to the base
 #                  arms (none, lookup, lookup-k2, lookup-k8)
 #   2. add-exits   --head feature: one EAGLE-3-style feature head on layers 2, 15, 27 (arm `feature`,
-#                  docs/feature_heads.md), stored in bfloat16
+#                  docs/feature_heads.md; 4096-token draft vocab, 400 steps, 5 unrolled draft positions), trained
+#                  and stored in bfloat16
 #   3. cross-fit   the training prompts in two halves A and B; a copy of the bundle whose feature head is
 #                  trained the same way on A only (scored with step 2's draft length and stop) collects every
-#                  arm's trajectory on B, and one trained on B collects on A. A head's trajectories on its own
-#                  training prompts overstate it (1.49 tokens per forward there, 1.26 on held-out prompts), and
-#                  a policy trained on them over-routes to it. The other arms' trajectories do not depend on it.
+#                  arm's trajectory on B (128 new tokens each, plus a wall-clock check on 2 prompts), and one
+#                  trained on B collects on A. A head's trajectories on its own training prompts overstate it
+#                  (1.49 tokens per forward there, 1.26 on held-out prompts), and a policy trained on them
+#                  over-routes to it. The other arms' trajectories do not depend on it.
 #   4. train-policy  on the cross-fitted rows of all training prompts (128 new tokens each): stores them in
 #                  trajectories.jsonl.gz (what `ctxdraft calibrate` retrains from on another machine), trains the
 #                  REINFORCE policy (with its own 25% held out for the report) and exports policy.onnx
@@ -27,8 +29,9 @@
 # Time on that 2-core CPU: step 1 ~10 min, step 2 ~16 min, step 3 ~45 min (each half: add-exits ~12 min,
 # collect ~10 min).
 #
-# The bundle is built in a temporary directory and only then replaces OUT_DIR, so an interrupted run leaves the
-# shipped bundle as it was. Rewards files (derived from the prompts) are not shipped.
+# The bundle is built in a temporary directory and only then replaces OUT_DIR (the old one is moved aside to
+# OUT_DIR.old until the new one is in place), so an interrupted run leaves the shipped bundle as it was. Rewards
+# files (derived from the prompts) and add-exits' work directory are not shipped.
 set -euo pipefail
 data="${1:?usage: $0 DATA.jsonl [OUT_DIR] [SPLIT_DIR]}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -63,6 +66,7 @@ cat "$work/rewards_A.jsonl" "$work/rewards_B.jsonl" > "$work/rewards.jsonl"
 ctxdraft train-policy "$bundle" --rewards "$work/rewards.jsonl" --features hidden --eval-frac 0.25 --seed 0 --dtype bfloat16
 
 rm -rf "$bundle/rewards.jsonl" "$bundle/.add_exits_work"
-rm -rf "$out.new" && cp -r "$bundle" "$out.new"
-rm -rf "$out" && mv "$out.new" "$out"
+rm -rf "$out.new" "$out.old" && cp -r "$bundle" "$out.new"
+if [ -e "$out" ]; then mv "$out" "$out.old"; fi
+mv "$out.new" "$out" && rm -rf "$out.old"
 echo "default bundle written to $out"

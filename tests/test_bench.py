@@ -23,6 +23,7 @@ from ctxdraft.selfdraft.commands.bench import (
     select_prompts,
 )
 from ctxdraft.selfdraft.commands.bench_report import bench_markdown, write_bench_outputs
+from ctxdraft.selfdraft.drafting.ties import Divergence
 from ctxdraft.selfdraft.runtime.target import load_target
 from ctxdraft.selfdraft.serving.bundle import Bundle, load_bundle
 from ctxdraft.selfdraft.serving.bundle_info import new_bundle_info
@@ -223,6 +224,39 @@ def test_cli_bench(bundle_dir, data_file, tmp_path):
     assert data["ok"] is True and [m["name"] for m in data["methods"]] == [REFERENCE, "lookup", ORACLE]
     assert any("records no training prompts" in n for n in data["notes"])
     assert data["environment"]["torch_threads"] == 2 and torch.get_num_threads() == 1  # set for the bench only
+
+
+def test_cli_bench_exits_1_on_a_mismatch(bundle_dir, data_file, tmp_path, monkeypatch):
+    """A greedy output that differs from hf-generate's (not a tie) fails the command, naming the method and prompt."""
+    import ctxdraft.selfdraft.commands.bench as bench_module
+
+    build = bench_module.build_methods
+
+    def with_broken_method(bundle, config):
+        methods, notes = build(bundle, config)
+
+        def wrong_tokens(prompt, c):
+            out = hf_generate(bundle, prompt, c)
+            if prompt.id == "p2":
+                out.token_ids[0] = (out.token_ids[0] + 1) % bundle.target.vocab_size
+            return RunOutput(out.token_ids, out.seconds)
+
+        return methods + [Method("broken", "hf", wrong_tokens)], notes
+
+    monkeypatch.setattr(bench_module, "build_methods", with_broken_method)
+    out = tmp_path / "out"
+    args = ["--bundle", str(bundle_dir), "--data", str(data_file), "--max-new-tokens", "4", "--arms", "lookup",
+            "--baselines", "none", "--split", "all", "--out", str(out)]
+    r = invoke(*args, "--tie-tolerance", "0")
+    assert r.exit_code == 1, r.output
+    assert "MISMATCH: 1 greedy output" in r.output and "broken on p2" in r.output
+    assert json.loads((out / "bench.json").read_text())["ok"] is False  # the report is still written
+
+    # The same divergence judged a near-tie of the target's best logits is legitimate: exit code 0.
+    monkeypatch.setattr(bench_module, "compare_greedy", lambda *a: Divergence("tie", 0, 1e-4, 1, 2))
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert "1 diverged at a near-tie" in r.output
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,11 @@ def test_cli_calibrate_info_and_dtype_errors(trained_bundle, tmp_path, monkeypat
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["machine"]["dtype"] == "float32" and out["report"]["rows"] == 8
+    r = runner.invoke(main, ["calibrate", "--bundle", str(trained_bundle), "--reps", "1"])
+    assert r.exit_code == 0, r.output
+    assert "Policy on " in r.output and f"Stored in {out['path']};" in r.output
+    r = runner.invoke(main, ["info", "--bundle", str(trained_bundle)])
+    assert r.exit_code == 0 and "routing  calibrated" in r.output, r.output
     r = runner.invoke(main, ["info", "--bundle", str(trained_bundle), "--json"])
     info = json.loads(r.output)
     assert info["calibration"]["path"] and info["routing_policy"].startswith("calibrated")

@@ -151,6 +151,24 @@ def test_add_arm_model_and_lookup(tiny_bundle, tiny_model_dir, tmp_path):
     assert_clean_error(invoke("add-arm", str(tiny_bundle), "--kind", "lookup", "--draft-len", "0"), "--draft-len")
 
 
+def test_arm_spec_from_options(tmp_path, monkeypatch):
+    from ctxdraft.selfdraft.base.errors import CtxdraftError
+    from ctxdraft.selfdraft.commands.add_arm import arm_spec
+
+    assert arm_spec("lookup", 6, ngram_sizes=[2, 1]) == {"name": "lookup-k6", "kind": "lookup",
+                                                        "settings": {"draft_len": 6, "ngram_sizes": [2, 1]}}
+    assert arm_spec("none", 1) == {"name": "none", "kind": "none", "settings": {}}
+    # A model path that exists is stored absolute (the bundle is read from other directories); a name is kept.
+    (tmp_path / "draft").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert arm_spec("model", 2, "draft")["settings"]["path"] == str((tmp_path / "draft").resolve())
+    assert arm_spec("model", 2, "smollm2-135m-instruct")["settings"]["path"] == "smollm2-135m-instruct"
+    with pytest.raises(CtxdraftError, match="--draft-len must be >= 1, got 0"):
+        arm_spec("lookup", 0)
+    with pytest.raises(CtxdraftError, match="arm kind must be model, lookup or none"):
+        arm_spec("exit", 2)
+
+
 def test_duplicate_arm_names_are_refused(tiny_bundle):
     info = json.loads((tiny_bundle / "bundle.json").read_text())
     info["arms"].append(dict(info["arms"][1]))

@@ -111,6 +111,30 @@ def test_train_policy_with_data_collects_first_and_tokens_features(bundle_dir, d
     assert r.exit_code == 0 and "chosen by the policy" in r.output
 
 
+def _files(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_failing_onnx_check_writes_nothing(bundle_dir, data_path, monkeypatch):
+    """The ONNX file is checked against torch before the bundle is saved: over the tolerance, the command fails
+    and the bundle (its earlier policy included) is left byte for byte as it was, with no temporary file."""
+    import ctxdraft.selfdraft.learning.policy_train as policy_train
+
+    r = invoke("train-policy", bundle_dir, "--data", data_path, *FAST, "--features", "tokens", "--epochs", "5")
+    assert r.exit_code == 0, r.output
+    before = _files(bundle_dir)
+    check = policy_train.onnx_check
+
+    def off_by_a_little_more(*args):
+        return dict(check(*args), max_abs_diff=2 * policy_train.ONNX_TOLERANCE)
+
+    monkeypatch.setattr(policy_train, "onnx_check", off_by_a_little_more)
+    r = invoke("train-policy", bundle_dir, "--rewards", bundle_dir / "rewards.jsonl", "--features", "tokens",
+               "--epochs", "5", "--seed", "1")
+    assert_clean_error(r, "the exported policy disagrees with the trained network")
+    assert _files(bundle_dir) == before
+
+
 def test_cli_errors(bundle_dir, data_path, tmp_path):
     assert_clean_error(invoke("train-policy", bundle_dir), "either --rewards")
     assert_clean_error(invoke("train-policy", bundle_dir, "--rewards", "x", "--data", data_path), "either --rewards")

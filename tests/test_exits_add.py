@@ -9,6 +9,8 @@ from click.testing import CliRunner
 from tiny import save_word_target, write_word_prompts
 
 from ctxdraft.cli.main import main
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.commands.add_exits import rows_of_domains
 from ctxdraft.selfdraft.drafting.pool import build_draft
 from ctxdraft.selfdraft.serving.bundle import load_bundle
 
@@ -102,6 +104,24 @@ def test_add_exits_bad_data(tiny_setup, tmp_path, content, message):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["add-exits", str(model_dir), "--layers", "1", "--data", str(data), "--out", str(out), *FAST])
     assert result.exit_code == 2 and message in result.output
+    assert not out.exists()
+
+
+def test_rows_of_domains():
+    rows = [{"id": i, "domain": d, "prompt": "p"} for i, d in enumerate(["qa", "code", "qa", "math"])]
+    assert rows_of_domains(rows, None) == rows and rows_of_domains(rows, "") == rows
+    assert [r["id"] for r in rows_of_domains(rows, "qa")] == [0, 2]
+    assert [r["id"] for r in rows_of_domains(rows, " math, code ,")] == [1, 3]
+    with pytest.raises(CtxdraftError, match="--domain chat: no prompt of the data file has that domain"):
+        rows_of_domains(rows, "chat")
+
+
+def test_add_exits_unknown_domain_is_a_clean_error(tiny_setup, tmp_path):
+    root, model_dir, data = tiny_setup
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["add-exits", str(model_dir), "--layers", "1", "--data", str(data), "--out", str(out),
+                                       "--domain", "no-such-domain", *FAST])
+    assert result.exit_code == 2 and "--domain no-such-domain: no prompt" in result.output
     assert not out.exists()
 
 

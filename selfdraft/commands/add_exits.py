@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..base.data import stratified_split, subsample
+from ..base.data import read_prompts, stratified_split, subsample
 from ..base.errors import CtxdraftError
 from ..base.fileio import display_path, read_json, write_json_atomic
 from ..base.layout import EXITS_FILE, EXITS_REPORT, feature_report
@@ -38,6 +38,7 @@ from ..learning.head_data import build_examples, reduced_vocab
 from ..learning.trajectories import replay
 from ..runtime.distributed import Group
 from ..runtime.layers import LayerStack
+from ..runtime.target import DEFAULT_TARGET, load_target
 from ..serving.bundle import open_or_create_bundle
 from ..serving.bundle_info import record_training_ids
 
@@ -191,6 +192,29 @@ def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, c
     report = group.broadcast(group.run(finish))
     group.run(lambda: shutil.rmtree(work, ignore_errors=True) if group.main else None)
     return report
+
+
+def rows_of_domains(rows: list[dict], domains: str | None) -> list[dict]:
+    """The rows of the comma-separated ``domains`` (all rows when None or empty); none left is an error."""
+    if not domains:
+        return rows
+    wanted = {d.strip() for d in domains.split(",") if d.strip()}
+    kept = [r for r in rows if r["domain"] in wanted]
+    if not kept:
+        raise CtxdraftError(f"--domain {domains}: no prompt of the data file has that domain")
+    return kept
+
+
+def add_exits_from_file(data_path: str | Path, out_dir: str | Path, config: ExitTrainConfig, *, target: str | None = None,
+                        domains: str | None = None, dtype: str = "auto", progress: Progress | None = None,
+                        group: Group | None = None) -> dict:
+    """What ``ctxdraft add-exits`` does: read the prompt file (only the rows of ``domains`` when given), load the
+    target (a spec; the embedded default when None), check ``config`` against it and run ``add_exits``."""
+    rows = rows_of_domains(read_prompts(data_path), domains)
+    spec = target or DEFAULT_TARGET
+    loaded = load_target(spec, dtype=dtype)
+    config.validate(loaded.num_layers, loaded.vocab_size)
+    return add_exits(loaded, spec, rows, out_dir, config, progress=progress, group=group)
 
 
 def _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, train_ex, held_ex, trained: list[Trained],

@@ -30,14 +30,24 @@ from typing import Callable
 
 import torch
 
-from ..base.data import first_per_domain, rotated
+from ..base.data import first_per_domain, read_prompts, rotated
 from ..base.errors import CtxdraftError
 from ..base.fileio import display_path
 from ..drafting.ties import compare_greedy
 from ..runtime.machine import dtype_name, machine_fingerprint
-from ..serving.bundle import DEFAULT_BUNDLE_DIR, Bundle
+from ..serving.bundle import DEFAULT_BUNDLE_DIR, Bundle, load_bundle
 from ..serving.bundle_info import trained_ids, versions
-from .bench_report import ORACLE, OVERALL, REFERENCE, BenchReport, Mismatch, PromptResult, oracle_results, summaries
+from .bench_report import (
+    ORACLE,
+    OVERALL,
+    REFERENCE,
+    BenchReport,
+    Mismatch,
+    PromptResult,
+    oracle_results,
+    summaries,
+    write_bench_outputs,
+)
 from .bench_runs import BenchConfig, BenchPrompt, RunOutput, hf_generate
 
 SPLITS = ("eval", "all")
@@ -290,3 +300,26 @@ def _run_bench(bundle: Bundle, rows: list[dict], config: BenchConfig, progress: 
         environment=environment,
         total_s=time.perf_counter() - t_start,
     )
+
+
+@dataclass
+class BenchRun:
+    """What ``bench`` produced: the report (``report.ok`` is False on a real greedy mismatch) and the files written."""
+
+    report: BenchReport
+    written: dict[str, Path]
+
+
+def bench(data: str | Path, config: BenchConfig, *, bundle_dir: str | Path | None = None, split: str = "eval",
+          per_domain: int | None = None, out_dir: str | Path = "bench_out", dtype: str = "auto",
+          calibrate: bool | None = None, progress: Progress | None = None) -> BenchRun:
+    """What ``ctxdraft bench`` does: read the prompt file, load the bundle, choose the prompts (``select_prompts``),
+    run every method (``run_bench``) and write bench.json, bench.md and bench.png into ``out_dir``."""
+    config.validate()
+    rows = read_prompts(data)
+    bundle = load_bundle(bundle_dir, dtype=dtype, calibrate=calibrate)
+    rows, notes = select_prompts(rows, bundle, split, per_domain)
+    bundle.progress = progress  # a first calibration (auto), on a terminal
+    report = run_bench(bundle, rows, config, progress=progress)
+    report.notes[:0] = notes
+    return BenchRun(report, write_bench_outputs(report, out_dir))

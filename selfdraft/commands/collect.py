@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..base import checks
+from ..base.data import read_prompts
 from ..base.errors import CtxdraftError
 from ..base.features import default_feature_layer, hidden_features, hidden_spec
 from ..base.fileio import atomic_path, display_path, write_json_atomic
@@ -28,6 +29,7 @@ from ..learning.costs import CostProfile, context_ids, max_positions, measure_pr
 from ..learning.rewards import summarize
 from ..learning.trajectories import Trajectory, greedy_continuation, replay, teacher_pass, trajectories
 from ..runtime.distributed import Group
+from ..serving.bundle import load_bundle
 from .wallclock import wallclock_check
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -342,3 +344,13 @@ def _check_rows(rows: list[dict]) -> None:
         if row["id"] in seen:
             raise CtxdraftError(f"data row {i + 1}: duplicate id {row['id']!r}; ids must be unique")
         seen.add(row["id"])
+
+
+def collect_file(bundle_dir: str | os.PathLike, data_path: str | os.PathLike, out_path: str | os.PathLike,
+                 config: CollectConfig, *, dtype: str = "auto", progress: Progress | None = None,
+                 group: Group | None = None) -> dict:
+    """What ``ctxdraft collect`` does: check ``config``, read the prompt file, load the bundle (with its shipped
+    policy: collecting measures the arms, not a calibration) and ``collect`` into ``out_path``."""
+    config.validate()
+    rows = read_prompts(data_path)
+    return collect(load_bundle(bundle_dir, dtype=dtype, calibrate=False), rows, out_path, config, progress, group)

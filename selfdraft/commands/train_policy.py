@@ -5,7 +5,9 @@
 ``train_bundle_policy`` splits the rows (stratified by domain), trains REINFORCE (the paper's method) and the
 supervised baseline, writes the held-out report, exports the REINFORCE network to ``BUNDLE/policy.onnx``
 (``export.export_policy``) and its weights to ``BUNDLE/policy.safetensors`` so that ``export_bundle_policy``
-can redo the ONNX file later. bundle.json gets ``policy``, ``policy_model`` (what rebuilds the network),
+can redo the ONNX file later. The ONNX file is checked against torch on the held-out rows (max |p_onnx - p_torch|
+<= ``ONNX_TOLERANCE``) before anything is written; a failing check leaves the bundle as it was.
+bundle.json gets ``policy``, ``policy_model`` (what rebuilds the network),
 ``features`` (what the router feeds it) and the ids it trained on (``trained_on``).
 """
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ctxdraft.export.onnx_export import read_metadata
+
 from ..base.data import read_prompts
 from ..base.errors import CtxdraftError
 from ..base.fileio import display_path, read_jsonl, write_json_atomic, write_text_atomic
@@ -22,9 +26,10 @@ from ..base.layout import POLICY_FILE, POLICY_REPORT, POLICY_WEIGHTS_FILE, REWAR
 from ..drafting.pool import pool_key, with_draft_len
 from ..learning.policy import PolicyConfig
 from ..learning.policy_report import report_markdown
-from ..learning.policy_train import load_bundle_policy, onnx_check, save_policy, train_policies
+from ..learning.policy_train import load_bundle_policy, save_checked_policy, save_policy, train_policies
 from ..learning.rewards import rewards_from_rows, write_trajectories
 from ..runtime.distributed import Group
+from ..serving.bundle import load_bundle
 from ..serving.bundle_info import record_training_ids
 from .collect import CollectConfig, can_resume, collect
 
@@ -72,7 +77,9 @@ def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig |
     result = train_policies(data, config, eval_frac, split_seed)
     train_s = time.perf_counter() - t0
     policy = result.reinforce
-    spec = save_policy(bundle, policy, layer, data.arm_names, bundle.path / POLICY_FILE, bundle.path / POLICY_WEIGHTS_FILE)
+    # Checked against torch before anything is written: a failing export leaves the bundle as it was.
+    saved = save_checked_policy(bundle, policy, layer, data.arm_names, data, result.eval_idx, bundle.path / POLICY_FILE,
+                                bundle.path / POLICY_WEIGHTS_FILE)
     num_trajectories = write_trajectories(bundle.path / TRAJECTORIES_FILE, rows)
     if not num_trajectories:
         (bundle.path / TRAJECTORIES_FILE).unlink(missing_ok=True)  # trajectories of an older pool would mislead
@@ -85,7 +92,7 @@ def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig |
         "arms": list(data.arm_names),
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
     }
-    bundle.info["features"] = spec
+    bundle.info["features"] = saved.spec
     record_training_ids(bundle.info, "train-policy", [data.ids[i] for i in result.train_idx])
     bundle._router = None
     bundle.save()
@@ -95,7 +102,7 @@ def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig |
     report["exported"] = "reinforce"
     report["train_s"] = round(train_s, 1)
     report["trajectories"] = num_trajectories  # rows calibrate can retrain from (0: rows without trajectories)
-    report["onnx"] = onnx_check(bundle, policy, data, result.eval_idx)
+    report["onnx"] = saved.onnx
     write_json_atomic(bundle.path / POLICY_REPORT, report)
     write_text_atomic((bundle.path / POLICY_REPORT).with_suffix(".md"), report_markdown(report))
     return report
@@ -105,6 +112,8 @@ def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig |
 class TrainPolicyResult:
     report: dict  # train_bundle_policy's report
     collected: dict | None  # collect's summary when the flow collected first
+    bundle_path: Path | None = None  # train_policy_at, on rank 0: the bundle and the policy file it now routes with
+    policy_path: Path | None = None
 
 
 def train_policy(bundle, *, rewards: str | Path | None = None, data: str | Path | None = None,
@@ -155,3 +164,31 @@ def export_bundle_policy(bundle) -> Path:
     bundle.save()
     return path
 
+
+def train_policy_at(bundle_dir: str | Path, *, rewards: str | Path | None = None, data: str | Path | None = None,
+                    collect_config: CollectConfig | None = None, config: PolicyConfig | None = None,
+                    eval_frac: float = 0.25, dtype: str = "auto", progress: Progress | None = None,
+                    group: Group | None = None) -> TrainPolicyResult:
+    """What ``ctxdraft train-policy`` does: load the bundle (its shipped policy, no calibration), ``train_policy``,
+    then, on rank 0, read the bundle back as it was written to say where its policy is."""
+    group = group or Group.single()
+    result = train_policy(load_bundle(bundle_dir, dtype=dtype, calibrate=False), rewards=rewards, data=data,
+                          collect_config=collect_config, config=config, eval_frac=eval_frac, progress=progress, group=group)
+    if group.main:
+        bundle = load_bundle(bundle_dir, calibrate=False)  # as rank 0 wrote it
+        result.bundle_path = bundle.path
+        result.policy_path = bundle.path / bundle.info["policy"]
+    return result
+
+
+@dataclass
+class ExportedPolicy:
+    path: Path
+    meta: dict  # the ONNX file's ctxdraft metadata (export.onnx_export.read_metadata)
+
+
+def export_policy_at(bundle_dir: str | Path) -> ExportedPolicy:
+    """What ``ctxdraft export-policy`` does: redo ``BUNDLE/policy.onnx`` from the saved weights, and read its
+    metadata back."""
+    path = export_bundle_policy(load_bundle(bundle_dir, calibrate=False))
+    return ExportedPolicy(path, read_metadata(path))

@@ -31,7 +31,7 @@ from ..learning.policy import PolicyConfig
 from ..learning.rewards import read_trajectories, recompute_rewards, rewards_from_rows
 from ..learning.trajectories import Trajectory
 from ..runtime.cache import item_lock, staged
-from ..serving.bundle import DEFAULT_BUNDLE_DIR
+from ..serving.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from ..serving.bundle_info import bundle_hash
 from ..serving.calibration import CALIBRATION_FILE, CALIBRATION_VERSION, calibrations_dir
 from ..serving.traffic import modelled_reward, read_traffic
@@ -332,3 +332,12 @@ def report_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def update_policy_at(bundle_dir: str | os.PathLike, logs, *, out: str | os.PathLike | None = None, force: bool = False,
+                     config: UpdateConfig | None = None, dtype: str = "auto", progress: Progress | None = None) -> UpdateResult:
+    """``update_policy`` on the bundle directory ``bundle_dir`` opened in ``dtype`` (``progress`` also hears of a
+    first calibration)."""
+    bundle = load_bundle(bundle_dir, dtype=dtype)
+    bundle.progress = progress
+    return update_policy(bundle, logs, out=out, force=force, config=config, progress=progress)

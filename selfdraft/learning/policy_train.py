@@ -2,10 +2,13 @@
 
 ``train_policies`` splits the rows (stratified by domain), trains REINFORCE (the paper's method) and the
 supervised baseline and reports both on the held-out rows; ``save_policy`` exports a network to ONNX
-(``export.onnx_export``) with its torch weights beside it; ``load_bundle_policy`` rebuilds the saved network.
+(``export.onnx_export``) with its torch weights beside it; ``save_checked_policy`` does the same but first checks
+the ONNX file against torch (``onnx_check``, within ``ONNX_TOLERANCE``) and writes nothing when it fails;
+``load_bundle_policy`` rebuilds the saved network.
 """
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ from ctxdraft.export.router import OnnxRouter
 from ..base.data import stratified_split
 from ..base.errors import CtxdraftError
 from ..base.fileio import atomic_path, display_path
-from ..base.layout import POLICY_FILE, POLICY_WEIGHTS_FILE
+from ..base.layout import POLICY_WEIGHTS_FILE
 from ..base.versions import versions
 from .policy import (
     HiddenPolicy,
@@ -34,6 +37,10 @@ from .policy import (
 )
 from .policy_report import policy_report
 from .rewards import RewardData
+
+# The most an exported policy's probabilities may differ from the torch network's on the held-out rows
+# (max |p_onnxruntime - p_torch|): float32 graph-vs-eager rounding is ~1e-7; anything near 1e-4 is a wrong export.
+ONNX_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -69,12 +76,45 @@ def save_policy(bundle, policy: torch.nn.Module, layer: int | None, arm_names: l
     weights, each atomically; returns its feature spec."""
 
     spec = feature_spec(policy, layer)
-    export_policy(policy, onnx_path, [bundle.arm_spec(name) for name in arm_names], spec, _target_identity(bundle),
+    _export(bundle, policy, arm_names, spec, onnx_path)
+    _save_weights(policy, weights_path)
+    return spec
+
+
+@dataclass
+class SavedPolicy:
+    spec: dict  # the feature spec (bundle.json ``features``)
+    onnx: dict  # onnx_check's result: provider, max_abs_diff, choose_median_ms (or skipped)
+
+
+def save_checked_policy(bundle, policy: torch.nn.Module, layer: int | None, arm_names: list[str], data: RewardData,
+                        idx: list[int], onnx_path: Path, weights_path: Path) -> SavedPolicy:
+    """``save_policy``, with the ONNX file checked before anything is written: it is exported under a temporary
+    name, run with onnxruntime on rows ``idx`` and compared with torch (max |p_onnx - p_torch| <= ONNX_TOLERANCE);
+    only then are it and the weights renamed into place. A failing check raises CtxdraftError and leaves both
+    paths as they were. Without onnxruntime installed the check is skipped (and said so in the result)."""
+    spec = feature_spec(policy, layer)
+    expected = {"target": _target_identity(bundle), "arms": list(arm_names), "features": spec}
+    with atomic_path(onnx_path) as onnx_tmp, atomic_path(weights_path) as weights_tmp:
+        _export(bundle, policy, arm_names, spec, onnx_tmp)
+        check = onnx_check(onnx_tmp, expected, policy, data, idx)
+        diff = check.get("max_abs_diff", 0.0)
+        if not diff <= ONNX_TOLERANCE:  # also refuses NaN
+            raise CtxdraftError(f"the exported policy disagrees with the trained network on the held-out rows: max "
+                                f"|onnxruntime - torch| = {diff:.2e} > {ONNX_TOLERANCE:.0e}; nothing was written")
+        _save_weights(policy, weights_tmp)
+    return SavedPolicy(spec, check)
+
+
+def _export(bundle, policy: torch.nn.Module, arm_names: list[str], spec: dict, path: Path) -> None:
+    export_policy(policy, path, [bundle.arm_spec(name) for name in arm_names], spec, _target_identity(bundle),
                   versions().get("ctxdraft") or "0+unknown")
-    with atomic_path(weights_path) as tmp:
+
+
+def _save_weights(policy: torch.nn.Module, path: Path) -> None:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in policy.state_dict().items()}, str(tmp),
                   metadata={"format": "ctxdraft-policy"})
-    return spec
 
 
 def load_bundle_policy(bundle) -> torch.nn.Module:
@@ -98,16 +138,16 @@ def load_bundle_policy(bundle) -> torch.nn.Module:
     return policy.eval()
 
 
-def onnx_check(bundle, policy, data: RewardData, idx: list[int]) -> dict:
-    """onnxruntime vs torch on the held-out rows (max abs difference of the probabilities), and the
-    median time of one ``OnnxRouter.choose``."""
-    try:
-        router = OnnxRouter(bundle.path / POLICY_FILE, expected=bundle.info)
-    except CtxdraftError as e:
-        return {"skipped": str(e)}
+def onnx_check(path: Path, expected: dict, policy, data: RewardData, idx: list[int]) -> dict:
+    """onnxruntime vs torch on rows ``idx`` (max abs difference of the probabilities) of the ONNX file at
+    ``path`` (which must fit ``expected``, as ``OnnxRouter`` checks), and the median time of one
+    ``OnnxRouter.choose``; ``{"skipped": why}`` when onnxruntime is not installed."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return {"skipped": "onnxruntime is not installed (pip install 'ctxdraft[cpu]')"}
+    router = OnnxRouter(path, expected=expected)
     inputs = policy_inputs(data, idx, policy.feature_kind)
     with torch.no_grad():
-        expected = torch.softmax(policy(inputs), dim=-1).numpy()
+        expected_probs = torch.softmax(policy(inputs), dim=-1).numpy()
     if policy.feature_kind == "tokens":
         batch = [data.tokens[i] for i in idx]
         singles = batch
@@ -120,5 +160,5 @@ def onnx_check(bundle, policy, data: RewardData, idx: list[int]) -> dict:
         t = time.perf_counter()
         router.choose(features)
         times.append(time.perf_counter() - t)
-    return {"provider": router.provider, "max_abs_diff": float(np.abs(got - expected).max()),
+    return {"provider": router.provider, "max_abs_diff": float(np.abs(got - expected_probs).max()),
             "choose_median_ms": round(statistics.median(times) * 1e3, 4) if times else None}

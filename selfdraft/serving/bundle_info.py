@@ -42,7 +42,7 @@ _POS_INT = {"type": "integer", "minimum": 1}
 _NUM = {"type": "number"}
 _STR = {"type": "string"}
 _NAME = {"type": "string", "minLength": 1}
-# A file inside the bundle directory: a relative path with no '..' part (checked again in _check_semantics).
+# A file inside the bundle directory: a relative path with no '..' part (validate_info names the field when not).
 _FILE = {"type": "string", "minLength": 1, "not": {"anyOf": [{"pattern": "^/"}, {"pattern": "(^|[/\\\\])\\.\\.([/\\\\]|$)"}]}}
 
 ARM_SETTINGS = {
