@@ -58,8 +58,14 @@ def tiny_random(arch: str = "llama", vocab_size: int = 61, seed: int = 0, layers
     The Gemma 3 stack mixes sliding-window (window 4, shorter than prompt + draft) and full-attention layers,
     so rolled-back drafts cross the window. Qwen2 has biases on q, k and v (Llama has none) and, like the
     real Qwen2.5 checkpoints of small size, ties its LM head to the embeddings."""
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
