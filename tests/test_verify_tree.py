@@ -10,7 +10,12 @@ import torch
 from tiny import assert_follows
 
 from ctxdraft.triton_kernels import (
-    SamplingNoise, draw_noise, verify_greedy, verify_sampling, verify_tree_greedy, verify_tree_sampling,
+    SamplingNoise,
+    draw_noise,
+    verify_greedy,
+    verify_sampling,
+    verify_tree_greedy,
+    verify_tree_sampling,
 )
 from ctxdraft.triton_kernels.dispatch import MAX_BLOCK_V
 
