@@ -1,5 +1,5 @@
-"""Feature heads (EAGLE-3 style): lossless drafting from the target's captured states (Llama, Gemma 3 and Qwen2, full and
-reduced vocabularies, K = 1/3/6), exact sampling, a teacher-forced replay equal to real runs, the training-time-
+"""Feature heads (EAGLE-3 style): lossless drafting from the target's captured states (Llama, Gemma 3 and Qwen2,
+full and reduced vocabularies, K = 1/3/6), exact sampling, a teacher-forced replay equal to real runs, the training-time-
 test forward equal to incremental drafting."""
 from __future__ import annotations
 

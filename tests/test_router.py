@@ -38,7 +38,8 @@ def save_policy(path, kind="hidden", metadata=None, arm_names=ARMS, input_name=N
         inputs = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", graph_dim])]
         init = [helper.make_tensor("W", TensorProto.FLOAT, WEIGHT.shape, WEIGHT.flatten()),
                 helper.make_tensor("b", TensorProto.FLOAT, BIAS.shape, BIAS)]
-        nodes += [helper.make_node("MatMul", [input_name, "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["logits"])]
+        nodes += [helper.make_node("MatMul", [input_name, "W"], ["xw"]),
+                  helper.make_node("Add", ["xw", "b"], ["logits"])]
     else:
         input_name = input_name or "token_ids"
         inputs = [helper.make_tensor_value_info(input_name, TensorProto.INT64, ["batch", "tokens"])]
