@@ -1,7 +1,9 @@
 """The bench on tiny random models: every method present, greedy equality checked, mismatches reported, CLI."""
 from __future__ import annotations
 
+import itertools
 import json
+import statistics
 
 import pytest
 import torch
@@ -55,6 +57,14 @@ def _tokens_policy(bundle_dir, info):
 
 
 
+def greedy_ids(bundle, prompt: str, n: int) -> list[int]:
+    """The target's greedy continuation of ``prompt`` by HF generate, cut before its first EOS."""
+    ids = torch.tensor([bundle.target.encode(prompt)])
+    out = bundle.target.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                       eos_token_id=sorted(bundle.target.eos_ids))[0, ids.shape[1]:].tolist()
+    return list(itertools.takewhile(lambda t: t not in bundle.target.eos_ids, out))
+
+
 @pytest.fixture(scope="module")
 def bundle_dir(tiny_model_dir, tmp_path_factory):
     """A tiny bundle with the base arms, a recorded exit layer (for HF's early exit) and a policy."""
@@ -100,9 +110,14 @@ def test_summary_numbers(greedy_report, bundle):
     report = greedy_report
     overall = {s.method: s for s in report.summary["overall"]}
     assert overall[REFERENCE].speedup == pytest.approx(1.0) and overall[REFERENCE].median_speedup == pytest.approx(1.0)
+    # Every method's tokens are the target's own greedy continuations, counted here with HF generate directly;
+    # its time is the sum over prompts of the median over repeats; tokens/s is total tokens over total time.
+    expected_tokens = sum(len(greedy_ids(bundle, row["prompt"], 12)) for row in ROWS)
     for s in overall.values():
         assert s.num_prompts == len(ROWS) and s.tokens_per_s > 0 and s.mismatches == 0
-        assert s.tokens_per_s == pytest.approx(s.new_tokens / s.seconds)
+        seconds = sum(statistics.median(r.seconds_all) for r in report.results if r.method == s.method)
+        assert s.new_tokens == expected_tokens and s.seconds == pytest.approx(seconds)
+        assert s.tokens_per_s == pytest.approx(expected_tokens / seconds)
     # Target forwards are counted for HF methods too; `none` and plain generate take one forward per token.
     assert overall[REFERENCE].tokens_per_forward == pytest.approx(overall["none"].tokens_per_forward)
     assert overall["lookup"].tokens_per_forward >= 1.0 and overall["hf-lookup"].tokens_per_forward >= 1.0

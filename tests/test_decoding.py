@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_llama
+from tiny import ARCHS, tiny_llama, tiny_random
 
 from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
 from ctxdraft.selfdraft.drafting.drafts import LookupDraft, LookupSettings, ModelDraft, ModelDraftSettings, NoneDraft
@@ -17,9 +17,10 @@ REPEATING = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 10, 11, 12, 5, 6, 7]
 PLAIN = [3, 17, 42, 8, 29, 33, 4, 51, 12]
 
 
-@pytest.fixture(scope="module")
-def target():
-    return tiny_llama(V, seed=0)
+@pytest.fixture(scope="module", params=ARCHS)
+def target(request):
+    """Each architecture's own layer code (Qwen2's q/k/v biases, Gemma 3's sliding window) must stay lossless."""
+    return tiny_llama(V, seed=0) if request.param == "llama" else tiny_random(request.param, vocab_size=V)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Exit drafts: token-for-token greedy equality with HF generate (Llama and Gemma 3, linear and layer heads,
+"""Exit drafts: token-for-token greedy equality with HF generate (Llama, Gemma 3 and Qwen2, linear and layer heads,
 full and reduced vocabularies), the confidence stop, and distribution-exact sampling."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny import assert_follows, tiny_random
+from tiny import ARCHS, assert_follows, tiny_random
 
 from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
 from ctxdraft.selfdraft.drafting.draft import DecodeState
@@ -35,7 +35,7 @@ def run_draft(model, draft, prompt, n, **gen):
 # --------------------------------------------------------------------------------------------------
 # Greedy: token-for-token the target's own output
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kind", ["linear", "layer"])
 @pytest.mark.parametrize("draft_len", [1, 3, 6])
 def test_greedy_exit_draft_matches_generate(arch, kind, draft_len):
@@ -49,7 +49,7 @@ def test_greedy_exit_draft_matches_generate(arch, kind, draft_len):
         assert stats.drafted_tokens > 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_perfect_layer_head_accepts_everything(arch):
     # A layer head at E = L-1 initialised from the last layer IS the rest of the target: every draft token is
     # accepted, so every step ends with a bonus token and the head must catch up on d_K (cache reuse path).
@@ -62,7 +62,7 @@ def test_perfect_layer_head_accepts_everything(arch):
     assert stats.target_forwards <= 1 + math.ceil(29 / 5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kind", ["linear", "layer"])
 def test_confidence_stop(arch, kind):
     model = tiny_random(arch)

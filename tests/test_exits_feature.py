@@ -1,11 +1,11 @@
-"""Feature heads (EAGLE-3 style): lossless drafting from the target's captured states (Llama and Gemma 3, full and
-reduced vocabularies, K = 1/3/6), exact sampling, a teacher-forced replay equal to real runs, the training-time-
+"""Feature heads (EAGLE-3 style): lossless drafting from the target's captured states (Llama, Gemma 3 and Qwen2,
+full and reduced vocabularies, K = 1/3/6), exact sampling, a teacher-forced replay equal to real runs, the training-time-
 test forward equal to incremental drafting."""
 from __future__ import annotations
 
 import pytest
 import torch
-from tiny import assert_follows, tiny_random
+from tiny import ARCHS, assert_follows, tiny_random
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
@@ -37,7 +37,7 @@ def run(model, draft, prompt, n, capture=True, **gen):
     return speculative_decode(stack, pre, draft, GenerationConfig(max_new_tokens=n, **gen))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("draft_len", [1, 3, 6])
 def test_greedy_feature_draft_matches_generate(arch, draft_len):
     model = tiny_random(arch)

@@ -1,10 +1,15 @@
 """The real embedded default target (SmolLM2-135M-Instruct): speculative output equals HF greedy."""
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import pytest
 import torch
 
 from ctxdraft.selfdraft import load_bundle
+from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.runtime.target import checkpoint_hash
 
 pytestmark = pytest.mark.integration
 
@@ -58,20 +63,28 @@ def test_the_shipped_feature_head_drafts_losslessly():
 
 
 def test_default_bundle_matches_the_embedded_target(bundle):
-    bundle.check_target(bundle.target)
+    # The hash bundle.json records is the hash of the stored checkpoint, recomputed here from its files (not read
+    # from the cache's stored hash, which load_bundle trusts): a change to checkpoint_hash or a stale stored hash
+    # would make every shipped bundle refuse its own target.
+    assert checkpoint_hash(bundle.target.path) == bundle.info["target"]["hash"] == bundle.target.content_hash
+    with pytest.raises(CtxdraftError, match="was made for target smollm2-135m-instruct"):
+        bundle.check_target(dataclasses.replace(bundle.target, content_hash="0" * 16))
     assert bundle.target.num_layers == 30 and bundle.target.vocab_size == 49152
 
 
 def test_public_api_shape(bundle):
     assert bundle.path.is_dir() and "none" in bundle.arms and "lookup" in bundle.arms
     assert bundle.target.name == "smollm2-135m-instruct"
+    t0 = time.perf_counter()
     r = bundle.generate("Say hello.", draft="auto", max_new_tokens=8)
+    elapsed = time.perf_counter() - t0
     assert r.routed and r.arm in bundle.arms and r.prompt_ids == bundle.target.encode("Say hello.")
     assert 0 < len(r.token_ids) <= 8 and r.text == bundle.target.tokenizer.decode(r.token_ids, skip_special_tokens=True)
     s = r.stats
     assert s.new_tokens == len(r.token_ids) <= 1 + s.accepted_tokens + (s.target_forwards - 1)
     assert 0 <= s.accepted_tokens <= s.drafted_tokens and sum(s.accepted_per_position) == s.accepted_tokens
-    assert 0 < s.route_s < s.wall_s and s.tokens_per_s == pytest.approx(s.new_tokens / s.wall_s)
+    # The times are seconds of this call, measured around it here: not ms, not counting the load before it.
+    assert 0 < s.route_s < s.wall_s <= elapsed and s.tokens_per_s >= s.new_tokens / elapsed
 
 
 def test_calibrating_the_shipped_bundle(tmp_path, monkeypatch):

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_random
+from tiny import ARCHS, tiny_random
 
 from ctxdraft.selfdraft.runtime.layers import LayerStack
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_full_range_equals_the_models_forward(arch):
     model = tiny_random(arch)
     ids = torch.tensor([[5, 9, 2, 33, 7, 7, 18, 40, 3, 11]])
@@ -17,7 +17,7 @@ def test_full_range_equals_the_models_forward(arch):
     torch.testing.assert_close(stack.logits(hidden), model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("split", [1, 2, 3])
 def test_split_ranges_and_incremental_positions_equal_one_pass(arch, split):
     """[0, E) then [E, L), fed in two chunks of positions with one cache: the early-exit access pattern."""

@@ -1,27 +1,41 @@
 """The pool: arm specs, the registry of draft kinds, cost keys shared by arms of one draft, the pool hash."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
+from ctxdraft.selfdraft.base.layout import BUNDLE_FILE
 from ctxdraft.selfdraft.drafting.drafts import LookupDraft, ModelDraft, NoneDraft
 from ctxdraft.selfdraft.drafting.exit_draft import ExitSettings
+from ctxdraft.selfdraft.drafting.feature_draft import FeatureSettings
 from ctxdraft.selfdraft.drafting.pool import (
     BASE_ARMS,
     DRAFT_KINDS,
     build_draft,
     cost_key,
     exit_arm,
+    feature_arm,
     lookup_arm,
     model_arm,
+    none_arm,
     pool_key,
     with_draft_len,
 )
 from ctxdraft.selfdraft.runtime.target import load_target
+from ctxdraft.selfdraft.serving.bundle import DEFAULT_BUNDLE_DIR
 
 
-def test_registry_has_every_kind():
-    assert set(DRAFT_KINDS) == {"none", "lookup", "model", "exit", "feature"}
+def test_the_registry_reads_every_kind_the_arm_helpers_write():
+    """The spec helpers write arms (add-exits, the CLI); the registry reads them back. A kind a helper writes but
+    the registry lacks (or spells differently), or a builder no helper reaches, breaks that round trip; the
+    shipped bundle's arms must be readable too."""
+    written = {none_arm()["kind"], lookup_arm(2)["kind"], model_arm("m")["kind"], exit_arm(ExitSettings(1))["kind"],
+               feature_arm(FeatureSettings(layers=[1, 2]))["kind"]}
+    assert written == set(DRAFT_KINDS)
+    shipped = json.loads((DEFAULT_BUNDLE_DIR / BUNDLE_FILE).read_text())["arms"]
+    assert {a["kind"] for a in shipped} == set(DRAFT_KINDS) - {"model"}
 
 
 def test_build_draft_by_kind_and_its_cost_key(tiny_model_dir):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ctxdraft.triton_kernels import verify_greedy
-from ctxdraft.triton_kernels.dispatch import MAX_BLOCK_V, use_triton
+from ctxdraft.triton_kernels.dispatch import MAX_BLOCK_V
 
 IMPLS = ("torch", "triton")
 # The Triton path runs on CUDA when real kernels are wanted (TRITON_INTERPRET=0), else interpreted on CPU.
@@ -113,19 +113,6 @@ def test_strided_and_int32_inputs():
     expected = verify_greedy(logits, draft_ids, num_draft, impl="torch")
     result = verify_greedy(view, draft_ids.int(), num_draft.int(), impl="triton")
     assert torch.equal(result.out_ids, expected.out_ids)
-
-
-def test_dispatch():
-    assert not use_triton("auto", torch.device("cpu"))
-    assert not use_triton("torch", torch.device("cuda"))
-    with pytest.raises(ValueError, match="impl must be one of"):
-        use_triton("cuda", torch.device("cpu"))
-
-
-def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        use_triton("triton", torch.device("cpu"))
 
 
 def test_input_checks():

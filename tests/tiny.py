@@ -49,12 +49,23 @@ def save_model_dir(path: Path, model, tokenizer) -> Path:
     return path
 
 
+ARCHS = ("llama", "gemma3", "qwen2")  # the architectures the lossless tests run on
+
+
 def tiny_random(arch: str = "llama", vocab_size: int = 61, seed: int = 0, layers: int = 4):
-    """A tiny random Llama or Gemma 3 with a wide weight init (varied logits) and no EOS, frozen.
+    """A tiny random Llama, Gemma 3 or Qwen2 with a wide weight init (varied logits) and no EOS, frozen.
 
     The Gemma 3 stack mixes sliding-window (window 4, shorter than prompt + draft) and full-attention layers,
-    so rolled-back drafts cross the window."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+    so rolled-back drafts cross the window. Qwen2 has biases on q, k and v (Llama has none) and, like the
+    real Qwen2.5 checkpoints of small size, ties its LM head to the embeddings."""
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
@@ -65,6 +76,12 @@ def tiny_random(arch: str = "llama", vocab_size: int = 61, seed: int = 0, layers
     elif arch == "gemma3":
         types = (["sliding_attention", "full_attention"] + ["sliding_attention"] * layers)[:layers]
         model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=8, sliding_window=4, layer_types=types, **common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, use_sliding_window=False, **common))
+        with torch.no_grad():  # biases are initialised to zero: give them values, or a dropped bias goes unseen
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     return model.eval().requires_grad_(False)
