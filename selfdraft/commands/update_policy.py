@@ -25,7 +25,7 @@ from ..base.errors import CtxdraftError
 from ..base.fileio import display_path, write_json_atomic, write_text_atomic
 from ..base.layout import BUNDLE_FILE, EXITS_FILE, POLICY_FILE, POLICY_WEIGHTS_FILE, TRAJECTORIES_FILE
 from ..drafting.pool import cost_key, pool_key
-from ..learning.costs import CostProfile
+from ..learning.costs import reward
 from ..learning.offpolicy import TIE, Feedback, learn_from_feedback
 from ..learning.policy import PolicyConfig
 from ..learning.rewards import read_trajectories, recompute_rewards, rewards_from_rows
@@ -34,7 +34,8 @@ from ..runtime.cache import item_lock, staged
 from ..serving.bundle import DEFAULT_BUNDLE_DIR
 from ..serving.bundle_info import bundle_hash
 from ..serving.calibration import CALIBRATION_FILE, CALIBRATION_VERSION, calibrations_dir
-from ..serving.traffic import modelled_reward, read_traffic
+from ..serving.profiles import profile_for
+from ..serving.traffic import read_traffic
 from .train_policy import save_policy
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -135,7 +136,7 @@ def feedback_from_traffic(traffic, bundle, profile, arm_names: list[str], bundle
         row_hidden, row_tokens = _row_features(row, where, meta)
         arms.append(arm_names.index(arm))
         propensity.append(float(p))
-        rewards.append(modelled_reward(profile, keys[arm], traj, m["plain_steps"]))
+        rewards.append(reward(profile, keys[arm], traj, m["plain_steps"]))
         hidden.append(row_hidden)
         tokens.append(row_tokens)
     return Feedback(arm_names, torch.tensor(arms, dtype=torch.long), torch.tensor(propensity, dtype=torch.float64),
@@ -147,14 +148,11 @@ def feedback_from_traffic(traffic, bundle, profile, arm_names: list[str], bundle
 def _profile(bundle):
     """The cost profile rewards are computed with on this machine: the bundle's calibration (made now if routing
     would make it), else the profile in bundle.json."""
-    calibration = bundle.calibration(create=True)
-    if calibration is not None:
-        return calibration.profile, calibration
-    profile = CostProfile.from_dict(bundle.info.get("cost_profile"))
+    profile, calibration = profile_for(bundle, calibration="create")
     if profile is None:
         raise CtxdraftError(f"bundle {display_path(bundle.path)} has no cost profile of this version to compute rewards "
                             "with; calibrate it (`ctxdraft calibrate`) or collect with it once")
-    return profile, None
+    return profile, calibration
 
 
 def _old_choices(bundle, feedback: Feedback, arm_names: list[str]) -> torch.Tensor:

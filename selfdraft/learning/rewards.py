@@ -19,8 +19,8 @@ import torch
 from ..base.errors import CtxdraftError
 from ..base.fileio import atomic_path, display_path, read_jsonl
 from ..base.layout import TRAJECTORIES_FILE
-from .costs import CostProfile
-from .trajectories import Step, Trajectory
+from .costs import CostProfile, plain_trajectory, reward
+from .trajectories import Trajectory
 
 
 @dataclass
@@ -156,7 +156,7 @@ def recompute_rewards(rows: list[dict], cost_keys: dict[str, str], profile: Cost
         where = f"{source}, row {i + 1}"
         if not isinstance(row.get("plain_steps"), int):
             raise CtxdraftError(f"{where} has no trajectories (plain_steps); re-collect it with this version of ctxdraft")
-        plain = Trajectory([Step(0, 0, 0)] * row["plain_steps"], int(row.get("new_tokens", 0)))
+        num_plain_steps = row["plain_steps"]
         arms = {}
         for name, record in row["arms"].items():
             if name not in cost_keys:
@@ -164,9 +164,9 @@ def recompute_rewards(rows: list[dict], cost_keys: dict[str, str], profile: Cost
             if not isinstance(record, dict) or "trajectory" not in record:
                 raise CtxdraftError(f"{where}: arm {name!r} has no trajectory; re-collect it")
             traj = Trajectory.from_dict(record["trajectory"], f"{where}, arm {name!r}")
-            arms[name] = dict(record, speedup=profile.speedup(traj, plain, cost_keys[name]),
+            arms[name] = dict(record, speedup=reward(profile, cost_keys[name], traj, num_plain_steps),
                               modelled_s=profile.seconds(traj, cost_keys[name]), tokens_per_forward=traj.tokens_per_forward)
-        out.append(dict(row, arms=arms, plain_s=profile.plain_seconds(plain)))
+        out.append(dict(row, arms=arms, plain_s=profile.plain_seconds(plain_trajectory(num_plain_steps, int(row.get("new_tokens", 0))))))
     return out
 
 
