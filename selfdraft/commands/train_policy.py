@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..base import checks
 from ..base.data import read_prompts
 from ..base.errors import CtxdraftError
 from ..base.fileio import display_path, read_jsonl, write_json_atomic, write_text_atomic
@@ -116,11 +117,8 @@ def train_policy(bundle, *, rewards: str | Path | None = None, data: str | Path 
     group = group or Group.single()
     if (rewards is None) == (data is None):
         raise CtxdraftError("give either --rewards FILE (from `ctxdraft collect`) or --data FILE (collects first)")
-    if not 0 < eval_frac < 1:
-        raise CtxdraftError(f"--eval-frac must be between 0 and 1, got {eval_frac}")
-    config = config or PolicyConfig()
-    if config.epochs < 1:
-        raise CtxdraftError(f"--epochs must be >= 1, got {config.epochs}")
+    checks.number("eval_frac (--eval-frac)", eval_frac, above=0.0, below=1.0)
+    config = (config or PolicyConfig()).validate()
     if bundle.path is None:
         raise CtxdraftError("train-policy needs a bundle directory to write policy.onnx into")
     ids = None

@@ -202,10 +202,7 @@ def update_policy(bundle, logs, out: str | os.PathLike | None = None, force: boo
         raise CtxdraftError(f"the trajectories in {display_path(bundle.path / TRAJECTORIES_FILE)} are for arms "
                             f"{offline.arm_names}, not the bundle's {bundle.arms}; train the policy again")
     feedback = feedback_from_traffic(traffic, bundle, profile, offline.arm_names, hashes)
-    cfg = dict(meta["config"], hidden_sizes=tuple(meta["config"].get("hidden_sizes", ())))
-    if config.epochs is not None:
-        cfg["epochs"] = config.epochs
-    learned = learn_from_feedback(offline, feedback, PolicyConfig(**cfg), _old_choices(bundle, feedback, offline.arm_names),
+    learned = learn_from_feedback(offline, feedback, PolicyConfig.from_dict(meta["config"], epochs=config.epochs), _old_choices(bundle, feedback, offline.arm_names),
                                   config.folds, config.seed, force, progress)
     comparison, model = learned.comparison, learned.model
     report = {

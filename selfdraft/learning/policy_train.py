@@ -85,9 +85,7 @@ def load_bundle_policy(bundle) -> torch.nn.Module:
     path = bundle.path / meta.get("weights", POLICY_WEIGHTS_FILE)
     if not path.is_file():
         raise CtxdraftError(f"policy weights not found: {display_path(path)}; run `ctxdraft train-policy` again")
-    cfg = dict(meta["config"])
-    cfg["hidden_sizes"] = tuple(cfg.get("hidden_sizes", ()))
-    config = PolicyConfig(**cfg)
+    config = PolicyConfig.from_dict(meta["config"])
     num_arms = len(meta["arms"])
     policy = HiddenPolicy(meta["feature_dim"], num_arms, config) if meta["feature_kind"] == "hidden" else TokenPolicy(num_arms, config)
     try:

@@ -137,11 +137,7 @@ def calibrate(bundle, progress: Progress | None = None, reps: int = 5, epochs: i
         progress("calibrate: policy", 1, 3)
     rewarded = recompute_rewards(rows, {a["name"]: cost_key(a) for a in arms}, profile, source=TRAJECTORIES_FILE)
     data = rewards_from_rows(rewarded, source=TRAJECTORIES_FILE)
-    cfg = dict(meta["config"])
-    cfg["hidden_sizes"] = tuple(cfg.get("hidden_sizes", ()))
-    if epochs is not None:
-        cfg["epochs"] = epochs
-    result = train_policies(data, PolicyConfig(**cfg))
+    result = train_policies(data, PolicyConfig.from_dict(meta["config"], epochs=epochs))
     if progress:
         progress("calibrate: export", 2, 3)
     report = {
