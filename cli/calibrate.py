@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.serving.bundle import load_bundle
 from ctxdraft.selfdraft.serving.calibration import calibrate
 
@@ -28,8 +27,6 @@ def calibrate_cmd(bundle_dir, reps, dtype, as_json):
       ctxdraft calibrate --bundle my_bundle --dtype float32 --json
     """
 
-    if reps < 1:
-        raise CtxdraftError(f"--reps must be >= 1, got {reps}")
     bundle = load_bundle(bundle_dir, dtype=dtype)
     with progress_bar(as_json) as bar:
         calibration = calibrate(bundle, progress=bar, reps=reps)
