@@ -173,6 +173,50 @@ def _layer_head_loss(model, E: int, examples: list[Example], batch_size: int, ge
     return total / len(mine)
 
 
+@dataclass
+class StepTail:
+    """How every head-training step ends (exit and feature heads): clip the gradients, step the optimizer and the
+    schedule, count the step, report progress, and checkpoint ``log`` (the step, the losses, ...) every 25 steps
+    and at the last, on rank 0, so that a resumed run continues exactly."""
+
+    head: torch.nn.Module
+    params: list
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator
+    ckpt: Path | None
+    group: Group
+    progress: Progress | None
+    label: str
+    total_steps: int
+
+    def resume(self, log: dict) -> dict:
+        """``log`` as the checkpoint left it when resuming from one (else unchanged)."""
+        if self.ckpt is not None and self.ckpt.is_file():
+            meta = load_training_state(self.ckpt, self.head, self.opt, self.sched, self.gen)
+            log = {key: int(meta[key]) if key == "step" else list(meta[key]) for key in log}
+        return log
+
+    def end_step(self, log: dict) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        log["step"] += 1
+        if self.progress:
+            self.progress(self.label, log["step"], self.total_steps)
+        if self.ckpt is not None and self.group.main and (log["step"] % 25 == 0 or log["step"] == self.total_steps):
+            save_training_state(self.ckpt, self.head, self.opt, self.sched, self.gen, log)
+
+    def finish(self) -> None:
+        self.head.eval()
+        self.head.requires_grad_(False)
+
+
+def last_tenth(values: list) -> list:
+    """The values of the last tenth of the steps (at least one): what a training report averages."""
+    return values[-max(1, len(values) // 10):] if values else []
+
+
 def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig, ckpt: Path | None = None,
                progress: Progress | None = None, group: Group | None = None) -> dict:
     """Distil one head; checkpoints to ``ckpt`` so that ``config.resume`` continues exactly where it stopped.
@@ -188,10 +232,10 @@ def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig,
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / max(1, config.steps))))
-    step, losses = 0, []
+    tail = StepTail(head, params, opt, sched, gen, ckpt, group, progress, f"train exit@{E}", config.steps)
+    log = {"step": 0, "losses": []}
     if ckpt is not None and config.resume and ckpt.is_file():
-        meta = load_training_state(ckpt, head, opt, sched, gen)
-        step, losses = int(meta["step"]), list(meta["losses"])
+        log = tail.resume(log)
     elif head.kind == "linear" and config.ridge >= 0:
         _ridge_init(head, examples, config.ridge)
     local_of = local_vocab_index(head, examples)
@@ -202,7 +246,7 @@ def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig,
     head.train()
     model = wrap(head, group)
     t0 = time.perf_counter()
-    while step < config.steps:
+    while log["step"] < config.steps:
         if head.kind == "linear":
             rows = torch.randint(0, flat_hidden.shape[0], (config.batch_size,), generator=gen)[group.rank :: group.size]
             loss = distill_loss(model(flat_hidden[rows]), flat_ids[rows], flat_logp[rows], local_of)
@@ -210,19 +254,12 @@ def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig,
             loss = _layer_head_loss(model, E, examples, config.batch_size, gen, local_of, group)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        losses.append(group.mean(loss.item()))
-        if progress:
-            progress(f"train exit@{E}", step, config.steps)
-        if ckpt is not None and group.main and (step % 25 == 0 or step == config.steps):
-            save_training_state(ckpt, head, opt, sched, gen, {"step": step, "losses": losses})
-    head.eval()
-    head.requires_grad_(False)
-    tail = losses[-max(1, len(losses) // 10):] if losses else []
-    return {"steps": step, "lr": lr, "final_kl": statistics.fmean(tail) if tail else None,
+        log["losses"].append(group.mean(loss.item()))
+        tail.end_step(log)
+    tail.finish()
+    losses = log["losses"]
+    final = last_tenth(losses)
+    return {"steps": log["step"], "lr": lr, "final_kl": statistics.fmean(final) if final else None,
             "first_kl": losses[0] if losses else None, "train_s": round(time.perf_counter() - t0, 1)}
 
 
