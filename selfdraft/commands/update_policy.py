@@ -9,7 +9,6 @@ policy as this machine's calibration of the new bundle (the policy was trained f
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import shutil
 import time
@@ -28,7 +27,7 @@ from ..drafting.pool import cost_key, pool_key
 from ..learning.costs import reward
 from ..learning.offpolicy import TIE, Feedback, learn_from_feedback
 from ..learning.policy import PolicyConfig
-from ..learning.rewards import read_trajectories, recompute_rewards, rewards_from_rows
+from ..learning.rewards import finite_number, read_trajectories, recompute_rewards, rewards_from_rows, row_features
 from ..learning.trajectories import Trajectory
 from ..runtime.cache import item_lock, staged
 from ..serving.bundle import DEFAULT_BUNDLE_DIR
@@ -76,21 +75,14 @@ class UpdateResult:
     report: dict
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _row_features(row: dict, where: str, meta: dict) -> tuple[list[float] | None, list[int] | None]:
-    features = row.get("features")
-    if not isinstance(features, dict):
-        raise CtxdraftError(f"{where}: no 'features' object; the line is not a complete traffic row")
+    hidden, tokens = row_features(row, where)
+    features = row["features"]
     if meta["feature_kind"] == "tokens":
-        tokens = features.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+        if tokens is None:
             raise CtxdraftError(f"{where}: features.tokens must be the prompt's token ids (this bundle routes on tokens)")
         return None, tokens
-    hidden = features.get("hidden")
-    if not isinstance(hidden, list) or len(hidden) != meta["feature_dim"] or not all(_finite(v) for v in hidden):
+    if hidden is None or len(hidden) != meta["feature_dim"]:
         got = len(hidden) if isinstance(hidden, list) else hidden
         raise CtxdraftError(f"{where}: features.hidden must be {meta['feature_dim']} finite numbers (got {got!r}); "
                             "the row was logged by a bundle with other features")
@@ -122,7 +114,7 @@ def feedback_from_traffic(traffic, bundle, profile, arm_names: list[str], bundle
         arm, p = row.get("arm"), row.get("propensity")
         if arm not in arm_names:
             raise CtxdraftError(f"{where}: arm {arm!r} is not in this bundle's pool {arm_names}")
-        if not _finite(p) or not 0 < p <= 1:
+        if not finite_number(p) or not 0 < p <= 1:
             raise CtxdraftError(f"{where}: propensity {p!r} must be in (0, 1]; a row whose arm had no chance of being "
                                 "chosen cannot be reweighted (the log is damaged or was written by another program)")
         m = row.get("measurement")
