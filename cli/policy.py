@@ -9,7 +9,7 @@ from ctxdraft.selfdraft.base.fileio import display_path
 from ctxdraft.selfdraft.commands.collect import CollectConfig, collect
 from ctxdraft.selfdraft.commands.train_policy import export_bundle_policy, train_policy
 from ctxdraft.selfdraft.learning.policy import PolicyConfig
-from ctxdraft.selfdraft.learning.policy_report import report_markdown
+from ctxdraft.selfdraft.learning.policy_report import training_report
 from ctxdraft.selfdraft.serving.bundle import load_bundle
 
 from .common import dtype_option, echo_json, progress_bar, ranks, with_options
@@ -98,7 +98,7 @@ def collect_cmd(bundle_dir, data_path, out_path, max_new_tokens, draft_len, wall
 
 def _print_report(report: dict) -> None:
 
-    click.echo(report_markdown(report), nl=False)
+    click.echo(training_report(report).to_markdown(), nl=False)
     onnx = report.get("onnx", {})
     if "max_abs_diff" in onnx:
         click.echo(f"- policy.onnx ({onnx['provider']}): max |onnxruntime - torch| = {onnx['max_abs_diff']:.2e}, "

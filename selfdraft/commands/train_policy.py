@@ -22,7 +22,7 @@ from ..base.fileio import display_path, read_jsonl, write_json_atomic, write_tex
 from ..base.layout import POLICY_FILE, POLICY_REPORT, POLICY_WEIGHTS_FILE, REWARDS_FILE, TRAJECTORIES_FILE
 from ..drafting.pool import pool_key, with_draft_len
 from ..learning.policy import PolicyConfig
-from ..learning.policy_report import report_markdown
+from ..learning.policy_report import training_report
 from ..learning.policy_train import load_bundle_policy, onnx_check, save_policy, train_policies
 from ..learning.rewards import rewards_from_rows, write_trajectories
 from ..runtime.distributed import Group
@@ -98,7 +98,7 @@ def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig |
     report["trajectories"] = num_trajectories  # rows calibrate can retrain from (0: rows without trajectories)
     report["onnx"] = onnx_check(bundle, policy, data, result.eval_idx)
     write_json_atomic(bundle.path / POLICY_REPORT, report)
-    write_text_atomic((bundle.path / POLICY_REPORT).with_suffix(".md"), report_markdown(report))
+    write_text_atomic((bundle.path / POLICY_REPORT).with_suffix(".md"), training_report(report).to_markdown())
     return report
 
 

@@ -23,6 +23,7 @@ from ..base import checks
 from ..base.errors import CtxdraftError
 from ..base.fileio import display_path, write_json_atomic, write_text_atomic
 from ..base.layout import BUNDLE_FILE, EXITS_FILE, POLICY_FILE, POLICY_WEIGHTS_FILE, TRAJECTORIES_FILE
+from ..base.report import Report, Table
 from ..drafting.pool import cost_key, pool_key
 from ..learning.costs import reward
 from ..learning.offpolicy import TIE, Feedback, learn_from_feedback
@@ -261,7 +262,7 @@ def _write_bundle(bundle, final: Path, info: dict, policy, meta: dict, arm_names
         info["features"] = save_policy(bundle, policy, meta.get("layer"), arm_names, stage / POLICY_FILE, stage / weights)
         info["policy"] = POLICY_FILE
         write_json_atomic(stage / UPDATE_REPORT, report)
-        write_text_atomic((stage / UPDATE_REPORT).with_suffix(".md"), report_markdown(report))
+        write_text_atomic((stage / UPDATE_REPORT).with_suffix(".md"), update_report(report).to_markdown())
         write_json_atomic(stage / BUNDLE_FILE, info)
         if calibration is not None:
             _store_calibration(bundle, bundle_hash(SimpleNamespace(path=stage)), calibration, profile, stage, weights, report)
@@ -292,8 +293,8 @@ def _store_calibration(bundle, new_hash: str, calibration, profile, stage: Path,
                        "rows": report["offline_rows"], "estimate": report["estimate"]}})
 
 
-def report_markdown(report: dict) -> str:
-    """update-policy's report as Markdown: the off-policy estimates and what was learned from."""
+def update_report(report: dict) -> Report:
+    """update-policy's report: the off-policy estimates and what was learned from."""
     e = report["estimate"]
 
     def cell(est: dict) -> str:
@@ -302,20 +303,12 @@ def report_markdown(report: dict) -> str:
         return f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}]"
 
     decision = "replaced" + (" (forced)" if report["forced"] else "") if report["replaced"] else "kept the policy in use"
-    lines = [
-        "## update-policy",
-        "",
+    return Report("update-policy", [
         f"{report['logged_requests']} logged requests ({report['explored']} explored) from "
         f"{len(report['logs'])} log(s), {len(report['skipped_lines'])} unreadable line(s) skipped; "
         f"{report['offline_rows']} offline rows; rewards under the {report['profile']} cost profile.",
-        "",
-        "| policy | off-policy value (mean speed-up, 95% CI) |",
-        "| --- | --- |",
-        f"| in use | {cell(e['old'])} |",
-        f"| updated ({report['folds']}-fold cross-fitted) | {cell(e['new'])} |",
-        f"| gain | {cell(e['gain'])} |",
-        "",
+        Table(["policy", "off-policy value (mean speed-up, 95% CI)"],
+              [["in use", cell(e["old"])], [f"updated ({report['folds']}-fold cross-fitted)", cell(e["new"])],
+               ["gain", cell(e["gain"])]]),
         f"Decision: {decision}.",
-        "",
-    ]
-    return "\n".join(lines)
+    ])
