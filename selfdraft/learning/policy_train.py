@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from ctxdraft.export.onnx_export import export_policy
 from ctxdraft.export.router import OnnxRouter
 
 from ..base.data import stratified_split
 from ..base.errors import CtxdraftError
-from ..base.fileio import atomic_path, display_path
+from ..base.fileio import display_path
 from ..base.layout import POLICY_FILE, POLICY_WEIGHTS_FILE
 from ..base.versions import versions
+from ..runtime.checkpoint import load_container, save_container
 from .policy import (
     HiddenPolicy,
     PolicyConfig,
@@ -71,9 +71,8 @@ def save_policy(bundle, policy: torch.nn.Module, layer: int | None, arm_names: l
     spec = feature_spec(policy, layer)
     export_policy(policy, onnx_path, [bundle.arm_spec(name) for name in arm_names], spec, _target_identity(bundle),
                   versions().get("ctxdraft") or "0+unknown")
-    with atomic_path(weights_path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in policy.state_dict().items()}, str(tmp),
-                  metadata={"format": "ctxdraft-policy"})
+    save_container(weights_path, {k: v.detach().contiguous() for k, v in policy.state_dict().items()},
+                   file_format="ctxdraft-policy")
     return spec
 
 
@@ -88,9 +87,10 @@ def load_bundle_policy(bundle) -> torch.nn.Module:
     config = PolicyConfig.from_dict(meta["config"])
     num_arms = len(meta["arms"])
     policy = HiddenPolicy(meta["feature_dim"], num_arms, config) if meta["feature_kind"] == "hidden" else TokenPolicy(num_arms, config)
+    tensors, _ = load_container(path, "policy weights", "run `ctxdraft train-policy` again")
     try:
-        policy.load_state_dict(load_file(str(path)))
-    except (RuntimeError, OSError) as e:
+        policy.load_state_dict(tensors)
+    except RuntimeError as e:
         raise CtxdraftError(f"{display_path(path)} does not fit the policy described in bundle.json "
                             f"({str(e).splitlines()[0]}); run `ctxdraft train-policy` again") from None
     return policy.eval()
