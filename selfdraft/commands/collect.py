@@ -4,7 +4,7 @@ Per prompt the target's greedy continuation is decoded once (for real, with a lo
 checked against its simulation), then ONE teacher pass gives every arm's exact trajectory
 (``trajectories.py``), and the cost model (``costs.py``) turns each into a reward: the modelled speed-up over
 plain decoding on this machine. Rows keep the trajectories (hardware-independent) next to the rewards
-(hardware-dependent), so ``rewards.recompute`` can redo the rewards for another machine's profile without
+(hardware-dependent), so ``rewards.recompute_rewards`` can redo the rewards for another machine's profile without
 running the target again. Rows are appended and flushed as they are done; ``resume`` continues a file.
 """
 from __future__ import annotations
