@@ -5,7 +5,7 @@ import click
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.base.fileio import display_path
-from ctxdraft.selfdraft.commands.update_policy import UpdateConfig, report_markdown, update_policy_at
+from ctxdraft.selfdraft.commands.update_policy import UpdateConfig, update_policy_at, update_report
 
 from .common import dtype_option, echo_json, progress_bar
 
@@ -46,7 +46,7 @@ def update_policy_cmd(bundle_dir, more_logs, logs, out_dir, force, folds, seed, 
     if as_json:
         echo_json({"replaced": result.replaced, "bundle": display_path(result.path), "report": result.report})
     else:
-        click.echo(report_markdown(result.report), nl=False)
+        click.echo(update_report(result.report).to_markdown(), nl=False)
         if result.replaced:
             click.echo(f"Wrote {display_path(result.path)}; `ctxdraft generate --bundle {display_path(result.path)} ...` "
                        "routes with the updated policy.")

@@ -1,4 +1,5 @@
-"""Training checkpoints: a resumed run continues bit for bit; a damaged or foreign file is one CtxdraftError."""
+"""runtime/checkpoint.py: the one safetensors + JSON container, and training checkpoints written in it (a resumed
+run continues bit for bit; a damaged or foreign file is one CtxdraftError)."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,13 @@ import torch
 from safetensors.torch import save_file
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
-from ctxdraft.selfdraft.runtime.checkpoint import load_training_state, save_training_state
+from ctxdraft.selfdraft.runtime import checkpoint
+from ctxdraft.selfdraft.runtime.checkpoint import (
+    load_container,
+    load_training_state,
+    save_container,
+    save_training_state,
+)
 
 
 def fresh(dim: int = 6, with_scheduler: bool = True):
@@ -79,7 +86,8 @@ def test_a_bad_file_is_one_clear_error(tmp_path, spoil):
     path = tmp_path / "state.safetensors"
     save_training_state(path, *state, meta={"step": 2})
     spoil(path)
-    with pytest.raises(CtxdraftError, match="state.safetensors is damaged or from other settings.*without --resume"):
+    # damaged, unreadable or missing: the message names the file and says how to start over
+    with pytest.raises(CtxdraftError, match=r"(state\.safetensors is damaged|not found: .*state\.safetensors).*without --resume"):
         load_training_state(path, *fresh())
 
 
@@ -90,3 +98,47 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     save_training_state(path, *state, meta={})
     with pytest.raises(CtxdraftError, match="damaged or from other settings"):
         load_training_state(path, *fresh(dim=7))  # the module's shapes differ
+
+
+def test_container_round_trip_with_prefix_and_header(tmp_path):
+    path = tmp_path / "c.safetensors"
+    tensors = {"a.w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.ids": torch.tensor([3, 1]),
+               "b.w": torch.ones(2, dtype=torch.bfloat16)}
+    save_container(path, tensors, {"step": 3, "losses": [0.5]}, file_format="test")
+    got, header = load_container(path, "test file", "remake it")
+    assert header == {"step": 3, "losses": [0.5]}
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], v) and got[k].dtype == v.dtype
+                                                  for k, v in tensors.items())
+    only_a, _ = load_container(path, "test file", "remake it", prefix="a.")
+    assert set(only_a) == {"w", "ids"}  # the prefix is taken off
+    save_container(path, {"x": torch.zeros(1)})
+    assert load_container(path, "test file", "remake it")[1] is None  # no header written, none read
+
+
+@pytest.mark.parametrize("content", [b"", b"\x07" * 40, b"\xff" * 8 + b"{not json"])
+def test_a_damaged_container_is_one_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CtxdraftError, match=r"work file .*damaged\.safetensors is damaged .*; remake it"):
+        load_container(path, "work file", "remake it")
+    with pytest.raises(CtxdraftError, match=r"work file not found: .*missing\.safetensors; remake it"):
+        load_container(tmp_path / "missing.safetensors", "work file", "remake it")
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    path = tmp_path / "c.safetensors"
+    save_container(path, {"x": torch.ones(3)}, {"v": 1})
+    before = path.read_bytes()
+
+    def torn_write(tensors, filename, metadata=None):  # a write that dies half-way (disk full, killed)
+        with open(filename, "wb") as f:
+            f.write(before[: len(before) // 2])
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", torn_write)
+    with pytest.raises(OSError):
+        save_container(path, {"x": torch.zeros(3)}, {"v": 2})
+    assert path.read_bytes() == before  # the previous file, whole
+    with pytest.raises(OSError):
+        save_container(tmp_path / "new.safetensors", {"x": torch.zeros(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]  # no partial or temporary file left

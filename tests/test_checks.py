@@ -97,3 +97,8 @@ def test_integer_and_number_bounds():
     assert checks.number("x", 2, minimum=2) == 2.0
     with pytest.raises(CtxdraftError, match="x must be > 2"):
         checks.number("x", 2, above=2)
+    with pytest.raises(CtxdraftError, match="x must be < 1"):
+        checks.number("x", 1, below=1)
+    assert checks.choice("c", "a", ("a", "b")) == "a"
+    with pytest.raises(CtxdraftError, match="c must be one of 'a', 'b', got 'z'"):
+        checks.choice("c", "z", ("a", "b"))

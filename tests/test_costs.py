@@ -13,7 +13,7 @@ from ctxdraft.selfdraft.commands.add_exits import add_exits
 from ctxdraft.selfdraft.commands.collect import CollectConfig, collect
 from ctxdraft.selfdraft.drafting.drafts import LookupDraft, LookupSettings, NoneDraft
 from ctxdraft.selfdraft.drafting.pool import build_drafts
-from ctxdraft.selfdraft.learning.costs import CostProfile, max_positions, measure_profile
+from ctxdraft.selfdraft.learning.costs import CostProfile, max_positions, measure_profile, plain_steps, reward
 from ctxdraft.selfdraft.learning.exit_train import ExitTrainConfig
 from ctxdraft.selfdraft.learning.trajectories import Step, Trajectory
 from ctxdraft.selfdraft.runtime.layers import LayerStack
@@ -29,6 +29,14 @@ PROFILE = CostProfile(
 )
 
 
+def test_plain_steps_rule():
+    """Plain decoding of n tokens: the prefill gives the first, so n - 1 steps, plus one for an EOS before the limit."""
+    assert plain_steps(5, 10, ended_early=False) == 4
+    assert plain_steps(5, 10, ended_early=True) == 5
+    assert plain_steps(10, 10, ended_early=True) == 9  # the limit, not an EOS, ended it
+    assert plain_steps(0, 10, ended_early=False) == 0
+
+
 def test_formula():
     traj = Trajectory([Step(3, 3, 2), Step(1, 0, 0)], new_tokens=5)
     assert PROFILE.seconds(traj, "m") == pytest.approx(3 * 0.1 + 2.0 + 0.1 + 1.0)
@@ -37,6 +45,7 @@ def test_formula():
     plain = Trajectory([Step(0, 0, 0)] * 4, new_tokens=5)
     assert PROFILE.plain_seconds(plain) == 4.0
     assert PROFILE.speedup(traj, plain, "e") == pytest.approx(4.0 / 2.8)
+    assert reward(PROFILE, "e", traj, 4) == pytest.approx(4.0 / 2.8)  # the one reward: a step count, not a trajectory
     with pytest.raises(CtxdraftError, match="no timing for verifying 5"):
         PROFILE.seconds(Trajectory([Step(5, 5, 0)], 6), "m")
     with pytest.raises(CtxdraftError, match="no timings for draft 'x'"):

@@ -5,7 +5,13 @@ import pytest
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.drafting.draft import PredictionTeacherForced, draft_loop
-from ctxdraft.selfdraft.drafting.drafts import LookupDraft, LookupSettings, LookupTeacherForced, NgramIndex
+from ctxdraft.selfdraft.drafting.drafts import (
+    LookupDraft,
+    LookupSettings,
+    LookupTeacherForced,
+    ModelDraftSettings,
+    NgramIndex,
+)
 
 
 def scripted(tokens, confidences):
@@ -85,3 +91,15 @@ def test_lookup_teacher_forced_proposes_what_the_real_draft_proposes():
 def test_bad_lookup_settings_are_refused(settings):
     with pytest.raises(CtxdraftError, match="lookup"):
         LookupSettings(**settings)
+
+
+@pytest.mark.parametrize("draft_len, message", [(True, "must be an integer, got True"), (-1, "must be >= 1"),
+                                                (2.0, "must be an integer")])
+def test_draft_lengths_refuse_bools_negatives_and_floats(draft_len, message):
+    """``True == 1`` in Python: a bool slipped through the old isinstance(int) check as a draft length of 1."""
+    with pytest.raises(CtxdraftError, match=f"lookup draft_len {message}"):
+        LookupSettings(draft_len=draft_len)
+    with pytest.raises(CtxdraftError, match=f"model draft_len {message}"):
+        ModelDraftSettings(draft_len=draft_len)
+    with pytest.raises(CtxdraftError, match="lookup ngram_sizes .*must be an integer, got True"):
+        LookupSettings(ngram_sizes=[True])

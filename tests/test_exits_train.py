@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.drafting.exit_head import ExitHead
 from ctxdraft.selfdraft.learning.exit_train import ExitTrainConfig, agreement, distill_loss, train_head
 from ctxdraft.selfdraft.learning.head_data import build_examples
@@ -88,3 +89,20 @@ def test_agreement_counts_matches_with_the_target(examples):
     exs_top = build_examples(target, [ex.row for ex in exs], [target.num_layers - 1], max_prompt_tokens=64,
                              new_tokens=8, topk=8, extend=2)
     assert agreement(perfect, exs_top)["agreement"] == 1.0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", True, "--steps must be an integer, got True"),
+    ("steps", -1, "--steps must be >= 0"),
+    ("eval_frac", float("nan"), "--eval-frac must be a finite number"),
+    ("draft_lens", [2, True], "--draft-lens .* must be an integer, got True"),
+    ("thresholds", [0.5, float("nan")], "--thresholds .* must be a finite number"),
+    ("layers", [True], "--layers must be an integer"),
+    ("ttt_steps", 0, "--ttt-steps must be >= 1"),  # a feature head's setting
+    ("decay", float("nan"), "decay must be a finite number"),
+])
+def test_exit_train_config_refuses(field, value, message):
+    config = ExitTrainConfig(layers=[1, 2], head="feature" if field in ("ttt_steps", "decay") else "linear")
+    setattr(config, field, value)
+    with pytest.raises(CtxdraftError, match=message):
+        config.validate(num_layers=4, vocab_size=100)

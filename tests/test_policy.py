@@ -1,4 +1,6 @@
 """The routing policy's networks and training on toy contextual bandits whose best arm depends on the context."""
+import dataclasses
+
 import pytest
 import torch
 from toy_rewards import BEST_ARM, toy_rows
@@ -101,3 +103,27 @@ def test_missing_feature_kind_is_a_clear_error():
     data = rewards_from_rows(rows)
     with pytest.raises(CtxdraftError, match="no features.tokens"):
         train_reinforce(data, [0, 1, 2, 3], PolicyConfig(feature_kind="tokens", epochs=1))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("epochs", True, "epochs .* must be an integer"),  # a bool is not a count
+    ("epochs", 0, "epochs .* must be >= 1"),
+    ("lr", float("nan"), "lr must be a finite number"),
+    ("dropout", -0.1, "dropout must be >= 0"),
+    ("hidden_sizes", (64, -1), "hidden_sizes .* must be >= 1"),
+    ("baseline", "mean", "baseline must be one of"),
+    ("feature_kind", "pixels", "feature_kind must be one of"),
+])
+def test_policy_config_validate_refuses(field, value, match):
+    with pytest.raises(CtxdraftError, match=match):
+        PolicyConfig(**{field: value}).validate()
+
+
+def test_policy_config_from_dict():
+    stored = {**dataclasses.asdict(PolicyConfig(hidden_sizes=(32, 16))), "hidden_sizes": [32, 16]}  # as bundle.json
+    config = PolicyConfig.from_dict(stored, epochs=7, seed=None)
+    assert config == PolicyConfig(hidden_sizes=(32, 16), epochs=7)  # a list becomes a tuple; None keeps the seed
+    with pytest.raises(CtxdraftError, match="unknown fields \\['depth'\\]"):
+        PolicyConfig.from_dict({"depth": 3})
+    with pytest.raises(CtxdraftError, match="epochs"):
+        PolicyConfig.from_dict({"epochs": -1})

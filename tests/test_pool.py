@@ -81,3 +81,8 @@ def test_pool_key_and_draft_length_override():
 def test_bad_arm_settings(make, message):
     with pytest.raises(CtxdraftError, match=message):
         make()
+
+
+def test_model_arm_refuses_a_bool_draft_len():
+    with pytest.raises(CtxdraftError, match="model draft_len must be an integer, got True"):
+        model_arm("some/model", draft_len=True)

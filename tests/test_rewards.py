@@ -4,7 +4,7 @@ import torch
 from toy_rewards import ARMS, toy_rows, write_rows
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
-from ctxdraft.selfdraft.learning.rewards import load_rewards
+from ctxdraft.selfdraft.learning.rewards import load_rewards, row_features
 
 
 def test_load_rewards_round_trip(tmp_path):
@@ -54,3 +54,15 @@ def test_load_rewards_file_errors(tmp_path):
     path.write_text('{"id": 1}\n{not json\n')
     with pytest.raises(CtxdraftError, match="line 2"):
         load_rewards(path)
+
+
+@pytest.mark.parametrize("features, message", [
+    (None, "needs a 'features' object"),
+    ({"hidden": [1.0, float("nan")]}, "features.hidden must be a non-empty list of finite numbers"),
+    ({"hidden": [1.0, True]}, "features.hidden must be"),  # a bool is not a feature value
+    ({"tokens": [3, True]}, "features.tokens must be a list of non-negative integer token ids"),
+])
+def test_row_features_is_the_one_feature_check(features, message):
+    with pytest.raises(CtxdraftError, match=f"row 7: {message}"):
+        row_features({"features": features}, "row 7")
+    assert row_features({"features": {"hidden": [0.5], "tokens": [1, 2]}}, "row 7") == ([0.5], [1, 2])

@@ -18,10 +18,11 @@ from ctxdraft.selfdraft.drafting.draft import TeacherForced
 from ctxdraft.selfdraft.drafting.drafts import LookupDraft, ModelDraft, ModelDraftSettings, NoneDraft
 from ctxdraft.selfdraft.drafting.exit_draft import ExitDraft, ExitSettings
 from ctxdraft.selfdraft.drafting.exit_head import ExitHead
+from ctxdraft.selfdraft.learning.costs import plain_steps
 from ctxdraft.selfdraft.learning.offpolicy import choose_arm
 from ctxdraft.selfdraft.learning.trajectories import replay, teacher_pass
 from ctxdraft.selfdraft.runtime.layers import LayerStack
-from ctxdraft.selfdraft.serving.traffic import TRAFFIC_FORMAT, StepRecorder, append_line, plain_steps, read_traffic
+from ctxdraft.selfdraft.serving.traffic import TRAFFIC_FORMAT, StepRecorder, append_line, read_traffic
 
 ARMS = ["none", "lookup", "exit@2"]
 

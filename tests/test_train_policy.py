@@ -4,7 +4,7 @@ import json
 from toy_rewards import ARMS, DOMAINS, toy_rows
 
 from ctxdraft.selfdraft.learning.policy import PolicyConfig
-from ctxdraft.selfdraft.learning.policy_report import report_markdown
+from ctxdraft.selfdraft.learning.policy_report import training_report
 from ctxdraft.selfdraft.learning.policy_train import train_policies
 from ctxdraft.selfdraft.learning.rewards import rewards_from_rows
 
@@ -17,7 +17,7 @@ def test_train_policies_report_and_markdown():
     assert set(report["policies"]) == {"reinforce", "supervised"}
     assert report["num_eval"] == len(result.eval_idx) and report["num_train"] == len(result.train_idx)
     assert not set(result.train_idx) & set(result.eval_idx)
-    table = report_markdown(report)
+    table = training_report(report).to_markdown()
     for name in ["policy (reinforce)", "policy (supervised)", "oracle (per prompt)", *ARMS, *DOMAINS, "overall"]:
         assert name in table
     assert len([line for line in table.splitlines() if line.startswith("|")]) == 2 + 1 + 2 + len(ARMS) + 1

@@ -24,9 +24,9 @@ def integer(name: str, value, minimum: int | None = None, maximum: int | None = 
 
 
 def number(name: str, value, minimum: float | None = None, maximum: float | None = None,
-           above: float | None = None) -> float:
+           above: float | None = None, below: float | None = None) -> float:
     """``value`` as a finite float (ints accepted; nan, inf, bools and strings refused), >= minimum (or > above)
-    and <= maximum."""
+    and <= maximum (or < below)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CtxdraftError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     value = float(value)
@@ -38,6 +38,8 @@ def number(name: str, value, minimum: float | None = None, maximum: float | None
         raise CtxdraftError(f"{name} must be > {above}, got {value}")
     if maximum is not None and value > maximum:
         raise CtxdraftError(f"{name} must be <= {maximum}, got {value}")
+    if below is not None and value >= below:
+        raise CtxdraftError(f"{name} must be < {below}, got {value}")
     return value
 
 
@@ -78,4 +80,11 @@ def text(name: str, value) -> str:
 def flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise CtxdraftError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def choice(name: str, value, options) -> str:
+    """One of ``options`` (strings)."""
+    if not isinstance(value, str) or value not in options:
+        raise CtxdraftError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
     return value

@@ -4,7 +4,7 @@ Per prompt the target's greedy continuation is decoded once (for real, with a lo
 checked against its simulation), then ONE teacher pass gives every arm's exact trajectory
 (``trajectories.py``), and the cost model (``costs.py``) turns each into a reward: the modelled speed-up over
 plain decoding on this machine. Rows keep the trajectories (hardware-independent) next to the rewards
-(hardware-dependent), so ``rewards.recompute`` can redo the rewards for another machine's profile without
+(hardware-dependent), so ``rewards.recompute_rewards`` can redo the rewards for another machine's profile without
 running the target again. Rows are appended and flushed as they are done; ``resume`` continues a file.
 """
 from __future__ import annotations
@@ -23,13 +23,22 @@ from ..base.errors import CtxdraftError
 from ..base.features import default_feature_layer, hidden_features, hidden_spec
 from ..base.fileio import atomic_path, display_path, write_json_atomic
 from ..base.layout import COLLECT_REPORT
-from ..drafting.draft import Draft, TeacherForced
+from ..drafting.draft import Draft
 from ..drafting.pool import build_drafts, pool_key, with_draft_len
-from ..learning.costs import CostProfile, context_ids, max_positions, measure_profile
+from ..learning.costs import (
+    CostProfile,
+    context_ids,
+    max_positions,
+    measure_profile,
+    plain_steps,
+    plain_trajectory,
+    reward,
+)
 from ..learning.rewards import summarize
-from ..learning.trajectories import Trajectory, greedy_continuation, replay, teacher_pass, trajectories
+from ..learning.trajectories import Trajectory, greedy_continuation, teacher_pass, trajectories
 from ..runtime.distributed import Group
 from ..serving.bundle import load_bundle
+from ..serving.profiles import profile_for
 from .wallclock import wallclock_check
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -63,10 +72,10 @@ def _prompt_sha(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()[:12]
 
 
-def arm_record(traj: Trajectory, profile: CostProfile, cost_key: str, plain: Trajectory) -> dict:
+def arm_record(traj: Trajectory, profile: CostProfile, cost_key: str, num_plain_steps: int) -> dict:
     seconds = profile.seconds(traj, cost_key)
     return {
-        "speedup": _round(profile.speedup(traj, plain, cost_key)),
+        "speedup": _round(reward(profile, cost_key, traj, num_plain_steps)),
         "target_forwards": traj.target_forwards,
         "drafted_tokens": traj.drafted_tokens,
         "accepted_tokens": traj.accepted_tokens,
@@ -89,7 +98,7 @@ def collect_prompt(bundle, drafts: dict[str, Draft], prompt_ids: list[int], prof
     tp = teacher_pass(stack, prompt_ids, run.new_ids, target.eos_ids, ended_on_eos=run.ended_on_eos, layers=layers,
                       extend=max_positions(drafts))
     trajs = trajectories(drafts, tp, config.max_new_tokens, target.eos_ids, target.vocab_size)
-    plain = replay(TeacherForced(), tp.token_ids, len(prompt_ids), config.max_new_tokens, target.eos_ids)
+    num_plain_steps = plain_steps(len(run.new_ids), config.max_new_tokens, run.ended_on_eos)
     checked = None
     if check_arm is not None:
         t, s = trajs[check_arm], run.stats
@@ -101,8 +110,9 @@ def collect_prompt(bundle, drafts: dict[str, Draft], prompt_ids: list[int], prof
         "stop": "eos" if run.ended_on_eos else "length",
         "features": {"hidden": [_round(x) for x in hidden.tolist()] if hidden is not None else None,
                      "hidden_layer": feature_layer, "tokens": list(prompt_ids)},
-        "arms": {name: arm_record(t, profile, drafts[name].cost_key, plain) for name, t in trajs.items()},
-        "plain_steps": len(plain.steps), "plain_s": _round(profile.plain_seconds(plain)),
+        "arms": {name: arm_record(t, profile, drafts[name].cost_key, num_plain_steps) for name, t in trajs.items()},
+        "plain_steps": num_plain_steps,
+        "plain_s": _round(profile.plain_seconds(plain_trajectory(num_plain_steps, len(run.new_ids)))),
         "generate_s": round(generate_s, 4), "simulate_s": round(time.perf_counter() - t0 - generate_s, 4),
         "checked": checked,
     }
@@ -113,7 +123,7 @@ def bundle_profile(bundle, drafts: dict[str, Draft], token_lists: list[list[int]
     """The bundle's stored cost profile when it has every timing ``drafts`` need, else a fresh measurement
     (stored in bundle.json). Returns the profile and whether it was measured now."""
     target = bundle.target
-    profile = CostProfile.from_dict(bundle.info.get("cost_profile"))
+    profile, _ = profile_for(bundle, calibration="ignore")
     if profile is not None and not reprofile and profile.fits(drafts, target.content_hash):
         return profile, False
     context = context_ids(token_lists, max_new_tokens, target.max_context, max_positions(drafts))

@@ -6,7 +6,7 @@ with newlines and no trailing newline; printing it is the caller's job.
 from __future__ import annotations
 
 from ..base.fileio import display_path
-from ..learning.policy_report import report_markdown
+from ..learning.policy_report import training_report
 
 
 def add_exits_text(report: dict, out_dir) -> str:
@@ -71,7 +71,7 @@ def collect_text(summary: dict) -> str:
 
 def policy_report_text(report: dict) -> str:
     """``train_policy``'s report: the held-out table (Markdown) and the ONNX check."""
-    text = report_markdown(report).removesuffix("\n")
+    text = training_report(report).to_markdown().removesuffix("\n")
     onnx = report.get("onnx", {})
     if "max_abs_diff" in onnx:
         text += (f"\n- policy.onnx ({onnx['provider']}): max |onnxruntime - torch| = {onnx['max_abs_diff']:.2e}, "

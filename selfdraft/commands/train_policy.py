@@ -19,13 +19,14 @@ from typing import Callable
 
 from ctxdraft.export.onnx_export import read_metadata
 
+from ..base import checks
 from ..base.data import read_prompts
 from ..base.errors import CtxdraftError
 from ..base.fileio import display_path, read_jsonl, write_json_atomic, write_text_atomic
 from ..base.layout import POLICY_FILE, POLICY_REPORT, POLICY_WEIGHTS_FILE, REWARDS_FILE, TRAJECTORIES_FILE
 from ..drafting.pool import pool_key, with_draft_len
 from ..learning.policy import PolicyConfig
-from ..learning.policy_report import report_markdown
+from ..learning.policy_report import training_report
 from ..learning.policy_train import load_bundle_policy, save_checked_policy, save_policy, train_policies
 from ..learning.rewards import rewards_from_rows, write_trajectories
 from ..runtime.distributed import Group
@@ -104,7 +105,7 @@ def train_bundle_policy(bundle, rewards_path: str | Path, config: PolicyConfig |
     report["trajectories"] = num_trajectories  # rows calibrate can retrain from (0: rows without trajectories)
     report["onnx"] = saved.onnx
     write_json_atomic(bundle.path / POLICY_REPORT, report)
-    write_text_atomic((bundle.path / POLICY_REPORT).with_suffix(".md"), report_markdown(report))
+    write_text_atomic((bundle.path / POLICY_REPORT).with_suffix(".md"), training_report(report).to_markdown())
     return report
 
 
@@ -125,11 +126,8 @@ def train_policy(bundle, *, rewards: str | Path | None = None, data: str | Path 
     group = group or Group.single()
     if (rewards is None) == (data is None):
         raise CtxdraftError("give either --rewards FILE (from `ctxdraft collect`) or --data FILE (collects first)")
-    if not 0 < eval_frac < 1:
-        raise CtxdraftError(f"--eval-frac must be between 0 and 1, got {eval_frac}")
-    config = config or PolicyConfig()
-    if config.epochs < 1:
-        raise CtxdraftError(f"--epochs must be >= 1, got {config.epochs}")
+    checks.number("eval_frac (--eval-frac)", eval_frac, above=0.0, below=1.0)
+    config = (config or PolicyConfig()).validate()
     if bundle.path is None:
         raise CtxdraftError("train-policy needs a bundle directory to write policy.onnx into")
     ids = None

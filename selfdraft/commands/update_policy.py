@@ -9,7 +9,6 @@ policy as this machine's calibration of the new bundle (the policy was trained f
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import shutil
 import time
@@ -24,17 +23,19 @@ from ..base import checks
 from ..base.errors import CtxdraftError
 from ..base.fileio import display_path, write_json_atomic, write_text_atomic
 from ..base.layout import BUNDLE_FILE, EXITS_FILE, POLICY_FILE, POLICY_WEIGHTS_FILE, TRAJECTORIES_FILE
+from ..base.report import Report, Table
 from ..drafting.pool import cost_key, pool_key
-from ..learning.costs import CostProfile
+from ..learning.costs import reward
 from ..learning.offpolicy import TIE, Feedback, learn_from_feedback
 from ..learning.policy import PolicyConfig
-from ..learning.rewards import read_trajectories, recompute_rewards, rewards_from_rows
+from ..learning.rewards import finite_number, read_trajectories, recompute_rewards, rewards_from_rows, row_features
 from ..learning.trajectories import Trajectory
 from ..runtime.cache import item_lock, staged
 from ..serving.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from ..serving.bundle_info import bundle_hash
 from ..serving.calibration import CALIBRATION_FILE, CALIBRATION_VERSION, calibrations_dir
-from ..serving.traffic import modelled_reward, read_traffic
+from ..serving.profiles import profile_for
+from ..serving.traffic import read_traffic
 from .train_policy import save_policy
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -75,21 +76,14 @@ class UpdateResult:
     report: dict
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _row_features(row: dict, where: str, meta: dict) -> tuple[list[float] | None, list[int] | None]:
-    features = row.get("features")
-    if not isinstance(features, dict):
-        raise CtxdraftError(f"{where}: no 'features' object; the line is not a complete traffic row")
+    hidden, tokens = row_features(row, where)
+    features = row["features"]
     if meta["feature_kind"] == "tokens":
-        tokens = features.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+        if tokens is None:
             raise CtxdraftError(f"{where}: features.tokens must be the prompt's token ids (this bundle routes on tokens)")
         return None, tokens
-    hidden = features.get("hidden")
-    if not isinstance(hidden, list) or len(hidden) != meta["feature_dim"] or not all(_finite(v) for v in hidden):
+    if hidden is None or len(hidden) != meta["feature_dim"]:
         got = len(hidden) if isinstance(hidden, list) else hidden
         raise CtxdraftError(f"{where}: features.hidden must be {meta['feature_dim']} finite numbers (got {got!r}); "
                             "the row was logged by a bundle with other features")
@@ -121,7 +115,7 @@ def feedback_from_traffic(traffic, bundle, profile, arm_names: list[str], bundle
         arm, p = row.get("arm"), row.get("propensity")
         if arm not in arm_names:
             raise CtxdraftError(f"{where}: arm {arm!r} is not in this bundle's pool {arm_names}")
-        if not _finite(p) or not 0 < p <= 1:
+        if not finite_number(p) or not 0 < p <= 1:
             raise CtxdraftError(f"{where}: propensity {p!r} must be in (0, 1]; a row whose arm had no chance of being "
                                 "chosen cannot be reweighted (the log is damaged or was written by another program)")
         m = row.get("measurement")
@@ -135,7 +129,7 @@ def feedback_from_traffic(traffic, bundle, profile, arm_names: list[str], bundle
         row_hidden, row_tokens = _row_features(row, where, meta)
         arms.append(arm_names.index(arm))
         propensity.append(float(p))
-        rewards.append(modelled_reward(profile, keys[arm], traj, m["plain_steps"]))
+        rewards.append(reward(profile, keys[arm], traj, m["plain_steps"]))
         hidden.append(row_hidden)
         tokens.append(row_tokens)
     return Feedback(arm_names, torch.tensor(arms, dtype=torch.long), torch.tensor(propensity, dtype=torch.float64),
@@ -147,14 +141,11 @@ def feedback_from_traffic(traffic, bundle, profile, arm_names: list[str], bundle
 def _profile(bundle):
     """The cost profile rewards are computed with on this machine: the bundle's calibration (made now if routing
     would make it), else the profile in bundle.json."""
-    calibration = bundle.calibration(create=True)
-    if calibration is not None:
-        return calibration.profile, calibration
-    profile = CostProfile.from_dict(bundle.info.get("cost_profile"))
+    profile, calibration = profile_for(bundle, calibration="create")
     if profile is None:
         raise CtxdraftError(f"bundle {display_path(bundle.path)} has no cost profile of this version to compute rewards "
                             "with; calibrate it (`ctxdraft calibrate`) or collect with it once")
-    return profile, None
+    return profile, calibration
 
 
 def _old_choices(bundle, feedback: Feedback, arm_names: list[str]) -> torch.Tensor:
@@ -204,10 +195,7 @@ def update_policy(bundle, logs, out: str | os.PathLike | None = None, force: boo
         raise CtxdraftError(f"the trajectories in {display_path(bundle.path / TRAJECTORIES_FILE)} are for arms "
                             f"{offline.arm_names}, not the bundle's {bundle.arms}; train the policy again")
     feedback = feedback_from_traffic(traffic, bundle, profile, offline.arm_names, hashes)
-    cfg = dict(meta["config"], hidden_sizes=tuple(meta["config"].get("hidden_sizes", ())))
-    if config.epochs is not None:
-        cfg["epochs"] = config.epochs
-    learned = learn_from_feedback(offline, feedback, PolicyConfig(**cfg), _old_choices(bundle, feedback, offline.arm_names),
+    learned = learn_from_feedback(offline, feedback, PolicyConfig.from_dict(meta["config"], epochs=config.epochs), _old_choices(bundle, feedback, offline.arm_names),
                                   config.folds, config.seed, force, progress)
     comparison, model = learned.comparison, learned.model
     report = {
@@ -274,7 +262,7 @@ def _write_bundle(bundle, final: Path, info: dict, policy, meta: dict, arm_names
         info["features"] = save_policy(bundle, policy, meta.get("layer"), arm_names, stage / POLICY_FILE, stage / weights)
         info["policy"] = POLICY_FILE
         write_json_atomic(stage / UPDATE_REPORT, report)
-        write_text_atomic((stage / UPDATE_REPORT).with_suffix(".md"), report_markdown(report))
+        write_text_atomic((stage / UPDATE_REPORT).with_suffix(".md"), update_report(report).to_markdown())
         write_json_atomic(stage / BUNDLE_FILE, info)
         if calibration is not None:
             _store_calibration(bundle, bundle_hash(SimpleNamespace(path=stage)), calibration, profile, stage, weights, report)
@@ -305,8 +293,8 @@ def _store_calibration(bundle, new_hash: str, calibration, profile, stage: Path,
                        "rows": report["offline_rows"], "estimate": report["estimate"]}})
 
 
-def report_markdown(report: dict) -> str:
-    """update-policy's report as Markdown: the off-policy estimates and what was learned from."""
+def update_report(report: dict) -> Report:
+    """update-policy's report: the off-policy estimates and what was learned from."""
     e = report["estimate"]
 
     def cell(est: dict) -> str:
@@ -315,23 +303,15 @@ def report_markdown(report: dict) -> str:
         return f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}]"
 
     decision = "replaced" + (" (forced)" if report["forced"] else "") if report["replaced"] else "kept the policy in use"
-    lines = [
-        "## update-policy",
-        "",
+    return Report("update-policy", [
         f"{report['logged_requests']} logged requests ({report['explored']} explored) from "
         f"{len(report['logs'])} log(s), {len(report['skipped_lines'])} unreadable line(s) skipped; "
         f"{report['offline_rows']} offline rows; rewards under the {report['profile']} cost profile.",
-        "",
-        "| policy | off-policy value (mean speed-up, 95% CI) |",
-        "| --- | --- |",
-        f"| in use | {cell(e['old'])} |",
-        f"| updated ({report['folds']}-fold cross-fitted) | {cell(e['new'])} |",
-        f"| gain | {cell(e['gain'])} |",
-        "",
+        Table(["policy", "off-policy value (mean speed-up, 95% CI)"],
+              [["in use", cell(e["old"])], [f"updated ({report['folds']}-fold cross-fitted)", cell(e["new"])],
+               ["gain", cell(e["gain"])]]),
         f"Decision: {decision}.",
-        "",
-    ]
-    return "\n".join(lines)
+    ])
 
 
 def update_policy_at(bundle_dir: str | os.PathLike, logs, *, out: str | os.PathLike | None = None, force: bool = False,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..base import checks
 from ..base.errors import CtxdraftError
 from ..runtime.layers import LayerStack
 from ..runtime.sampling import probs_from_logits
@@ -35,10 +36,11 @@ class LookupSettings:
     ngram_sizes: list[int] = field(default_factory=lambda: [3, 2, 1])  # tried longest first
 
     def __post_init__(self):
-        if not isinstance(self.draft_len, int) or self.draft_len < 1:
-            raise CtxdraftError(f"lookup draft_len must be an integer >= 1, got {self.draft_len!r}")
-        if not self.ngram_sizes or not all(isinstance(n, int) and n >= 1 for n in self.ngram_sizes):
-            raise CtxdraftError(f"lookup ngram_sizes must be positive integers, got {self.ngram_sizes!r}")
+        checks.integer("lookup draft_len", self.draft_len, minimum=1)
+        if not isinstance(self.ngram_sizes, (list, tuple)) or not self.ngram_sizes:
+            raise CtxdraftError(f"lookup ngram_sizes must be a non-empty list of n-gram sizes, got {self.ngram_sizes!r}")
+        for n in self.ngram_sizes:
+            checks.integer("lookup ngram_sizes (an n-gram size)", n, minimum=1)
         self.ngram_sizes = sorted(set(self.ngram_sizes), reverse=True)
 
 
@@ -109,8 +111,7 @@ class ModelDraftSettings:
     draft_len: int = 4
 
     def __post_init__(self):
-        if not isinstance(self.draft_len, int) or self.draft_len < 1:
-            raise CtxdraftError(f"model draft_len must be an integer >= 1, got {self.draft_len!r}")
+        checks.integer("model draft_len", self.draft_len, minimum=1)
 
 
 class ModelDraft(Draft):

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..base.errors import CtxdraftError
+from ..base import checks
 from ..base.layout import EXITS_FILE
 from ..runtime.layers import LayerStack
 from ..runtime.sampling import probs_from_logits
@@ -23,17 +23,14 @@ class ExitSettings:
     weights: str = EXITS_FILE
 
     def __post_init__(self):
-        if not isinstance(self.exit_layer, int) or isinstance(self.exit_layer, bool) or self.exit_layer < 1:
-            raise CtxdraftError(f"exit_layer must be an integer >= 1, got {self.exit_layer!r}")
+        checks.integer("exit_layer", self.exit_layer, minimum=1)
         check_stop_settings("exit", self.draft_len, self.threshold)
 
 
 def check_stop_settings(kind: str, draft_len, threshold) -> None:
     """A head's draft length (an integer >= 1) and confidence stop (in [0, 1)), for exit and feature arms."""
-    if not isinstance(draft_len, int) or isinstance(draft_len, bool) or draft_len < 1:
-        raise CtxdraftError(f"{kind} draft_len must be an integer >= 1, got {draft_len!r}")
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold < 1:
-        raise CtxdraftError(f"{kind} threshold must be in [0, 1), got {threshold!r}")
+    checks.integer(f"{kind} draft_len", draft_len, minimum=1)
+    checks.number(f"{kind} threshold", threshold, minimum=0.0, below=1.0)
 
 
 def exit_arm(settings: ExitSettings) -> dict:

@@ -7,12 +7,11 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..base.errors import CtxdraftError
-from ..base.fileio import atomic_path, display_path
+from ..base.fileio import display_path
+from ..runtime.checkpoint import load_container, save_container
 from ..runtime.layers import LayerStack
 from ..runtime.sampling import softcap
 
@@ -97,35 +96,47 @@ class ExitHead(nn.Module):
         return local_ids if self.vocab_ids is None else self.vocab_ids[local_ids]
 
 
+HEADS_FORMAT = "ctxdraft-exits"
+REBUILD = "rebuild them with `ctxdraft add-exits`"
+
+
 def _prefix(exit_layer: int) -> str:
     return f"exit{exit_layer}."
 
 
+def save_head(path: Path, prefix: str, head: nn.Module) -> None:
+    """Write (or extend) the self-draft weights file (exit and feature heads share one) atomically; the head under
+    ``prefix`` is replaced. Weights are stored in the head's dtype: a head built for a bfloat16 target is stored in
+    bfloat16 (half the bytes, nothing lost: it drafts in that dtype), and loading casts to whatever dtype the target
+    then runs in. The reduced draft vocabulary is stored as its ids."""
+    tensors = load_container(path, "self-draft weights", REBUILD)[0] if path.is_file() else {}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+    for name, value in head.state_dict().items():
+        tensors[prefix + name] = value.detach().contiguous().clone()
+    if head.vocab_ids is not None:
+        tensors[prefix + "vocab_ids"] = head.vocab_ids.detach().clone()
+    save_container(path, tensors, file_format=HEADS_FORMAT)
+
+
 def save_heads(path: Path, heads: list[ExitHead]) -> None:
     """Write (or extend) the exit weights file atomically; heads at the same layer are replaced."""
-    tensors = load_file(str(path)) if path.is_file() else {}
     for head in heads:
-        prefix = _prefix(head.exit_layer)
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
-        for name, value in head.state_dict().items():
-            tensors[prefix + name] = value.detach().float().contiguous().clone()
-        if head.vocab_ids is not None:
-            tensors[prefix + "vocab_ids"] = head.vocab_ids.detach().clone()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "ctxdraft-exits"})
+        save_head(path, _prefix(head.exit_layer), head)
+
+
+def check_vocab_ids(vocab_ids: torch.Tensor | None, vocab_size: int, path: Path, what: str) -> torch.Tensor | None:
+    """A stored reduced draft vocabulary: a non-empty 1-D list of ids of the target's vocabulary (or None)."""
+    if vocab_ids is not None and (vocab_ids.dim() != 1 or vocab_ids.dtype.is_floating_point or vocab_ids.numel() == 0
+                                  or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= vocab_size):
+        raise CtxdraftError(f"{display_path(path)}: the draft vocabulary of {what} holds ids outside "
+                            f"0..{vocab_size - 1} (or is not a list of ids); {REBUILD}")
+    return vocab_ids
 
 
 def read_tensors(path: Path, prefix: str, what: str) -> dict[str, torch.Tensor]:
     """The tensors under ``prefix`` in a self-draft weights file (exit and feature heads share one file); a missing,
     damaged or foreign file is one clear error."""
-    if not path.is_file():
-        raise CtxdraftError(f"self-draft weights not found: {display_path(path)} (rebuild the bundle with `ctxdraft add-exits`)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CtxdraftError(f"self-draft weights {display_path(path)} are damaged ({str(e).splitlines()[0][:120]}); "
-                            "rebuild them with `ctxdraft add-exits`") from None
+    tensors, _ = load_container(path, "self-draft weights", REBUILD, prefix)
     if not tensors:
         raise CtxdraftError(f"{display_path(path)} has no weights for {what}; rebuild it with `ctxdraft add-exits`")
     return tensors
@@ -137,12 +148,8 @@ def read_head_tensors(path: Path, exit_layer: int) -> dict[str, torch.Tensor]:
 
 def load_head(model: nn.Module, path: Path, exit_layer: int, kind: str) -> ExitHead:
     tensors = read_head_tensors(path, exit_layer)
-    vocab_ids = tensors.pop("vocab_ids", None)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    if vocab_ids is not None and (vocab_ids.dim() != 1 or vocab_ids.dtype.is_floating_point or vocab_ids.numel() == 0
-                                  or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= vocab_size):
-        raise CtxdraftError(f"{display_path(path)}: the draft vocabulary of the exit at layer {exit_layer} holds ids "
-                            f"outside 0..{vocab_size - 1} (or is not a list of ids); rebuild it with `ctxdraft add-exits`")
+    vocab_ids = check_vocab_ids(tensors.pop("vocab_ids", None), model.get_output_embeddings().weight.shape[0], path,
+                                f"the exit at layer {exit_layer}")
     head = ExitHead(model, exit_layer, kind, vocab_ids)
     try:
         head.load_state_dict(tensors)

@@ -25,14 +25,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..base.errors import CtxdraftError
-from ..base.fileio import atomic_path, display_path
+from ..base.fileio import display_path
 from ..runtime.layers import LayerStack
 from ..runtime.sampling import softcap
-from .exit_head import read_tensors
+from .exit_head import check_vocab_ids, read_tensors, save_head
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -209,28 +208,14 @@ class FeatureHead(nn.Module):
 
 
 def save_feature_head(path, name: str, head: FeatureHead) -> None:
-    """Write (or replace) the head ``name`` in a weights file shared with the exit heads, atomically, in the
-    head's dtype: a head built for a bfloat16 target is stored in bfloat16 (half the bytes, nothing lost: it
-    drafts in that dtype), and loading casts to whatever dtype the target then runs in."""
-
-    prefix = f"feature-{name}."
-    tensors = {k: v for k, v in (load_file(str(path)) if path.is_file() else {}).items() if not k.startswith(prefix)}
-    for key, value in head.state_dict().items():
-        tensors[prefix + key] = value.detach().contiguous().clone()
-    if head.vocab_ids is not None:
-        tensors[prefix + "vocab_ids"] = head.vocab_ids.detach().clone()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "ctxdraft-exits"})
+    """Write (or replace) the head ``name`` in the weights file shared with the exit heads (``exit_head.save_head``)."""
+    save_head(path, f"feature-{name}.", head)
 
 
 def load_feature_head(model: nn.Module, path, name: str, layers: list[int]) -> FeatureHead:
     tensors = read_tensors(path, f"feature-{name}.", f"the feature head {name!r}")
-    vocab_ids = tensors.pop("vocab_ids", None)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    if vocab_ids is not None and (vocab_ids.dim() != 1 or vocab_ids.dtype.is_floating_point or vocab_ids.numel() == 0
-                                  or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= vocab_size):
-        raise CtxdraftError(f"{display_path(path)}: the draft vocabulary of the feature head {name!r} holds ids outside "
-                            f"0..{vocab_size - 1}; rebuild it with `ctxdraft add-exits --head feature`")
+    vocab_ids = check_vocab_ids(tensors.pop("vocab_ids", None), model.get_output_embeddings().weight.shape[0], path,
+                                f"the feature head {name!r}")
     head = FeatureHead(model, layers, vocab_ids)
     try:
         head.load_state_dict(tensors)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from ..base import checks
 from ..base.errors import CtxdraftError
 from .draft import Draft
 from .drafts import LookupDraft, LookupSettings, ModelDraft, ModelDraftSettings, NoneDraft
@@ -44,8 +45,7 @@ def model_arm(path: str, draft_len: int = 4, name: str | None = None) -> dict:
     """An external draft model: ``path`` is a model directory, a .gguf file or a registered name."""
     if not path:
         raise CtxdraftError("a model arm needs the draft model's path or registered name")
-    if not isinstance(draft_len, int) or draft_len < 1:
-        raise CtxdraftError(f"draft_len must be an integer >= 1, got {draft_len!r}")
+    checks.integer("model draft_len", draft_len, minimum=1)
     return {"name": name or f"model:{Path(path).name}", "kind": "model", "settings": {"path": str(path), "draft_len": draft_len}}
 
 

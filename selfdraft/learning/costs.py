@@ -36,7 +36,7 @@ from ..drafting.decoding import target_forward
 from ..drafting.draft import DecodeState, Draft, DraftOutput
 from ..runtime.layers import LayerStack
 from ..runtime.machine import machine_fingerprint
-from .trajectories import Trajectory
+from .trajectories import Step, Trajectory
 
 PROFILE_VERSION = 2
 
@@ -120,6 +120,24 @@ class CostProfile:
         """The reward: modelled speed-up of this trajectory over plain decoding of the same tokens."""
         seconds = self.seconds(traj, cost_key)
         return self.plain_seconds(plain) / seconds if seconds > 0 else 1.0
+
+
+def plain_steps(new_tokens: int, max_new_tokens: int, ended_early: bool) -> int:
+    """Loop steps of plain decoding for ``new_tokens`` tokens (as ``trajectories.replay`` of the ``none`` arm): the
+    first token comes from the prefill; a generation that ended on EOS also spent a step on the EOS."""
+    return new_tokens if ended_early and new_tokens < max_new_tokens else max(new_tokens - 1, 0)
+
+
+def plain_trajectory(num_plain_steps: int, new_tokens: int) -> Trajectory:
+    """Plain decoding as a trajectory: ``num_plain_steps`` single-position target steps, nothing drafted."""
+    return Trajectory([Step(0, 0, 0)] * num_plain_steps, new_tokens)
+
+
+def reward(profile: CostProfile, cost_key: str, traj: Trajectory, num_plain_steps: int) -> float:
+    """The reward of ``traj`` (of the draft measured under ``cost_key``) under ``profile``: its modelled speed-up
+    over plain decoding of the same tokens in ``num_plain_steps`` steps. Offline rows, recomputed rows and served
+    requests all get their rewards here."""
+    return profile.speedup(traj, plain_trajectory(num_plain_steps, traj.new_tokens), cost_key)
 
 
 def max_positions(drafts: dict[str, Draft]) -> int:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..base import checks
 from ..base.errors import CtxdraftError
 from ..drafting.exit_head import HEAD_KINDS, ExitHead
 from ..runtime.checkpoint import load_training_state, save_training_state
@@ -56,15 +57,15 @@ class ExitTrainConfig:
     sample_temperature: float = 0.8
 
     def validate(self, num_layers: int, vocab_size: int) -> None:
-        layers = self.layers
+        """Every field checked through ``base/checks.py`` (bools, NaN and out-of-range values refused)."""
+        checks.choice("--head", self.head, (*HEAD_KINDS, "feature"))
+        top = num_layers if self.head == "feature" else num_layers - 1  # a feature head may read the last layer's output
+        layers = [checks.integer("--layers", x) for x in (self.layers or [])]
         if not layers:
             raise CtxdraftError("--layers is empty; give exit layers such as 10,16,22")
         if len(set(layers)) != len(layers):
             dup = sorted({x for x in layers if layers.count(x) > 1})
             raise CtxdraftError(f"--layers has duplicates: {dup}")
-        if self.head not in (*HEAD_KINDS, "feature"):
-            raise CtxdraftError(f"--head must be one of {', '.join((*HEAD_KINDS, 'feature'))}, got {self.head!r}")
-        top = num_layers if self.head == "feature" else num_layers - 1  # a feature head may read the last layer's output
         bad = [x for x in layers if not 0 < x <= top]
         if bad:
             raise CtxdraftError(f"--layers {bad} out of range: a {'feature' if self.head == 'feature' else 'exit'} layer "
@@ -72,28 +73,40 @@ class ExitTrainConfig:
         if self.head == "feature":
             if layers != sorted(layers):
                 raise CtxdraftError(f"--layers of a feature head must be increasing, got {layers}")
-            if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            if not isinstance(self.name, str) or not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
                 raise CtxdraftError(f"--name must be letters, digits, '-', '_' or '.', got {self.name!r}")
-            if self.ttt_steps < 1 or not 0 < self.decay <= 1 or self.prompt_bases < 0 or self.seqs_per_step < 1:
-                raise CtxdraftError("feature training needs ttt_steps >= 1, decay in (0, 1], prompt_bases >= 0 and "
-                                    "seqs_per_step >= 1")
-        if self.draft_vocab is not None and not 1 <= self.draft_vocab <= vocab_size:
-            raise CtxdraftError(f"--draft-vocab must be in 1..{vocab_size}, got {self.draft_vocab}")
-        if self.steps < 0 or self.batch_size < 1:
-            raise CtxdraftError("--steps must be >= 0 and the batch size >= 1")
-        if self.self_distill_tokens < 0 or self.max_prompt_tokens < 1:
-            raise CtxdraftError("--self-distill-tokens must be >= 0 and the prompt length >= 1")
-        if not 0 < self.eval_frac < 1:
-            raise CtxdraftError(f"--eval-frac must be in (0, 1), got {self.eval_frac}")
-        if self.samples < 0 or not 0 < self.sample_temperature <= 5 or self.samples and self.self_distill_tokens < 1:
-            raise CtxdraftError("--samples must be >= 0 (with --self-distill-tokens >= 1) and --sample-temperature "
-                                "in (0, 5]")
-        if self.max_prompts is not None and self.max_prompts < 2:
-            raise CtxdraftError("--max-prompts must be >= 2 (training and held-out prompts)")
-        if not self.draft_lens or min(self.draft_lens) < 1 or max(self.draft_lens) > 16:
-            raise CtxdraftError(f"--draft-lens must be draft lengths in 1..16, got {self.draft_lens}")
-        if not self.thresholds or not all(0 <= t < 1 for t in self.thresholds):  # also false for nan
-            raise CtxdraftError(f"--thresholds must be confidence stops in [0, 1), got {self.thresholds}")
+            checks.integer("--ttt-steps", self.ttt_steps, minimum=1)
+            checks.number("decay", self.decay, above=0.0, maximum=1.0)
+            checks.integer("prompt_bases", self.prompt_bases, minimum=0)
+            checks.integer("seqs_per_step", self.seqs_per_step, minimum=1)
+        if self.draft_vocab is not None:
+            checks.integer("--draft-vocab", self.draft_vocab, minimum=1, maximum=vocab_size)
+        checks.integer("--steps", self.steps, minimum=0)
+        checks.integer("batch_size", self.batch_size, minimum=1)
+        if self.lr is not None:
+            checks.number("lr", self.lr, above=0.0)
+        checks.integer("--self-distill-tokens", self.self_distill_tokens, minimum=0)
+        checks.integer("max_prompt_tokens", self.max_prompt_tokens, minimum=1)
+        checks.number("--eval-frac", self.eval_frac, above=0.0, below=1.0)
+        checks.seed("--seed", self.seed)
+        checks.integer("teacher_topk", self.teacher_topk, minimum=1)
+        checks.number("ridge", self.ridge, minimum=0.0)
+        checks.integer("--samples", self.samples, minimum=0)
+        checks.number("--sample-temperature", self.sample_temperature, above=0.0, maximum=5.0)
+        if self.samples and self.self_distill_tokens < 1:
+            raise CtxdraftError("--samples needs --self-distill-tokens >= 1 (the samples are continuations)")
+        if self.max_prompts is not None:
+            checks.integer("--max-prompts (training and held-out prompts)", self.max_prompts, minimum=2)
+        if not self.draft_lens:
+            raise CtxdraftError("--draft-lens is empty; give draft lengths such as 1,2,4")
+        for k in self.draft_lens:
+            checks.integer("--draft-lens (a draft length)", k, minimum=1, maximum=16)
+        if not self.thresholds:
+            raise CtxdraftError("--thresholds is empty; give confidence stops such as 0,0.5")
+        for t in self.thresholds:
+            checks.number("--thresholds (a confidence stop)", t, minimum=0.0, below=1.0)
+        checks.integer("timing_reps", self.timing_reps, minimum=1)
+        checks.flag("--resume", self.resume)
 
 
 def distill_loss(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor,
@@ -160,6 +173,50 @@ def _layer_head_loss(model, E: int, examples: list[Example], batch_size: int, ge
     return total / len(mine)
 
 
+@dataclass
+class StepTail:
+    """How every head-training step ends (exit and feature heads): clip the gradients, step the optimizer and the
+    schedule, count the step, report progress, and checkpoint ``log`` (the step, the losses, ...) every 25 steps
+    and at the last, on rank 0, so that a resumed run continues exactly."""
+
+    head: torch.nn.Module
+    params: list
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator
+    ckpt: Path | None
+    group: Group
+    progress: Progress | None
+    label: str
+    total_steps: int
+
+    def resume(self, log: dict) -> dict:
+        """``log`` as the checkpoint left it when resuming from one (else unchanged)."""
+        if self.ckpt is not None and self.ckpt.is_file():
+            meta = load_training_state(self.ckpt, self.head, self.opt, self.sched, self.gen)
+            log = {key: int(meta[key]) if key == "step" else list(meta[key]) for key in log}
+        return log
+
+    def end_step(self, log: dict) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        log["step"] += 1
+        if self.progress:
+            self.progress(self.label, log["step"], self.total_steps)
+        if self.ckpt is not None and self.group.main and (log["step"] % 25 == 0 or log["step"] == self.total_steps):
+            save_training_state(self.ckpt, self.head, self.opt, self.sched, self.gen, log)
+
+    def finish(self) -> None:
+        self.head.eval()
+        self.head.requires_grad_(False)
+
+
+def last_tenth(values: list) -> list:
+    """The values of the last tenth of the steps (at least one): what a training report averages."""
+    return values[-max(1, len(values) // 10):] if values else []
+
+
 def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig, ckpt: Path | None = None,
                progress: Progress | None = None, group: Group | None = None) -> dict:
     """Distil one head; checkpoints to ``ckpt`` so that ``config.resume`` continues exactly where it stopped.
@@ -175,10 +232,10 @@ def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig,
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / max(1, config.steps))))
-    step, losses = 0, []
+    tail = StepTail(head, params, opt, sched, gen, ckpt, group, progress, f"train exit@{E}", config.steps)
+    log = {"step": 0, "losses": []}
     if ckpt is not None and config.resume and ckpt.is_file():
-        meta = load_training_state(ckpt, head, opt, sched, gen)
-        step, losses = int(meta["step"]), list(meta["losses"])
+        log = tail.resume(log)
     elif head.kind == "linear" and config.ridge >= 0:
         _ridge_init(head, examples, config.ridge)
     local_of = local_vocab_index(head, examples)
@@ -189,7 +246,7 @@ def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig,
     head.train()
     model = wrap(head, group)
     t0 = time.perf_counter()
-    while step < config.steps:
+    while log["step"] < config.steps:
         if head.kind == "linear":
             rows = torch.randint(0, flat_hidden.shape[0], (config.batch_size,), generator=gen)[group.rank :: group.size]
             loss = distill_loss(model(flat_hidden[rows]), flat_ids[rows], flat_logp[rows], local_of)
@@ -197,19 +254,12 @@ def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig,
             loss = _layer_head_loss(model, E, examples, config.batch_size, gen, local_of, group)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        losses.append(group.mean(loss.item()))
-        if progress:
-            progress(f"train exit@{E}", step, config.steps)
-        if ckpt is not None and group.main and (step % 25 == 0 or step == config.steps):
-            save_training_state(ckpt, head, opt, sched, gen, {"step": step, "losses": losses})
-    head.eval()
-    head.requires_grad_(False)
-    tail = losses[-max(1, len(losses) // 10):] if losses else []
-    return {"steps": step, "lr": lr, "final_kl": statistics.fmean(tail) if tail else None,
+        log["losses"].append(group.mean(loss.item()))
+        tail.end_step(log)
+    tail.finish()
+    losses = log["losses"]
+    final = last_tenth(losses)
+    return {"steps": log["step"], "lr": lr, "final_kl": statistics.fmean(final) if final else None,
             "first_kl": losses[0] if losses else None, "train_s": round(time.perf_counter() - t0, 1)}
 
 

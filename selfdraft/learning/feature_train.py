@@ -20,9 +20,8 @@ from typing import Callable
 import torch
 
 from ..drafting.feature_head import FeatureHead
-from ..runtime.checkpoint import load_training_state, save_training_state
 from ..runtime.distributed import Group, wrap
-from .exit_train import ExitTrainConfig, distill_loss, local_vocab_index
+from .exit_train import ExitTrainConfig, StepTail, distill_loss, last_tenth, local_vocab_index
 from .head_data import Example
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -83,15 +82,15 @@ def train_feature_head(head: FeatureHead, examples: list[Example], config: ExitT
     warm = max(1, config.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
         1 + math.cos(math.pi * min(max(s - warm, 0), config.steps) / max(1, config.steps - warm))))
-    step, losses, accuracy = 0, [], []
-    if ckpt is not None and config.resume and ckpt.is_file():
-        meta = load_training_state(ckpt, head, opt, sched, gen)
-        step, losses, accuracy = int(meta["step"]), list(meta["losses"]), list(meta["accuracy"])
+    tail = StepTail(head, params, opt, sched, gen, ckpt, group, progress, f"train feature:{config.name}", config.steps)
+    log = {"step": 0, "losses": [], "accuracy": []}
+    if config.resume:
+        log = tail.resume(log)
     local_of = local_vocab_index(head, examples)
     model = wrap(head, group)
     head.train()
     t0 = time.perf_counter()
-    while step < config.steps:
+    while log["step"] < config.steps:
         picks = [examples[int(i)] for i in torch.randint(0, len(examples), (max(config.seqs_per_step, group.size),),
                                                              generator=gen)]
         seeds = torch.randint(0, 2**62, (len(picks),), generator=gen).tolist()  # per-sequence base sampling
@@ -107,21 +106,14 @@ def train_feature_head(head: FeatureHead, examples: list[Example], config: ExitT
                     (loss / len(mine)).backward()
                     total += float(loss.detach()) / len(mine)
                     accs.append(acc)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        losses.append(group.mean(total))
-        accuracy.append([statistics.fmean(a) for a in zip(*accs)] if accs else [])
-        if progress:
-            progress(f"train feature:{config.name}", step, config.steps)
-        if ckpt is not None and group.main and (step % 25 == 0 or step == config.steps):
-            save_training_state(ckpt, head, opt, sched, gen, {"step": step, "losses": losses, "accuracy": accuracy})
-    head.eval()
-    head.requires_grad_(False)
-    tail = losses[-max(1, len(losses) // 10):] if losses else []
-    last = [a for a in accuracy[-max(1, len(accuracy) // 10):] if a]
-    return {"steps": step, "lr": lr, "final_loss": statistics.fmean(tail) if tail else None,
+        log["losses"].append(group.mean(total))
+        log["accuracy"].append([statistics.fmean(a) for a in zip(*accs)] if accs else [])
+        tail.end_step(log)
+    tail.finish()
+    losses = log["losses"]
+    final = last_tenth(losses)
+    last = [a for a in last_tenth(log["accuracy"]) if a]
+    return {"steps": log["step"], "lr": lr, "final_loss": statistics.fmean(final) if final else None,
             "first_loss": losses[0] if losses else None,
             "train_accuracy_per_position": [round(statistics.fmean(col), 4) for col in zip(*last)] if last else [],
             "train_s": round(time.perf_counter() - t0, 1)}

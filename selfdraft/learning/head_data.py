@@ -5,21 +5,18 @@ so an interrupted ``add-exits --resume`` skips what is done (never pickle: the w
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..base.errors import CtxdraftError
-from ..base.fileio import atomic_path, display_path
 from ..drafting.decoding import GenerationConfig, prefill, speculative_decode
 from ..drafting.draft import TeacherPass
 from ..drafting.drafts import LookupDraft
+from ..runtime.checkpoint import damaged, load_container, save_container
 from ..runtime.distributed import Group
 from ..runtime.layers import LayerStack
 from .trajectories import greedy_continuation, teacher_pass
@@ -65,22 +62,19 @@ def _save(path: Path, ex: Example) -> None:
                "topk_ids": tp.topk_ids.contiguous(), "topk_logp": tp.topk_logp.contiguous()}
     tensors.update({f"states.{E}": s.contiguous() for E, s in tp.states.items()})
     meta = {"prompt_len": tp.prompt_len, "num_new": tp.num_new, "num_positions": ex.num_positions}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"ctxdraft": json.dumps(meta)})
+    save_container(path, tensors, meta)
 
 
 def _load(path: Path, row: dict) -> Example:
+    remedy = "run again without --resume to start over"
+    tensors, meta = load_container(path, "work file", remedy)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["ctxdraft"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
         states = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("states.")}
         tp = TeacherPass(tensors["token_ids"].tolist(), int(meta["prompt_len"]), int(meta["num_new"]), states,
                          tensors["lm_input"], tensors["topk_ids"], tensors["topk_logp"])
         return Example(row, tp, int(meta["num_positions"]))
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
-        raise CtxdraftError(f"work file {display_path(path)} is damaged ({type(e).__name__}); "
-                            "run again without --resume to start over") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise damaged(path, "work file", remedy, e) from None
 
 
 @torch.inference_mode()

@@ -23,18 +23,22 @@ Two feature kinds, each with its own network (`nn.Module` holds only weights and
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base import checks
 from ..base.errors import CtxdraftError
 from ..base.features import FEATURE_KINDS, PADDING_ID, hidden_spec, tokens_spec
 from .rewards import RewardData
 
 # ----------------------------------------------------------------------------------------------
 # Networks
+
+
+BASELINES = ("loo", "batch", "running")
 
 
 @dataclass
@@ -56,6 +60,41 @@ class PolicyConfig:
     num_samples: int = 4  # arms sampled per prompt per step
     baseline: str = "loo"  # "loo" (mean of the other samples of the same prompt), "batch", "running"
     entropy_coef: float = 0.01
+
+    def validate(self) -> "PolicyConfig":
+        """Every field checked (``base/checks.py``); returns self."""
+        checks.choice("feature_kind", self.feature_kind, FEATURE_KINDS)
+        if not isinstance(self.hidden_sizes, (tuple, list)):
+            raise CtxdraftError(f"hidden_sizes must be a list of layer widths, got {self.hidden_sizes!r}")
+        for width in self.hidden_sizes:
+            checks.integer("hidden_sizes (a layer width)", width, minimum=1)
+        checks.number("dropout", self.dropout, minimum=0.0, maximum=0.99)
+        checks.integer("num_buckets", self.num_buckets, minimum=1)
+        checks.integer("embed_dim", self.embed_dim, minimum=1)
+        checks.number("embed_lr", self.embed_lr, minimum=0.0)
+        checks.integer("epochs (--epochs)", self.epochs, minimum=1)
+        checks.integer("batch_size", self.batch_size, minimum=1)
+        checks.number("lr", self.lr, above=0.0)
+        checks.number("weight_decay", self.weight_decay, minimum=0.0)
+        checks.seed("seed (--seed)", self.seed)
+        checks.integer("num_samples", self.num_samples, minimum=1)
+        checks.choice("baseline", self.baseline, BASELINES)
+        checks.number("entropy_coef", self.entropy_coef, minimum=0.0)
+        return self
+
+    @classmethod
+    def from_dict(cls, d, **overrides) -> "PolicyConfig":
+        """The config bundle.json stores under ``policy_model.config``, validated; ``overrides`` replace fields
+        (None keeps the stored value)."""
+        if not isinstance(d, dict):
+            raise CtxdraftError(f"the policy config must be an object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CtxdraftError(f"the policy config has unknown fields {unknown}; was it written by a newer ctxdraft?")
+        values = dict(d, **{k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("hidden_sizes", ()), (list, tuple)):
+            values["hidden_sizes"] = tuple(values.get("hidden_sizes", ()))  # stored as a JSON list
+        return cls(**values).validate()
 
 
 def _mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, dropout: float) -> nn.Sequential:

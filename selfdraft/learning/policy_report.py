@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..base.errors import CtxdraftError
+from ..base.report import Report, Table
 from .policy import PolicyConfig, choose_arms, policy_inputs
 from .rewards import RewardData
 
@@ -61,43 +62,34 @@ def policy_report(data: RewardData, train_idx: list[int], eval_idx: list[int], p
     }
 
 
-def report_markdown(report: dict) -> str:
-    """Held-out mean speed-ups as a Markdown table: rows are the policies, each single arm and the
-    oracle; columns are the domains and overall. Regret and choices follow below the table."""
+def training_report(report: dict) -> Report:
+    """Held-out mean speed-ups as a table: rows are the policies, each single arm and the oracle; columns are the
+    domains and overall. Regret and choices follow below the table."""
     policies = report["policies"]
     first = next(iter(policies.values()))
     columns = sorted(first["domains"]) + ["overall"]
 
-    def cell(summary: dict, key: str, arm: str | None = None) -> float:
-        return summary["arms"][arm] if arm is not None else summary[key]
-
     def block(evaluation: dict, column: str) -> dict:
         return evaluation["overall"] if column == "overall" else evaluation["domains"][column]
 
-    counts = [str(block(first, c)["num_prompts"]) for c in columns]
-    lines = [
-        f"Held-out mean speed-up over plain decoding ({report['num_eval']} prompts, "
-        f"policy trained on {report['num_train']}, features: {report['feature_kind']}).",
-        "",
-        "| | " + " | ".join(columns) + " |",
-        "| --- | " + " | ".join("---:" for _ in columns) + " |",
-        "| prompts | " + " | ".join(counts) + " |",
-    ]
+    table = Table(["", *columns], [["prompts", *(str(block(first, c)["num_prompts"]) for c in columns)]],
+                  ["---"] + ["---:"] * len(columns))
     for name, evaluation in policies.items():
-        lines.append(f"| **policy ({name})** | " + " | ".join(
-            f"**{block(evaluation, c)['policy']:.3f}**" for c in columns) + " |")
+        table.rows.append([f"**policy ({name})**", *(f"**{block(evaluation, c)['policy']:.3f}**" for c in columns)])
     for arm in report["arms"]:
-        lines.append(f"| {arm} | " + " | ".join(f"{cell(block(first, c), '', arm):.3f}" for c in columns) + " |")
-    lines.append("| oracle (per prompt) | " + " | ".join(f"{block(first, c)['oracle']:.3f}" for c in columns) + " |")
-    lines.append("")
+        table.rows.append([arm, *(f"{block(first, c)['arms'][arm]:.3f}" for c in columns)])
+    table.rows.append(["oracle (per prompt)", *(f"{block(first, c)['oracle']:.3f}" for c in columns)])
+    choices = []
     for name, evaluation in policies.items():
         overall = evaluation["overall"]
         chosen = ", ".join(f"{arm} {n}" for arm, n in overall["choices"].items() if n)
-        lines.append(
+        choices.append(
             f"- {name}: regret to the oracle {overall['regret']:.1%}, "
             f"{overall['gain_over_best_single_arm']:+.1%} vs the best single arm "
             f"({overall['best_single_arm']}, {overall['best_single_arm_speedup']:.3f}); chose: {chosen}"
         )
-    return "\n".join(lines) + "\n"
+    intro = (f"Held-out mean speed-up over plain decoding ({report['num_eval']} prompts, "
+             f"policy trained on {report['num_train']}, features: {report['feature_kind']}).")
+    return Report(None, [intro, table, "\n".join(choices)])
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from ctxdraft.export.onnx_export import export_policy
 from ctxdraft.export.router import OnnxRouter
@@ -26,6 +25,7 @@ from ..base.errors import CtxdraftError
 from ..base.fileio import atomic_path, display_path
 from ..base.layout import POLICY_WEIGHTS_FILE
 from ..base.versions import versions
+from ..runtime.checkpoint import load_container, save_container
 from .policy import (
     HiddenPolicy,
     PolicyConfig,
@@ -112,9 +112,8 @@ def _export(bundle, policy: torch.nn.Module, arm_names: list[str], spec: dict, p
 
 
 def _save_weights(policy: torch.nn.Module, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in policy.state_dict().items()}, str(tmp),
-                  metadata={"format": "ctxdraft-policy"})
+    save_container(path, {k: v.detach().contiguous() for k, v in policy.state_dict().items()},
+                   file_format="ctxdraft-policy")
 
 
 def load_bundle_policy(bundle) -> torch.nn.Module:
@@ -125,14 +124,13 @@ def load_bundle_policy(bundle) -> torch.nn.Module:
     path = bundle.path / meta.get("weights", POLICY_WEIGHTS_FILE)
     if not path.is_file():
         raise CtxdraftError(f"policy weights not found: {display_path(path)}; run `ctxdraft train-policy` again")
-    cfg = dict(meta["config"])
-    cfg["hidden_sizes"] = tuple(cfg.get("hidden_sizes", ()))
-    config = PolicyConfig(**cfg)
+    config = PolicyConfig.from_dict(meta["config"])
     num_arms = len(meta["arms"])
     policy = HiddenPolicy(meta["feature_dim"], num_arms, config) if meta["feature_kind"] == "hidden" else TokenPolicy(num_arms, config)
+    tensors, _ = load_container(path, "policy weights", "run `ctxdraft train-policy` again")
     try:
-        policy.load_state_dict(load_file(str(path)))
-    except (RuntimeError, OSError) as e:
+        policy.load_state_dict(tensors)
+    except RuntimeError as e:
         raise CtxdraftError(f"{display_path(path)} does not fit the policy described in bundle.json "
                             f"({str(e).splitlines()[0]}); run `ctxdraft train-policy` again") from None
     return policy.eval()

@@ -19,8 +19,8 @@ import torch
 from ..base.errors import CtxdraftError
 from ..base.fileio import atomic_path, display_path, read_jsonl
 from ..base.layout import TRAJECTORIES_FILE
-from .costs import CostProfile
-from .trajectories import Step, Trajectory
+from .costs import CostProfile, plain_trajectory, reward
+from .trajectories import Trajectory
 
 
 @dataclass
@@ -39,8 +39,25 @@ class RewardData:
         return len(self.ids)
 
 
-def _finite_number(x) -> bool:
+def finite_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def row_features(row: dict, where: str) -> tuple[list[float] | None, list[int] | None]:
+    """The routing features of a logged row (collect rows, bundle trajectories and traffic rows share the format:
+    ``"features": {"hidden": [F finite numbers], "tokens": [token ids]}``, either may be absent), checked; the one
+    validator of them. Returns (hidden, tokens)."""
+    features = row.get("features")
+    if not isinstance(features, dict):
+        raise CtxdraftError(f"{where}: needs a 'features' object with 'hidden' and/or 'tokens'")
+    hidden = features.get("hidden")
+    if hidden is not None and (not isinstance(hidden, list) or not hidden or not all(finite_number(v) for v in hidden)):
+        raise CtxdraftError(f"{where}: features.hidden must be a non-empty list of finite numbers")
+    tokens = features.get("tokens")
+    if tokens is not None and not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                    and t >= 0 for t in tokens)):
+        raise CtxdraftError(f"{where}: features.tokens must be a list of non-negative integer token ids")
+    return hidden, tokens
 
 
 def rewards_from_rows(rows: list[dict], source: str = "rewards") -> RewardData:
@@ -68,7 +85,7 @@ def rewards_from_rows(rows: list[dict], source: str = "rewards") -> RewardData:
         for name in arm_names:
             arm = arms[name]
             speedup = arm.get("speedup") if isinstance(arm, dict) else None
-            if not _finite_number(speedup) or speedup <= 0:
+            if not finite_number(speedup) or speedup <= 0:
                 raise CtxdraftError(f"{where}: arm {name!r} needs a positive finite 'speedup', got {speedup!r}")
             reward_row.append(float(speedup))
         reward_rows.append(reward_row)
@@ -86,24 +103,14 @@ def rewards_from_rows(rows: list[dict], source: str = "rewards") -> RewardData:
         domain = row.get("domain", "all")
         domains.append(str(domain) if domain is not None else "all")
 
-        features = row.get("features")
-        if not isinstance(features, dict):
-            raise CtxdraftError(f"{where}: needs a 'features' object with 'hidden' and/or 'tokens'")
-        hidden = features.get("hidden")
+        hidden, tokens = row_features(row, where)
         if hidden is not None:
-            if not isinstance(hidden, list) or not hidden or not all(_finite_number(v) for v in hidden):
-                raise CtxdraftError(f"{where}: features.hidden must be a non-empty list of finite numbers")
-            if hidden_rows and len(hidden) != len(hidden_rows[0]):
+            if hidden_rows and hidden_rows[0] is not None and len(hidden) != len(hidden_rows[0]):
                 raise CtxdraftError(
                     f"{where}: features.hidden has {len(hidden)} values but row 1 has {len(hidden_rows[0])}; "
                     "rows were collected with different feature layers or targets"
                 )
         hidden_rows.append(hidden)
-        tokens = features.get("tokens")
-        if tokens is not None:
-            if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                      for t in tokens):
-                raise CtxdraftError(f"{where}: features.tokens must be a list of non-negative integer token ids")
         token_rows.append(tokens)
 
         prompt_len = row.get("prompt_len", len(tokens) if tokens is not None else None)
@@ -156,7 +163,7 @@ def recompute_rewards(rows: list[dict], cost_keys: dict[str, str], profile: Cost
         where = f"{source}, row {i + 1}"
         if not isinstance(row.get("plain_steps"), int):
             raise CtxdraftError(f"{where} has no trajectories (plain_steps); re-collect it with this version of ctxdraft")
-        plain = Trajectory([Step(0, 0, 0)] * row["plain_steps"], int(row.get("new_tokens", 0)))
+        num_plain_steps = row["plain_steps"]
         arms = {}
         for name, record in row["arms"].items():
             if name not in cost_keys:
@@ -164,9 +171,9 @@ def recompute_rewards(rows: list[dict], cost_keys: dict[str, str], profile: Cost
             if not isinstance(record, dict) or "trajectory" not in record:
                 raise CtxdraftError(f"{where}: arm {name!r} has no trajectory; re-collect it")
             traj = Trajectory.from_dict(record["trajectory"], f"{where}, arm {name!r}")
-            arms[name] = dict(record, speedup=profile.speedup(traj, plain, cost_keys[name]),
+            arms[name] = dict(record, speedup=reward(profile, cost_keys[name], traj, num_plain_steps),
                               modelled_s=profile.seconds(traj, cost_keys[name]), tokens_per_forward=traj.tokens_per_forward)
-        out.append(dict(row, arms=arms, plain_s=profile.plain_seconds(plain)))
+        out.append(dict(row, arms=arms, plain_s=profile.plain_seconds(plain_trajectory(num_plain_steps, int(row.get("new_tokens", 0))))))
     return out
 
 

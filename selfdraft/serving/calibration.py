@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..base import checks
 from ..base.errors import CtxdraftError
 from ..base.fileio import display_path, write_json_atomic
 from ..base.layout import POLICY_FILE, POLICY_WEIGHTS_FILE, TRAJECTORIES_FILE
@@ -110,6 +111,7 @@ def find_calibration(bundle, machine: dict | None = None) -> Calibration | None:
 def calibrate(bundle, progress: Progress | None = None, reps: int = 5, epochs: int | None = None) -> Calibration:
     """Measure this machine's costs, recompute the rewards of the bundle's trajectories, retrain and export the
     policy, and store the result under the calibration directory (see the module docstring)."""
+    checks.integer("--reps", reps, minimum=1)
     if bundle.path is None:
         raise CtxdraftError("only a bundle directory can be calibrated")
     meta = bundle.info.get("policy_model")
@@ -137,11 +139,7 @@ def calibrate(bundle, progress: Progress | None = None, reps: int = 5, epochs: i
         progress("calibrate: policy", 1, 3)
     rewarded = recompute_rewards(rows, {a["name"]: cost_key(a) for a in arms}, profile, source=TRAJECTORIES_FILE)
     data = rewards_from_rows(rewarded, source=TRAJECTORIES_FILE)
-    cfg = dict(meta["config"])
-    cfg["hidden_sizes"] = tuple(cfg.get("hidden_sizes", ()))
-    if epochs is not None:
-        cfg["epochs"] = epochs
-    result = train_policies(data, PolicyConfig(**cfg))
+    result = train_policies(data, PolicyConfig.from_dict(meta["config"], epochs=epochs))
     if progress:
         progress("calibrate: export", 2, 3)
     report = {

@@ -41,11 +41,12 @@ from ..base.errors import CtxdraftError
 from ..base.fileio import display_path
 from ..drafting.draft import Draft
 from ..drafting.pool import pool_key
-from ..learning.costs import CostProfile
+from ..learning import costs
 from ..learning.offpolicy import Choice
 from ..learning.trajectories import Step, Trajectory
 from ..runtime.machine import dtype_name, machine_fingerprint
 from .bundle_info import bundle_hash
+from .profiles import profile_for
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +99,6 @@ class StepRecorder(Draft):
 
     def trajectory(self, new_tokens: int) -> Trajectory:
         return Trajectory(list(self.steps), new_tokens)
-
-
-def plain_steps(new_tokens: int, max_new_tokens: int, ended_early: bool) -> int:
-    """Loop steps of plain decoding for the same tokens (as ``trajectories.replay`` of the ``none`` arm): the first
-    token comes from the prefill; a generation that ended on EOS also spent a step on the EOS."""
-    return new_tokens if ended_early and new_tokens < max_new_tokens else max(new_tokens - 1, 0)
-
-
-def modelled_reward(profile, cost_key: str, traj: Trajectory, num_plain_steps: int) -> float:
-    """The reward of a realised trajectory under ``profile`` (``costs.CostProfile``): its modelled speed-up over
-    plain decoding of the same tokens, as collect computes it for offline rows."""
-    return profile.speedup(traj, Trajectory([Step(0, 0, 0)] * num_plain_steps, traj.new_tokens), cost_key)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,16 +167,6 @@ def log_identity(bundle) -> dict:
     return bundle._log_identity
 
 
-def bundle_profile(bundle) -> tuple[object, str | None]:
-    """The cost profile the bundle routes with on this machine and where it is from: its calibration's (named
-    by the machine fingerprint's hash), else the one in bundle.json ("bundle.json"), else (None, None)."""
-    calibration = bundle.calibration(create=False)
-    if calibration is not None:
-        return calibration.profile, calibration.machine.get("hash")
-    profile = CostProfile.from_dict(bundle.info.get("cost_profile"))
-    return (profile, "bundle.json") if profile is not None else (None, None)
-
-
 def request_row(bundle, request: RequestLog, features_only: bool) -> dict:
     """The log line of one routed request (see the module docstring)."""
     spec = request.feature_spec
@@ -197,12 +176,13 @@ def request_row(bundle, request: RequestLog, features_only: bool) -> dict:
         features = {"hidden": _rounded(request.features), "hidden_layer": spec.get("layer")}
     stats = request.stats
     traj = request.trajectory
-    steps = plain_steps(traj.new_tokens, request.max_new_tokens, request.ended_early)
+    steps = costs.plain_steps(traj.new_tokens, request.max_new_tokens, request.ended_early)
     draft = bundle.draft(request.choice.arm)
-    profile, profile_source = bundle_profile(bundle)
+    profile, calibration = profile_for(bundle)
     reward = None
     if profile is not None and profile.fits({request.choice.arm: draft}, bundle.target.content_hash):
-        reward = {"speedup": round(modelled_reward(profile, draft.cost_key, traj, steps), 6), "profile": profile_source}
+        reward = {"speedup": round(costs.reward(profile, draft.cost_key, traj, steps), 6),
+                  "profile": calibration.machine.get("hash") if calibration is not None else "bundle.json"}
     dtype = bundle.target.model.dtype
     row = {
         "format": TRAFFIC_FORMAT, "version": TRAFFIC_VERSION, "time": _utc_now(), **log_identity(bundle),
