@@ -21,7 +21,7 @@ from ctxdraft.selfdraft.runtime.target import load_target
 
 
 def test_registry_has_every_kind():
-    assert set(DRAFT_KINDS) == {"none", "lookup", "model", "exit", "feature"}
+    assert set(DRAFT_KINDS) == {"none", "lookup", "lookup-tree", "successor", "model", "exit", "feature"}
 
 
 def test_build_draft_by_kind_and_its_cost_key(tiny_model_dir):
