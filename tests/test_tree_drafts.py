@@ -11,7 +11,7 @@ from tiny import assert_follows, tiny_llama, tiny_random
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
-from ctxdraft.selfdraft.drafting.draft import Draft, DraftOutput
+from ctxdraft.selfdraft.drafting.draft import Draft, DraftOutput, TeacherPass
 from ctxdraft.selfdraft.drafting.pool import build_draft, lookup_tree_arm, successor_arm
 from ctxdraft.selfdraft.drafting.tree_drafts import (
     LookupTreeDraft,
@@ -20,6 +20,7 @@ from ctxdraft.selfdraft.drafting.tree_drafts import (
     SuccessorDraft,
     SuccessorSettings,
 )
+from ctxdraft.selfdraft.learning.trajectories import replay
 from ctxdraft.selfdraft.runtime.layers import LayerStack
 from ctxdraft.selfdraft.runtime.sampling import probs_from_logits
 
@@ -189,3 +190,16 @@ def test_bad_tree_settings_are_one_error(arm, settings):
 def test_bad_builder_settings_are_one_error(spec):
     with pytest.raises(CtxdraftError):
         build_draft(spec, target=None)
+
+
+@pytest.mark.parametrize("prompt", [REPEATING, PLAIN], ids=["repeating", "plain"])
+def test_lookup_tree_replay_accepts_what_decoding_accepts(model, prompt):
+    """The teacher-forced replay of lookup-tree accepts, step by step, exactly what the real greedy run accepted."""
+    n = 30
+    draft = LookupTreeDraft("lookup-tree", LookupTreeSettings(draft_len=4, max_nodes=8))
+    got, stats = run(model, prompt, draft, n)
+    seq = prompt + hf_greedy(model, prompt, n + 8)
+    trajectory = replay(draft.teacher_forced(TeacherPass(seq, len(prompt), n + 8, {}), model.config.vocab_size),
+                        seq, len(prompt), n, eos_ids=set())
+    assert stats.accepted_tokens > 0 and sum(step.accepted for step in trajectory.steps) == stats.accepted_tokens
+    assert len(trajectory.steps) == stats.target_forwards - 1

@@ -7,6 +7,7 @@
   target work). The tree grows from the pending token best-first by the sum of the successor ranks along the path
   (ties: shallower first), so a budget of 16 nodes reaches past depth 2 along the top-ranked successors. The table
   is a tensor [V, k] (-1: not seen yet) so that it can be saved with safetensors; it lives as long as the draft.
+  It has no teacher-forced replay yet (the table depends on every verified node's logits): it replays as ``none``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from ..base import checks
 from ..base.errors import CtxdraftError
-from .draft import DecodeState, Draft, DraftOutput
+from .draft import DecodeState, Draft, DraftOutput, DraftRun, TeacherForced
 
 
 @dataclass
@@ -46,6 +47,20 @@ class TokenTree:
             if (node, token) not in self.children and len(self.ids) >= max_nodes:
                 return
             node = self.add(node, token)
+
+    def greedy_path(self, continuation: list[int]) -> list[int]:
+        """The tokens greedy verification accepts when the target continues with ``continuation``, then the first
+        rejected child of the last accepted node (if it has children): a chain with the tree's accepted length."""
+        path: list[int] = []
+        node = -1
+        for token in continuation:
+            child = self.children.get((node, token))
+            if child is None:
+                break
+            path.append(token)
+            node = child
+        rejected = next((t for (parent, t) in self.children if parent == node), None)
+        return path + ([rejected] if rejected is not None else [])
 
     def output(self) -> DraftOutput:
         """The tree as a proposal (no nodes: the empty chain)."""
@@ -122,6 +137,25 @@ class LookupTreeDraft(Draft):
         self.index.update(state.tokens)
         depth = min(max_len, self.settings.draft_len)
         return self.index.tree(state.tokens, depth, self.settings.max_nodes).output()
+
+    def teacher_forced(self, tp, vocab_size):
+        return LookupTreeTeacherForced(self.settings)
+
+
+class LookupTreeTeacherForced(TeacherForced):
+    """``LookupTreeDraft`` replayed over the true prefix: its tree reduced to the path greedy verification accepts
+    (exact accepted tokens; the replay counts that path's tokens as drafted, not the tree's nodes)."""
+
+    def __init__(self, settings: LookupTreeSettings):
+        self.settings = settings
+        self.index = NgramOccurrences(settings.ngram_sizes)
+
+    def propose(self, seq, pending, max_len):
+        tokens = seq[: pending + 1]
+        self.index.update(tokens)
+        depth = min(max_len, self.settings.draft_len)
+        tree = self.index.tree(tokens, depth, self.settings.max_nodes)
+        return DraftRun(tree.greedy_path(seq[pending + 1 : pending + 1 + depth]), 1, False)
 
 
 @dataclass
