@@ -18,9 +18,11 @@ from ctxdraft.selfdraft.drafting.pool import (
     exit_arm,
     feature_arm,
     lookup_arm,
+    lookup_tree_arm,
     model_arm,
     none_arm,
     pool_key,
+    successor_arm,
     with_draft_len,
 )
 from ctxdraft.selfdraft.runtime.target import load_target
@@ -32,10 +34,11 @@ def test_the_registry_reads_every_kind_the_arm_helpers_write():
     the registry lacks (or spells differently), or a builder no helper reaches, breaks that round trip; the
     shipped bundle's arms must be readable too."""
     written = {none_arm()["kind"], lookup_arm(2)["kind"], model_arm("m")["kind"], exit_arm(ExitSettings(1))["kind"],
-               feature_arm(FeatureSettings(layers=[1, 2]))["kind"]}
+               feature_arm(FeatureSettings(layers=[1, 2]))["kind"], lookup_tree_arm(4, 16)["kind"],
+               successor_arm(4, 16)["kind"]}
     assert written == set(DRAFT_KINDS)
     shipped = json.loads((DEFAULT_BUNDLE_DIR / BUNDLE_FILE).read_text())["arms"]
-    assert {a["kind"] for a in shipped} == set(DRAFT_KINDS) - {"model"}
+    assert {a["kind"] for a in shipped} <= set(DRAFT_KINDS)
 
 
 def test_build_draft_by_kind_and_its_cost_key(tiny_model_dir):

@@ -5,6 +5,11 @@
 
 Greedy: the output is token-for-token the target's own greedy output. Sampling (temperature > 0,
 top-p): standard speculative sampling, so the output is distributed as the target's samples.
+
+A draft may propose a token tree (``DraftOutput.parents``): the same step runs one tree forward over the root and
+its N nodes, verifies it with ``verify_tree_greedy`` / ``verify_tree_sampling`` (nodes are fixed candidates; top-p
+filters the target's logits first, as for a chain) and keeps the accepted path's K/V rows (``LayerStack.keep_rows``).
+A chain always takes the chain path, so chain drafts behave exactly as before.
 The ``none`` draft proposes nothing, which makes the same loop plain autoregressive decoding.
 Verification always goes through ``ctxdraft.triton_kernels`` (Triton on CUDA, torch reference elsewhere).
 """
@@ -17,9 +22,10 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from ctxdraft.triton_kernels import verify_greedy, verify_sampling
+from ctxdraft.triton_kernels import verify_greedy, verify_sampling, verify_tree_greedy, verify_tree_sampling
 
 from ..base import checks
+from ..base.errors import CtxdraftError
 from ..runtime.layers import LayerStack
 from ..runtime.sampling import top_p_filter
 from .draft import DecodeState, Draft, DraftOutput
@@ -50,7 +56,8 @@ class GenerationConfig:
 @dataclass
 class GenerationStats:
     target_forwards: int = 0  # including the prefill
-    drafted_tokens: int = 0
+    drafted_tokens: int = 0  # proposed tokens, or tree nodes
+    nodes_verified: int = 0  # draft positions the target verified after the prefill (K per chain, N per tree)
     accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [k]: times draft position k was accepted
     drafted_per_position: list[int] = field(default_factory=list)  # [k]: times draft position k was proposed
@@ -68,6 +75,12 @@ class GenerationStats:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
+    def nodes_per_step(self) -> float:
+        """Mean draft positions verified per target forward after the prefill (a chain's K, a tree's N)."""
+        steps = self.target_forwards - 1
+        return self.nodes_verified / steps if steps > 0 else 0.0
+
+    @property
     def tokens_per_forward(self) -> float:
         """Mean tokens emitted per target forward after the prefill (Spec-Bench's mean accepted tokens)."""
         steps = self.target_forwards - 1
@@ -75,7 +88,8 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(tokens_per_s=self.tokens_per_s, acceptance_rate=self.acceptance_rate, tokens_per_forward=self.tokens_per_forward)
+        d.update(tokens_per_s=self.tokens_per_s, acceptance_rate=self.acceptance_rate, tokens_per_forward=self.tokens_per_forward,
+                 nodes_per_step=self.nodes_per_step)
         return d
 
 
@@ -120,9 +134,15 @@ def target_forward(stack: LayerStack, cache: DynamicCache, input_ids: list[int],
     stopped on low confidence has already covered all T positions. ``capture``: see ``LayerStack.run`` (a full
     forward only).
     """
-    positions = torch.arange(start_pos, start_pos + len(input_ids))
     L = stack.num_layers
     early = draft_out.exit_hidden
+    if draft_out.parents is not None:  # a tree: the root (pending token) is position 0 of the forward
+        if early is not None:
+            raise CtxdraftError("a draft proposed a token tree with exit states; tree drafts must not reuse exit states")
+        tree = [-1] + [parent + 1 for parent in draft_out.parents]
+        positions = stack.tree_positions(tree, start_pos)
+        return stack.logits(stack.run(stack.embed(torch.tensor([input_ids])), 0, L, cache, positions, capture, tree))
+    positions = torch.arange(start_pos, start_pos + len(input_ids))
     if early is None:
         hidden = stack.run(stack.embed(torch.tensor([input_ids])), 0, L, cache, positions, capture)
     else:
@@ -135,8 +155,16 @@ def target_forward(stack: LayerStack, cache: DynamicCache, input_ids: list[int],
 
 
 def _verify(logits: torch.Tensor, draft_out: DraftOutput, temperature: float, top_p: float, generator):
-    """Verify one row through the shared verify API. logits: [1, K+1, V]."""
+    """Verify one row through the shared verify API. logits: [1, K+1, V] (a tree: [1, N+1, V])."""
     K = len(draft_out.ids)
+    if draft_out.parents is not None:
+        tree_ids = torch.tensor([draft_out.ids], dtype=torch.long).reshape(1, K)
+        parents = torch.tensor([draft_out.parents], dtype=torch.long).reshape(1, K)
+        if temperature <= 0:
+            return verify_tree_greedy(logits, tree_ids, parents, torch.tensor([K]))
+        logits = top_p_filter(logits, temperature, top_p)
+        return verify_tree_sampling(logits, tree_ids, parents, torch.tensor([K]), torch.tensor([temperature]),
+                                    generator=generator)
     draft_ids = torch.tensor([draft_out.ids], dtype=torch.long).reshape(1, K)
     num_draft = torch.tensor([K])
     if temperature <= 0:
@@ -173,6 +201,8 @@ def speculative_decode(
     if on_tokens is not None:
         on_tokens(new_ids)
     draft.start(state)
+    if draft.observe_top_k:
+        draft.observe(state, pre.prompt_ids[-1:], _top_k(pre.last_logits, draft.observe_top_k))
 
     while True:
         cut = _finished(new_ids, config.max_new_tokens, eos_ids, stop_check)
@@ -184,22 +214,33 @@ def speculative_decode(
         proposal = draft.propose(state, budget) if budget > 0 else no_draft
         K = len(proposal.ids)
         capture = dict.fromkeys(draft.state_layers) if draft.state_layers else None
-        logits = target_forward(stack, cache, [state.tokens[-1]] + proposal.ids, pending_pos, proposal, capture)  # [1, K+1, V]
-        state.target_states, state.states_start = capture or {}, pending_pos
+        input_ids = [state.tokens[-1]] + proposal.ids
+        logits = target_forward(stack, cache, input_ids, pending_pos, proposal, capture)  # [1, K+1, V]
+        if draft.observe_top_k:
+            draft.observe(state, input_ids, _top_k(logits, draft.observe_top_k))
         result = _verify(logits, proposal, config.temperature, config.top_p, generator)
         num_accepted = int(result.num_accepted[0])
         emitted = result.out_ids[0, : num_accepted + 1].tolist()
 
         committed_len = len(state.tokens) + num_accepted  # everything in the caches up to here is final
-        stack.crop(cache, committed_len)
+        if proposal.parents is None:
+            stack.crop(cache, committed_len)
+            depth = K
+        else:  # keep the root's row and the accepted path's, in place after the prefix
+            rows = [0] + [1 + node for node in result.path_nodes[0, :num_accepted].tolist()]
+            stack.keep_rows(cache, pending_pos, rows)
+            capture = {layer: states[:, rows] for layer, states in (capture or {}).items()}
+            depth = max(stack.tree_positions(proposal.parents, 1).tolist(), default=0)
+        state.target_states, state.states_start = capture or {}, pending_pos
         draft.accept(state, committed_len)
         state.tokens.extend(emitted)
         new_ids.extend(emitted)
 
         stats.target_forwards += 1
         stats.drafted_tokens += K
+        stats.nodes_verified += K
         stats.accepted_tokens += num_accepted
-        _grow(stats.drafted_per_position, K)
+        _grow(stats.drafted_per_position, depth)  # a tree proposes every depth up to its deepest node
         _grow(stats.accepted_per_position, num_accepted)
         if on_tokens is not None:
             room = config.max_new_tokens - (len(new_ids) - len(emitted))
@@ -208,6 +249,10 @@ def speculative_decode(
     stats.new_tokens = len(new_ids)
     stats.wall_s = pre.seconds + (time.perf_counter() - t0)
     return new_ids, stats
+
+
+def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:  # [1, T, V] -> [T, k]
+    return logits[0].topk(min(k, logits.shape[-1]), dim=-1).indices
 
 
 def num_before_eos(tokens: list[int], eos_ids) -> int:

@@ -29,8 +29,11 @@ from ..runtime.layers import LayerStack
 
 @dataclass
 class DraftOutput:
-    ids: list[int]  # the K proposed tokens (K may be 0)
+    ids: list[int]  # the K proposed tokens (K may be 0), or the N nodes of a tree
     probs: torch.Tensor | None = None  # [K, V] q for each proposed token; None: one-hot (greedy or model-free)
+    # A token tree: the parent of each node (-1: the root, the pending token), parents before children. None: a
+    # chain. A tree's nodes are fixed candidates (no ``probs``; verify_tree_sampling's rule).
+    parents: list[int] | None = None
     # Exit drafts: layer-E residual states of the first K input positions (pending token, d1..d_{K-1}),
     # so verification only runs layers [E, L) for them; K+1 positions (d_K too) when the draft stopped on
     # confidence after running [0, E) for d_K as well.
@@ -193,6 +196,13 @@ class Draft:
 
     def accept(self, state: DecodeState, committed_len: int) -> None:
         """The first ``committed_len`` tokens of ``state.tokens`` are final; drop state beyond them."""
+
+    # > 0: the loop hands ``observe`` the target's top-k next tokens after every position it ran (at no extra forward).
+    observe_top_k = 0
+
+    def observe(self, state: DecodeState, token_ids: list[int], topk_ids: torch.Tensor) -> None:
+        """``topk_ids[t]`` [T, k]: the target's top-k next tokens after ``token_ids[t]`` in its last forward (the tree
+        or chain just verified, accepted or not)."""
 
     def teacher_forced(self, tp: TeacherPass, vocab_size: int) -> TeacherForced:
         """This draft replayed along the target's sequence (see the module docstring)."""

@@ -20,6 +20,7 @@ from .exit_draft import ExitDraft, ExitSettings, exit_arm
 from .exit_head import load_head
 from .feature_draft import FeatureDraft, FeatureSettings, feature_arm
 from .feature_head import load_feature_head
+from .tree_drafts import LookupTreeDraft, LookupTreeSettings, SuccessorDraft, SuccessorSettings
 
 # Prompt lookup with different draft lengths behaves very differently per prompt (short drafts are cheap
 # when matches are rare, long ones pay off on copy-heavy prompts), so each length is its own arm.
@@ -49,6 +50,20 @@ def model_arm(path: str, draft_len: int = 4, name: str | None = None) -> dict:
     return {"name": name or f"model:{Path(path).name}", "kind": "model", "settings": {"path": str(path), "draft_len": draft_len}}
 
 
+def lookup_tree_arm(draft_len: int = 5, max_nodes: int = 16, ngram_sizes=(3, 2, 1), name: str | None = None) -> dict:
+    """Prompt lookup with several earlier matches as the branches of one token tree."""
+    settings = LookupTreeSettings(draft_len, max_nodes, list(ngram_sizes))  # validates
+    return {"name": name or f"lookup-tree-n{max_nodes}", "kind": "lookup-tree",
+            "settings": {"draft_len": settings.draft_len, "max_nodes": settings.max_nodes, "ngram_sizes": list(ngram_sizes)}}
+
+
+def successor_arm(draft_len: int = 6, max_nodes: int = 16, top_k: int = 4, name: str | None = None) -> dict:
+    """A tree from the target's own top-k successors of each token (Token Recycling)."""
+    settings = SuccessorSettings(draft_len, max_nodes, top_k)  # validates
+    return {"name": name or f"successor-n{max_nodes}", "kind": "successor",
+            "settings": {"draft_len": settings.draft_len, "max_nodes": settings.max_nodes, "top_k": settings.top_k}}
+
+
 def none_arm(name: str = "none") -> dict:
     return {"name": name, "kind": "none", "settings": {}}
 
@@ -59,6 +74,14 @@ def _build_none(spec, target, bundle_dir, shared):
 
 def _build_lookup(spec, target, bundle_dir, shared):
     return LookupDraft(spec["name"], LookupSettings(**spec.get("settings", {})))
+
+
+def _build_lookup_tree(spec, target, bundle_dir, shared):
+    return LookupTreeDraft(spec["name"], LookupTreeSettings(**spec.get("settings", {})))
+
+
+def _build_successor(spec, target, bundle_dir, shared):
+    return SuccessorDraft(spec["name"], SuccessorSettings(**spec.get("settings", {})))
 
 
 def _build_model(spec, target, bundle_dir, shared):
@@ -99,6 +122,8 @@ def _build_feature(spec, target, bundle_dir, shared):
 DRAFT_KINDS: dict[str, Callable[[dict, object, Path | None, dict], Draft]] = {
     "none": _build_none,
     "lookup": _build_lookup,
+    "lookup-tree": _build_lookup_tree,
+    "successor": _build_successor,
     "model": _build_model,
     "exit": _build_exit,
     "feature": _build_feature,
@@ -153,4 +178,4 @@ def pool_key(arms: list[dict]) -> str:
 
 
 __all__ = ["BASE_ARMS", "DRAFT_KINDS", "base_arms", "build_draft", "build_drafts", "cost_key", "exit_arm", "feature_arm",
-           "lookup_arm", "model_arm", "none_arm", "pool_key", "with_draft_len"]
+           "lookup_arm", "lookup_tree_arm", "model_arm", "none_arm", "pool_key", "successor_arm", "with_draft_len"]

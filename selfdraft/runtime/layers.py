@@ -6,6 +6,12 @@ model's real ``DynamicCache``. Full decoding is ``run(embed(ids), 0, L)``; an ea
 different numbers of tokens, attention masks are sized per layer (``create_causal_mask(layer_idx=...)``)
 and positions are always passed explicitly.
 
+A *token tree* (SpecInfer, Miao et al. 2024) is verified in one forward: ``run(..., tree=parents)`` where
+``parents[t]`` is the index, among the T new positions, of position t's parent (-1: it hangs off the cached prefix).
+Each new position sees the whole cached prefix (within a sliding layer's window), its ancestors and itself; its
+position is prefix length + depth (``tree_positions``). After verification ``keep_rows`` moves the accepted path's
+K/V rows into place and crops the rest.
+
 Works for models whose blocks live in ``model.model.layers`` (Llama, Qwen2, Mistral, Gemma 3), including
 hybrid sliding-window/full-attention stacks (``config.layer_types``).
 """
@@ -54,6 +60,32 @@ class LayerStack:
             if extra > 0:
                 cache.layers[i].crop(-extra)
 
+    @staticmethod
+    def keep_rows(cache: DynamicCache, prefix_len: int, rows: list[int], start: int = 0, stop: int | None = None) -> None:
+        """Keep, after the first ``prefix_len`` cached tokens, only the new rows ``rows`` (offsets past prefix_len, in
+        order) of layers [start, stop), moved into place: the accepted path of a tree forward. ``crop`` does the rest."""
+        stop = len(cache.layers) if stop is None else min(stop, len(cache.layers))
+        if rows != list(range(len(rows))):
+            for i in range(start, stop):
+                layer = cache.layers[i]
+                if not layer.is_initialized or layer.get_seq_length() <= prefix_len:
+                    continue
+                # A sliding layer's tensors start past position 0 (its cumulative length counts what it dropped).
+                first = prefix_len - (layer.get_seq_length() - layer.keys.shape[-2])
+                src = torch.tensor(rows, device=layer.keys.device) + first
+                dst = torch.arange(first, first + len(rows), device=layer.keys.device)
+                layer.keys.index_copy_(-2, dst, layer.keys.index_select(-2, src))
+                layer.values.index_copy_(-2, dst, layer.values.index_select(-2, src))
+        LayerStack.crop(cache, prefix_len + len(rows), start, stop)
+
+    @staticmethod
+    def tree_positions(parents: list[int], start_pos: int) -> torch.Tensor:  # [T]
+        """Position of each new tree position: ``start_pos`` + its depth (a root at depth 0)."""
+        depths: list[int] = []
+        for parent in parents:
+            depths.append(0 if parent < 0 else depths[parent] + 1)
+        return torch.tensor(depths) + start_pos
+
     # -- forward -------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, D]
         return self.backbone.embed_tokens(input_ids)
@@ -66,10 +98,14 @@ class LayerStack:
         cache: DynamicCache,
         positions: torch.Tensor,  # [T] absolute positions of the T new tokens
         capture: dict[int, torch.Tensor] | None = None,
+        tree: list[int] | None = None,
     ) -> torch.Tensor:  # [B, T, D], the residual stream after layer stop-1 (not normed)
         """``capture``: a dict whose keys are layer counts l in (start, stop]; each gets the residual stream after
-        layer l-1 (entering layer l), the states a feature head reads, at no extra cost."""
+        layer l-1 (entering layer l), the states a feature head reads, at no extra cost. ``tree``: the parent of each
+        new position (see the module docstring; ``positions`` must then be ``tree_positions(tree, prefix length)``);
+        None is the causal chain."""
         position_ids = positions[None, :]
+        ancestors = _ancestors(tree, hidden.device) if tree is not None else None
         rotary = {}
         masks = {}
         for i in range(start, stop):
@@ -77,7 +113,9 @@ class LayerStack:
             if layer_type not in rotary:
                 rotary[layer_type] = self.rotary(hidden, position_ids, layer_type)
             mask_key = (layer_type, self.seq_len(cache, i))
-            if mask_key not in masks:
+            if mask_key not in masks and ancestors is not None:
+                masks[mask_key] = self.tree_mask(hidden, cache, i, positions, ancestors)
+            elif mask_key not in masks:
                 make_mask = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
                 masks[mask_key] = make_mask(
                     config=self.config,
@@ -99,6 +137,31 @@ class LayerStack:
                 capture[i + 1] = hidden
         return hidden
 
+    def tree_mask(self, hidden: torch.Tensor, cache: DynamicCache, layer_idx: int, positions: torch.Tensor,
+                  ancestors: torch.Tensor) -> torch.Tensor:  # [B, 1, T, kv_len]
+        """Layer ``layer_idx``'s attention mask for a tree forward, sized like ``create_causal_mask``'s (the keys the
+        cache layer returns: a sliding layer returns only its window), in the format of the model's attention."""
+        B, T, _ = hidden.shape
+        prefix_len = self.seq_len(cache, layer_idx)
+        if layer_idx < len(cache.layers):
+            kv_len, kv_offset = cache.layers[layer_idx].get_mask_sizes(T)
+        else:
+            kv_len, kv_offset = prefix_len + T, 0
+        key_pos = torch.arange(kv_offset, kv_offset + kv_len, device=hidden.device)  # [kv_len] slots: prefix, then nodes
+        is_prefix = key_pos < prefix_len
+        allowed = is_prefix[None, :].expand(T, kv_len).clone()  # [T, kv_len]
+        allowed[:, ~is_prefix] = ancestors[:, key_pos[~is_prefix] - prefix_len]
+        if self.layer_types[layer_idx] == "sliding_attention":
+            window = self.config.sliding_window
+            query_pos = positions.to(hidden.device)  # prefix length + depth
+            key_abs = torch.where(is_prefix, key_pos, query_pos[(key_pos - prefix_len).clamp(0, T - 1)])  # a node: its depth
+            allowed &= (query_pos[:, None] - key_abs[None, :]) < window
+        mask = allowed[None, None].expand(B, 1, T, kv_len)
+        if self.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
+            zero, floor = torch.zeros((), dtype=hidden.dtype), torch.finfo(hidden.dtype).min
+            return torch.where(mask, zero.to(hidden.device), floor)
+        return mask
+
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str = "full_attention"):
         """The model's rotary (cos, sin) for ``position_ids`` [1, T] (per layer type where the model has several)."""
         if self._rotary_per_type:
@@ -108,3 +171,15 @@ class LayerStack:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, V]
         """The model's own final norm + LM head (+ logit soft-capping where the model has it)."""
         return softcap(self.model.lm_head(self.backbone.norm(hidden)), self.logit_softcap)
+
+
+def _ancestors(parents: list[int], device: torch.device) -> torch.Tensor:  # [T, T] bool
+    """``[t, s]``: new position s is t itself or one of its ancestors (parents come before their children)."""
+    T = len(parents)
+    ancestors = torch.eye(T, dtype=torch.bool)
+    for t, parent in enumerate(parents):
+        if not -1 <= parent < t:
+            raise ValueError(f"tree position {t} has parent {parent}: parents must come before their children")
+        if parent >= 0:
+            ancestors[t] |= ancestors[parent]
+    return ancestors.to(device)
