@@ -66,15 +66,39 @@ class Target:
     def max_context(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 1 << 20))
 
-    def encode(self, prompt: str, chat: bool = True) -> list[int]:
-        """Token ids of ``prompt`` as the model sees it (with the chat template when it has one)."""
+    def encode(self, prompt: str, chat: bool = True, escape_special: bool = False) -> list[int]:
+        """Token ids of ``prompt`` as the model sees it (with the chat template when it has one).
+
+        ``escape_special``: a special token's text typed in ``prompt`` (``<|im_end|>``) stays plain text instead of
+        becoming the control token (as plain HF tokenizers do); for services that take untrusted prompts. The
+        template's own control tokens are unchanged."""
         tok = self.tokenizer
         if chat and getattr(tok, "chat_template", None):
+            if escape_special:
+                return self._encode_chat_escaped(prompt)
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return list(ids)
+        if escape_special:
+            return list(tok(prompt, split_special_tokens=True)["input_ids"])
         return list(tok(prompt)["input_ids"])
+
+    def _encode_chat_escaped(self, prompt: str) -> list[int]:
+        """The chat template rendered around a placeholder; the template's text is tokenized with special tokens,
+        the user's text without (``split_special_tokens``)."""
+        tok = self.tokenizer
+        marker = "CTXDRAFTUSERTEXT"
+        rendered = tok.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                           tokenize=False)
+        if rendered.count(marker) != 1:
+            raise CtxdraftError(f"{self.name}: cannot escape special tokens, the chat template changes its content")
+        before, after = rendered.split(marker)
+
+        def ids(text: str, split: bool) -> list[int]:
+            return list(tok(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]) if text else []
+
+        return ids(before, False) + ids(prompt, True) + ids(after, False)
 
 
 def load_target(spec: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32") -> Target:

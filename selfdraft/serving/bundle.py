@@ -191,18 +191,21 @@ class Bundle:
         chat: bool = True,
         stop: list[str] | None = None,
         on_text=None,
+        escape_special: bool = False,
     ) -> GenerationResult:
         """Generate a continuation of ``prompt``; output is identical to the target's alone (greedy).
 
-        ``stop``: a stop string or a list of them (the text is cut before the first one found)."""
+        ``stop``: a stop string or a list of them (the text is cut before the first one found).
+        ``escape_special``: special tokens typed in ``prompt`` (``<|im_end|>``) stay plain text (``Target.encode``)."""
         config = GenerationConfig(max_new_tokens, temperature, top_p, seed, stop)  # checks every value
         checks.text("prompt", prompt)
         checks.text("draft", draft)
         checks.flag("chat", chat)
+        checks.flag("escape_special", escape_special)
         if draft != "auto":
             self.arm_spec(draft)  # unknown arm: fail before any model work
         target = self.target
-        prompt_ids = target.encode(prompt, chat=chat)
+        prompt_ids = target.encode(prompt, chat=chat, escape_special=escape_special)
         if len(prompt_ids) + max_new_tokens > target.max_context:
             raise CtxdraftError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
