@@ -12,7 +12,8 @@ from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.runtime.distributed import Group
 from ctxdraft.selfdraft.runtime.machine import DTYPE_CHOICES
 
-FAULTS = (OSError, RecursionError, shutil.Error)  # what the file system or a crafted file can throw: exit 2, no traceback
+# What the file system or a crafted file can throw: one `Error: <path>: <reason>` line, exit 2, no traceback.
+FAULTS = (OSError, RecursionError, shutil.Error)
 
 
 def fault_message(e: BaseException) -> str:

@@ -41,7 +41,8 @@ def _print_piece(piece: str) -> None:
 @click.option("--stop", multiple=True, help="Stop string (repeatable); the text is cut before it.")
 @click.option("--no-chat", is_flag=True, help="Do not apply the model's chat template.")
 @click.option("--escape-special", is_flag=True,
-              help="Special tokens typed in the prompt (<|im_end|>) stay plain text, not control tokens (untrusted prompts).")
+              help="Special tokens typed in the prompt (<|im_end|>) stay plain text, not control tokens "
+                   "(for untrusted prompts).")
 @click.option("--json", "as_json", is_flag=True, help="Print prompt_ids, token_ids, text, arm and stats as JSON.")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False),

@@ -18,7 +18,8 @@ FIXED_FILES = (BUNDLE_FILE, EXITS_FILE, POLICY_FILE, POLICY_WEIGHTS_FILE, REWARD
                EXITS_REPORT, COLLECT_REPORT, POLICY_REPORT, UPDATE_REPORT, UPDATE_REPORT_MD)
 _REPORT = re.compile(r"^reports/[A-Za-z0-9_.@:+-]+\.(json|md)$")  # the commands' reports (and their Markdown)
 # The only file each bundle.json field may name (a crafted name cannot point a write at another file).
-NAMED_BY_FIELD = {"arms[].settings.weights": EXITS_FILE, "policy": POLICY_FILE, "policy_model.weights": POLICY_WEIGHTS_FILE}
+NAMED_BY_FIELD = {"arms[].settings.weights": EXITS_FILE, "policy": POLICY_FILE,
+                  "policy_model.weights": POLICY_WEIGHTS_FILE}
 
 
 def feature_report(name: str) -> str:
@@ -28,11 +29,11 @@ def feature_report(name: str) -> str:
 
 def bundle_files(root) -> list[str]:
     """The names of the bundle files present under ``root`` (a closed set: what a copy of the bundle takes)."""
-
     root = Path(root)
     found = [name for name in FIXED_FILES if (root / name).is_file()]
     fixed = set(found)
     reports = root / "reports"
     if reports.is_dir() and not reports.is_symlink():
-        found += sorted(f"reports/{p.name}" for p in reports.iterdir() if _REPORT.match(f"reports/{p.name}") and f"reports/{p.name}" not in fixed)
+        names = (f"reports/{p.name}" for p in reports.iterdir() if p.is_file() and not p.is_symlink())
+        found += sorted(name for name in names if _REPORT.match(name) and name not in fixed)
     return found
