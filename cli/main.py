@@ -12,6 +12,7 @@ from ctxdraft.selfdraft.base.errors import CtxdraftError
 from .arms import add_arm_cmd
 from .bench import bench_cmd
 from .calibrate import calibrate_cmd
+from .common import FAULTS, fault_message
 from .exits import add_exits_cmd
 from .generate import generate_cmd, info_cmd
 from .online import update_policy_cmd
@@ -19,13 +20,17 @@ from .policy import collect_cmd, export_policy_cmd, train_policy_cmd
 
 
 class _Group(click.Group):
-    """Turns CtxdraftError (bad input) into one line on stderr and exit code 2, without a traceback."""
+    """Turns CtxdraftError (bad input) and OS faults (``common.FAULTS``) into one line on stderr and exit code 2,
+    without a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except CtxdraftError as e:
             click.echo(f"Error: {e}", err=True)
+            ctx.exit(2)
+        except FAULTS as e:
+            click.echo(f"Error: {fault_message(e)}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)

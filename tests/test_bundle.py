@@ -62,7 +62,7 @@ def _info(**changes):
     (_info(exits="x"), "exits: 'x' is not of type 'array', 'null'"),
     (_info(exits=[{"layer": 3, "agreement": "high"}]), "exits[0].agreement: 'high' is not of type 'number', 'null'"),
     (_info(default_arm="zzz"), "default_arm 'zzz' is not one of the arms"),
-    (_info(policy="p.onnx", policy_model={"feature_kind": "hidden", "arms": ["none", "gone"], "config": {}}),
+    (_info(policy="policy.onnx", policy_model={"feature_kind": "hidden", "arms": ["none", "gone"], "config": {}}),
      "policy_model.arms names arms the bundle does not have: ['gone']"),
 ])
 def test_validate_info_names_the_field(info, message):

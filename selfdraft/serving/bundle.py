@@ -19,7 +19,7 @@ from ctxdraft.export.router import OnnxRouter
 from ..base import checks
 from ..base.errors import CtxdraftError
 from ..base.features import features_from_prefill
-from ..base.fileio import display_path, read_json, write_json_atomic
+from ..base.fileio import check_sealed, display_path, read_json, write_json_atomic
 from ..base.layout import BUNDLE_FILE, TRAJECTORIES_FILE
 from ..drafting.decoding import GenerationConfig, GenerationStats, prefill, speculative_decode
 from ..drafting.draft import Draft
@@ -140,8 +140,11 @@ class Bundle:
         the bundle can be calibrated (made now, once, if it does not exist), else the shipped one."""
         if self._router is None and self.info.get("policy") and self.path is not None:
             calibration = self.calibration(create=True)
-            path = calibration.policy_path if calibration is not None else self.path / self.info["policy"]
-            self._router = OnnxRouter(path, expected=self.info)
+            if calibration is not None and calibration.router is not None:
+                self._router = calibration.router
+            else:
+                path = calibration.policy_path if calibration is not None else self.path / self.info["policy"]
+                self._router = OnnxRouter(path, expected=self.info)
         return self._router
 
     def calibration(self, create: bool = False):
@@ -188,18 +191,21 @@ class Bundle:
         chat: bool = True,
         stop: list[str] | None = None,
         on_text=None,
+        escape_special: bool = False,
     ) -> GenerationResult:
         """Generate a continuation of ``prompt``; output is identical to the target's alone (greedy).
 
-        ``stop``: a stop string or a list of them (the text is cut before the first one found)."""
+        ``stop``: a stop string or a list of them (the text is cut before the first one found).
+        ``escape_special``: special tokens typed in ``prompt`` (``<|im_end|>``) stay plain text (``Target.encode``)."""
         config = GenerationConfig(max_new_tokens, temperature, top_p, seed, stop)  # checks every value
         checks.text("prompt", prompt)
         checks.text("draft", draft)
         checks.flag("chat", chat)
+        checks.flag("escape_special", escape_special)
         if draft != "auto":
             self.arm_spec(draft)  # unknown arm: fail before any model work
         target = self.target
-        prompt_ids = target.encode(prompt, chat=chat)
+        prompt_ids = target.encode(prompt, chat=chat, escape_special=escape_special)
         if len(prompt_ids) + max_new_tokens > target.max_context:
             raise CtxdraftError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
@@ -360,6 +366,7 @@ def load_bundle(path: str | Path | None = None, target: str | None = None, dtype
     path = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
     if not path.is_dir():
         raise CtxdraftError(f"bundle not found: {display_path(path)} (make one with `ctxdraft add-exits ... --out {path}`)")
+    check_sealed(path)
     info = validate_info(read_json(path / BUNDLE_FILE, "bundle file"), display_path(path / BUNDLE_FILE))
     _check_files(path, info)
     bundle = Bundle(path, info, dtype=dtype, calibrate=calibrate, **serving)

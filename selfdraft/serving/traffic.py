@@ -31,6 +31,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..base.errors import CtxdraftError
-from ..base.fileio import display_path
+from ..base.fileio import display_path, regular_file
 from ..drafting.draft import Draft
 from ..drafting.pool import pool_key
 from ..learning import costs
@@ -114,8 +115,14 @@ def log_path(path) -> Path | None:
     path = Path(path)
     if path.is_dir():
         raise CtxdraftError(f"log {display_path(path)} is a directory; give a file to append requests to")
-    if not path.parent.is_dir():
+    if os.path.lexists(path):  # checked now, before any generating: a request's answer is never spent on a bad log
+        regular_file(path, "log")
+        if not os.access(path, os.W_OK):
+            raise CtxdraftError(f"log {display_path(path)} is not writable; give a file you can append to")
+    elif not path.parent.is_dir():
         raise CtxdraftError(f"the directory of log {display_path(path)} does not exist; create it first")
+    elif not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CtxdraftError(f"log {display_path(path)} cannot be created: its directory is not writable")
     return path
 
 
@@ -126,9 +133,15 @@ def append_line(path: str | os.PathLike, row: dict) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        start = os.fstat(fd).st_size
         view = memoryview(data)
-        while view:  # a short write (a full disk) continues under the lock, so the line stays whole or torn at the end
-            view = view[os.write(fd, view):]
+        try:
+            while view:  # a short write continues under the lock, so the line stays whole
+                view = view[os.write(fd, view):]
+        except OSError:  # a full disk: take back the part of the line that was written, then say so
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.ftruncate(fd, start)
+            raise
     finally:
         os.close(fd)  # closing releases the lock
 
@@ -206,8 +219,14 @@ def request_row(bundle, request: RequestLog, features_only: bool) -> dict:
 
 
 def log_request(bundle, request: RequestLog) -> None:
-    """Append the log line of one routed request to ``bundle.log``."""
-    append_line(bundle.log, request_row(bundle, request, bundle.log_features_only))
+    """Append the log line of one routed request to ``bundle.log``. A failed append (a full disk, a log made
+    read-only meanwhile) is a warning: the request's answer is not lost for it."""
+    row = request_row(bundle, request, bundle.log_features_only)
+    try:
+        append_line(bundle.log, row)
+    except OSError as e:
+        log.warning("could not append the request to the traffic log %s (%s); it is not logged",
+                    display_path(bundle.log), e.strerror or e)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,8 +267,7 @@ def read_traffic(paths) -> TrafficRows:
         raise CtxdraftError("no traffic logs given; pass the files `ctxdraft generate --log` wrote")
     rows, where, skipped, files = [], [], [], []
     for path in paths:
-        if not path.is_file():
-            raise CtxdraftError(f"traffic log not found: {display_path(path)}")
+        regular_file(path, "traffic log")
         count = bad = 0
         for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
             if not raw.strip():
