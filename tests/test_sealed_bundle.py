@@ -287,7 +287,7 @@ def test_os_errors_become_one_error_line_with_the_path(monkeypatch):
         def fail(*args, _fault=fault, **kwargs):
             raise _fault
 
-        monkeypatch.setattr(generate_cli, "load_bundle", fail)
+        monkeypatch.setattr(generate_cli, "generate", fail)
         result = invoke("generate", "hi")
         assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output
 
@@ -307,7 +307,7 @@ def test_log_row_feature_1e308_infinity_or_string_is_skipped_with_a_count(bundle
     assert result.report["logged_requests"] == len(rows) - 1
     assert len(result.report["skipped_rows"]) == 1 and "bad.jsonl:3" in result.report["skipped_rows"][0]
     assert reason in result.report["skipped_rows"][0]
-    assert "1 impossible row(s) skipped" in update_module.report_markdown(result.report)
+    assert "1 impossible row(s) skipped" in update_module.update_report(result.report).to_markdown()
 
 
 def test_log_row_with_3000000_steps_for_7_new_tokens_is_skipped_as_impossible(bundle_dir, logged, tmp_path):
