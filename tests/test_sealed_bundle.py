@@ -27,16 +27,9 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def built_bundle(tiny_model_dir, tmp_path_factory):
-    from test_traffic import train_tiny_bundle
-
-    return train_tiny_bundle(tiny_model_dir, tmp_path_factory.mktemp("sealed") / "bundle", num_prompts=16)
-
-
 @pytest.fixture()
-def bundle_dir(built_bundle, tmp_path):
-    return shutil.copytree(built_bundle, tmp_path / "bundle")
+def bundle_dir(trained_tiny_bundle, tmp_path):
+    return shutil.copytree(trained_tiny_bundle, tmp_path / "bundle")
 
 
 @pytest.fixture()
