@@ -28,11 +28,13 @@ from ..drafting.pool import build_drafts, pool_key, with_draft_len
 from ..learning.costs import (
     CostProfile,
     context_ids,
+    max_depth,
     max_positions,
     measure_profile,
     plain_steps,
     plain_trajectory,
     reward,
+    set_costs,
 )
 from ..learning.rewards import summarize
 from ..learning.trajectories import Trajectory, greedy_continuation, teacher_pass, trajectories
@@ -81,6 +83,7 @@ def arm_record(traj: Trajectory, profile: CostProfile, cost_key: str, num_plain_
         "accepted_tokens": traj.accepted_tokens,
         "evaluations": traj.evaluations,
         "tokens_per_forward": _round(traj.tokens_per_forward),
+        "nodes_per_step": _round(traj.nodes_per_step),
         "modelled_s": _round(seconds),
         "trajectory": traj.to_dict(),
     }
@@ -95,8 +98,9 @@ def collect_prompt(bundle, drafts: dict[str, Draft], prompt_ids: list[int], prof
                               drafts[check_arm] if check_arm is not None else None, feature_layer)
     generate_s = time.perf_counter() - t0
     layers = sorted({E for d in drafts.values() for E in d.state_layers})
+    topk = max([d.observe_top_k for d in drafts.values()] + [0])  # a successor table replays from the target's top-k
     tp = teacher_pass(stack, prompt_ids, run.new_ids, target.eos_ids, ended_on_eos=run.ended_on_eos, layers=layers,
-                      extend=max_positions(drafts))
+                      extend=max_depth(drafts), topk=topk)
     trajs = trajectories(drafts, tp, config.max_new_tokens, target.eos_ids, target.vocab_size)
     num_plain_steps = plain_steps(len(run.new_ids), config.max_new_tokens, run.ended_on_eos)
     checked = None
@@ -204,6 +208,7 @@ def collect(bundle, rows: list[dict], out_path: str | os.PathLike, config: Colle
     profile_dict, profiled, features = group.broadcast(group.run(lambda: measure() if group.main else None))
     profile = CostProfile.from_dict(profile_dict)
     bundle.info["cost_profile"], bundle.info["features"] = profile_dict, features
+    set_costs(drafts, profile)  # tree drafts size their trees with it, as when the bundle serves them
 
     check_arm = next((a["name"] for a in arms if a["kind"] == "lookup"), None)
     mine = group.shard(todo)
