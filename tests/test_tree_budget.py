@@ -120,8 +120,9 @@ def test_bad_budget_settings_are_one_error(arm, settings):
         build_draft(spec, target=None)
 
 
-@pytest.mark.parametrize("curve", [[0.0], [0.0, 1.0, -1.0], [0.0, 0.0, 1.0]])
+@pytest.mark.parametrize("curve", [[0.0], [0.0, 1.0, -1.0] * 30, [0.0, 0.0, 1.0] * 30, moderate(AUTO_MAX_NODES)[:-1]])
 def test_bad_costs_are_one_error(curve):
+    """Negative or zero step costs, or costs that stop short of the node cap (a tree wider than the budget covers)."""
     with pytest.raises(CtxdraftError):
         SuccessorDraft("s", SuccessorSettings(max_nodes="auto")).set_costs(curve)
 
