@@ -145,7 +145,7 @@ def collect(bundle, rows: list[dict], out_path: str | os.PathLike, config: Colle
          "pool": <hash of the arms' settings>,
          "features": {"hidden": [D + 1 floats], "hidden_layer": f, "tokens": [prompt ids]},
          "arms": {name: {"speedup", "target_forwards", "drafted_tokens", "accepted_tokens", "evaluations",
-                         "tokens_per_forward", "modelled_s", "trajectory": {"new_tokens", "steps"}}},
+                         "tokens_per_forward", "nodes_per_step", "modelled_s", "trajectory": {"new_tokens", "steps"}}},
          "plain_steps", "plain_s": modelled seconds of plain decoding, "generate_s": seconds of the real run}
 
     Profiles the costs once per bundle (bundle.json ``cost_profile``) and sets bundle.json ``features`` when
