@@ -216,8 +216,6 @@ def speculative_decode(
         capture = dict.fromkeys(draft.state_layers) if draft.state_layers else None
         input_ids = [state.tokens[-1]] + proposal.ids
         logits = target_forward(stack, cache, input_ids, pending_pos, proposal, capture)  # [1, K+1, V]
-        if draft.observe_top_k:
-            draft.observe(state, input_ids, _top_k(logits, draft.observe_top_k))
         result = _verify(logits, proposal, config.temperature, config.top_p, generator)
         num_accepted = int(result.num_accepted[0])
         emitted = result.out_ids[0, : num_accepted + 1].tolist()
@@ -231,6 +229,9 @@ def speculative_decode(
             stack.keep_rows(cache, pending_pos, rows)
             capture = {layer: states[:, rows] for layer, states in (capture or {}).items()}
             depth = max(stack.tree_positions(proposal.parents, 1).tolist(), default=0)
+        if draft.observe_top_k:  # the committed positions only: the root and the accepted path
+            committed = rows if proposal.parents is not None else list(range(num_accepted + 1))
+            draft.observe(state, [input_ids[r] for r in committed], _top_k(logits[:, committed], draft.observe_top_k))
         state.target_states, state.states_start = capture or {}, pending_pos
         draft.accept(state, committed_len)
         state.tokens.extend(emitted)

@@ -34,6 +34,7 @@ from ..runtime.target import DEFAULT_TARGET, Target, load_target
 from . import traffic
 from .bundle_info import new_bundle_info, validate_info
 from .calibration import auto_calibrate_default, calibrate, find_calibration
+from .profiles import profile_for
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,11 @@ class Bundle:
 
     def draft(self, name: str) -> Draft:
         if name not in self._drafts:
-            self._drafts[name] = build_draft(self.arm_spec(name), self.target, self.path, self.shared)
+            draft = build_draft(self.arm_spec(name), self.target, self.path, self.shared)
+            profile, _ = profile_for(self)  # a tree draft sizes its trees with this machine's costs
+            if profile is not None and profile.step_seconds(draft.max_verified() + 1) is not None:
+                draft.set_costs(profile.step_curve(draft.max_verified() + 1))
+            self._drafts[name] = draft
         return self._drafts[name]
 
     def save(self) -> None:

@@ -49,10 +49,20 @@ _EXITS = {"const": NAMED_BY_FIELD["arms[].settings.weights"]}
 _POLICY = {"const": NAMED_BY_FIELD["policy"]}
 _POLICY_WEIGHTS = {"const": NAMED_BY_FIELD["policy_model.weights"]}
 
+# A token tree's size: the deepest node, and the node cap or "auto" (the budget from the machine's costs; tree_budget.py).
+_TREE_SIZE = {"draft_len": {"type": "integer", "minimum": 1, "maximum": 64},
+              "max_nodes": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1024}, {"const": "auto"}]}}
+# Tree settings any tree arm may carry (the feature head's expansion, the merged arm): checked by the arm's builder.
+_TREE = {"type": "object", "properties": {**_TREE_SIZE, "top_k": {"type": "integer", "minimum": 1, "maximum": 64}}}
+
 ARM_SETTINGS = {
     "none": {"type": "object", "additionalProperties": False, "properties": {}},
     "lookup": {"type": "object", "additionalProperties": False,
                "properties": {"draft_len": _POS_INT, "ngram_sizes": {"type": "array", "minItems": 1, "items": _POS_INT}}},
+    "lookup-tree": {"type": "object", "additionalProperties": False,
+                    "properties": {**_TREE_SIZE, "ngram_sizes": {"type": "array", "minItems": 1, "items": _POS_INT}}},
+    "successor": {"type": "object", "additionalProperties": False,
+                  "properties": {**_TREE_SIZE, "top_k": {"type": "integer", "minimum": 1, "maximum": 64}}},
     "model": {"type": "object", "additionalProperties": False, "required": ["path"],
               "properties": {"path": _NAME, "draft_len": _POS_INT}},
     "exit": {"type": "object", "additionalProperties": False, "required": ["exit_layer"],
@@ -63,7 +73,8 @@ ARM_SETTINGS = {
     "feature": {"type": "object", "additionalProperties": False, "required": ["name", "layers"],
                 "properties": {"name": _NAME, "layers": {"type": "array", "minItems": 1, "items": _POS_INT},
                                "draft_len": _POS_INT, "threshold": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
-                               "draft_vocab": {"type": ["integer", "null"], "minimum": 1}, "weights": _EXITS}},
+                               "draft_vocab": {"type": ["integer", "null"], "minimum": 1}, "weights": _EXITS,
+                               "tree": _TREE}},
 }
 
 # The one declared schema of bundle.json (JSON Schema, checked with the jsonschema library on every read).

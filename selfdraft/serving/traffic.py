@@ -12,6 +12,7 @@ decision and is not logged)::
      "arm": "lookup-k2", "propensity": 0.9167, "greedy_arm": "lookup-k2", "explore": 0.1,
      "measurement": {"new_tokens", "max_new_tokens", "temperature", "target_forwards", "drafted_per_position",
                      "accepted_per_position", "trajectory": {"new_tokens", "steps"}, "plain_steps",
+                     "nodes_per_step", "tokens_per_forward",
                      "wall_s", "prefill_s", "route_s", "decode_s", "dtype", "machine": machine_fingerprint},
      "reward": {"speedup", "modelled_s", "plain_s", "profile": "<machine hash of the cost profile>"} | null}
 
@@ -65,14 +66,15 @@ TRAFFIC_VERSION = 1
 
 class StepRecorder(Draft):
     """A draft that records what the real one did, step by step, as a ``Trajectory`` (``trajectories.Step``:
-    evaluations, drafted, accepted, stopped on confidence), so that a served request is costed exactly like
-    the offline rows. ``tests/test_traffic.py`` checks it against ``trajectories.replay`` for every kind."""
+    evaluations, drafted, accepted, stopped on confidence, nodes verified), so that a served request is costed
+    exactly like the offline rows. ``tests/test_traffic.py`` checks it against ``trajectories.replay`` for every kind."""
 
     def __init__(self, draft: Draft):
         super().__init__(draft.name)
         self.inner = draft
         # What the decoding loop reads of a draft besides its methods.
         self.kind, self.draft_len, self.cost_key, self.state_layers = draft.kind, draft.draft_len, draft.cost_key, draft.state_layers
+        self.observe_top_k = draft.observe_top_k
         self.steps: list[Step] = []
         self._proposed: tuple[int, int, bool] | None = None
 
@@ -92,9 +94,18 @@ class StepRecorder(Draft):
         self._proposed = (evaluations, drafted, stopped)
         return out
 
+    def observe(self, state, token_ids, topk_ids) -> None:
+        self.inner.observe(state, token_ids, topk_ids)
+
+    def max_verified(self) -> int:
+        return self.inner.max_verified()
+
+    def set_costs(self, step_s) -> None:
+        self.inner.set_costs(step_s)
+
     def accept(self, state, committed_len: int) -> None:
         evaluations, drafted, stopped = self._proposed or (0, 0, False)  # no proposal when the budget was 0
-        self.steps.append(Step(evaluations, drafted, committed_len - len(state.tokens), stopped))
+        self.steps.append(Step(evaluations, drafted, committed_len - len(state.tokens), stopped, drafted))
         self._proposed = None
         self.inner.accept(state, committed_len)
 
@@ -209,6 +220,7 @@ def request_row(bundle, request: RequestLog, features_only: bool) -> dict:
             "drafted_per_position": list(stats.drafted_per_position),
             "accepted_per_position": list(stats.accepted_per_position),
             "trajectory": traj.to_dict(), "plain_steps": steps,
+            "nodes_per_step": round(traj.nodes_per_step, 4), "tokens_per_forward": round(traj.tokens_per_forward, 4),
             "wall_s": round(stats.wall_s, 6), "prefill_s": round(stats.prefill_s, 6), "route_s": round(stats.route_s, 6),
             "decode_s": round(stats.wall_s - stats.prefill_s - stats.route_s, 6),
             "dtype": dtype_name(dtype), "machine": machine_fingerprint(dtype),
