@@ -206,21 +206,26 @@ def _long_request() -> Request:
     return Request(prompt="ab", chat=False, draft="none", max_new_tokens=240, temperature=1.0, seed=1)
 
 
-def test_queue_limit_is_429_with_retry_after_and_a_disconnect_cancels_the_row(trained_bundle):
-    bundle = load_bundle(trained_bundle, calibrate=False)
-    with server(bundle, max_queue=0) as (url, scheduler):
+def test_queue_limit_is_429_with_retry_after_and_a_disconnect_drops_the_queued_request(bundle_dir, tmp_path):
+    log = tmp_path / "traffic.jsonl"
+    bundle = load_bundle(bundle_dir, calibrate=False, log=log)
+    gate = threading.Event()
+    with server(bundle, max_queue=1) as (url, scheduler):
+        # The worker hears this request's first piece of text and waits at the gate: the batch is full.
+        blocker = scheduler.submit(Request(prompt=PROMPT, chat=False, max_new_tokens=4),
+                                   on_event=lambda event: gate.wait(TIMEOUT))
         with httpx.stream("POST", f"{url}/v1/completions", timeout=TIMEOUT,
-                          json={"prompt": "ab", "max_tokens": 240, "temperature": 1.0, "seed": 1, "draft": "none",
-                                "stream": True}) as r:
-            next(line for line in r.iter_lines() if line)  # decoding has started
+                          json={"prompt": PROMPT, "max_tokens": 4, "stream": True}) as r:
+            assert r.status_code == 200 and scheduler.queue_depth == 1
             busy = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=TIMEOUT)
             assert busy.status_code == 429 and int(busy.headers["Retry-After"]) >= 1
             assert busy.json()["error"]["type"] == "rate_limit_error"
-        deadline = time.monotonic() + TIMEOUT  # the client went away: its row stops at a token boundary
-        while scheduler.batch_width:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=TIMEOUT).status_code == 200
+        time.sleep(0.5)  # the client went away while its request was queued
+        gate.set()
+        assert blocker.result(timeout=TIMEOUT).routed
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=TIMEOUT)
+        assert ok.status_code == 200
+    assert len(read_traffic([log]).rows) == 2  # the blocker and the last one; the dropped request was never decoded
 
 
 def test_cancel_stops_a_request_in_flight_and_drops_a_queued_one(trained_bundle):
