@@ -289,7 +289,6 @@ def test_reload_keeps_the_old_policy_when_the_new_one_cannot_be_read(bundle_dir)
 # `ctxdraft serve` as a process: SIGHUP reloads, SIGTERM drains and exits 0
 # --------------------------------------------------------------------------------------------------
 def test_serve_process_reloads_on_sighup_and_drains_on_sigterm(bundle_dir, tmp_path):
-    log = tmp_path / "traffic.jsonl"
     env = dict(os.environ, CTXDRAFT_NO_CALIBRATE="1", CTXDRAFT_DTYPE="float32", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", "from ctxdraft.cli.main import main; main()", "serve", "--bundle",
                              str(bundle_dir), "--port", "0", "--grace", "60"],
