@@ -22,7 +22,8 @@ import uvicorn  # noqa: E402
 
 from ctxdraft.selfdraft.entrypoints.openai_server import build_app  # noqa: E402
 from ctxdraft.selfdraft.serving.bundle import load_bundle  # noqa: E402
-from ctxdraft.selfdraft.serving.scheduler import Cancelled, QueueFull, Request, Scheduler  # noqa: E402
+from ctxdraft.selfdraft.serving.requests import Cancelled, QueueFull, Request  # noqa: E402
+from ctxdraft.selfdraft.serving.scheduler import Scheduler  # noqa: E402
 from ctxdraft.selfdraft.serving.traffic import read_traffic  # noqa: E402
 
 PROMPT = "abc abc 3 abc abc"
@@ -245,6 +246,57 @@ def test_cancel_stops_a_request_in_flight_and_drops_a_queued_one(trained_bundle)
         assert queued.started_at is None  # never decoded
     finally:
         assert scheduler.stop(TIMEOUT)
+
+
+def test_stop_drains_what_is_in_flight_then_admits_nothing(trained_bundle):
+    from ctxdraft.selfdraft.serving.requests import NotAdmitting
+
+    scheduler = Scheduler(load_bundle(trained_bundle, calibrate=False))
+    handles = [scheduler.submit(Request(prompt=PROMPT, chat=False, max_new_tokens=6)) for _ in range(3)]
+    assert scheduler.stop(TIMEOUT) is True
+    assert all(len(h.result(timeout=0).token_ids) > 0 for h in handles)  # every admitted request finished
+    with pytest.raises(NotAdmitting):
+        scheduler.submit(Request(prompt=PROMPT, chat=False, max_new_tokens=2))
+
+
+def test_stop_past_its_grace_cancels_the_request_in_flight(trained_bundle):
+    scheduler = Scheduler(load_bundle(trained_bundle, calibrate=False))
+    gate = threading.Event()
+    handle = scheduler.submit(_long_request(), on_event=lambda event: gate.wait(TIMEOUT))
+    while handle.first_text_at is None:  # the worker waits at the gate, mid-request
+        time.sleep(0.01)
+    threading.Timer(0.5, gate.set).start()
+    assert scheduler.stop(0.1) is False
+    with pytest.raises(Cancelled):
+        handle.result(timeout=TIMEOUT)
+
+
+def test_served_log_feeds_update_policy_and_the_server_routes_with_the_new_policy(bundle_dir, tmp_path):
+    """The online loop: serve with --log, update-policy in place, the server picks the new bundle up."""
+    import numpy as np
+    from test_traffic import PROMPTS
+
+    from ctxdraft.selfdraft.commands.update_policy import update_policy
+    from ctxdraft.selfdraft.serving.bundle_info import bundle_hash
+
+    log = tmp_path / "traffic.jsonl"
+    bundle = load_bundle(bundle_dir, calibrate=False, log=log, explore=0.5)
+    bundle.explore_rng = np.random.default_rng(0)
+    with server(bundle, watch_s=0.05) as (url, scheduler):
+        c = client(url)
+        for i in range(12):
+            c.completions.create(model="tiny", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=8, temperature=0)
+        served = read_traffic([log]).rows
+        assert len(served) == 12 and {r["bundle"] for r in served} == {bundle_hash(bundle)}
+        result = update_policy(load_bundle(bundle_dir, calibrate=False), [log], force=True)
+        assert result.replaced and result.path == bundle_dir
+        deadline = time.monotonic() + TIMEOUT
+        while scheduler.bundle.info.get("online") is None:
+            assert time.monotonic() < deadline, "the updated policy was not picked up"
+            time.sleep(0.02)
+        c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    rows = read_traffic([log]).rows
+    assert len(rows) == 13 and rows[-1]["bundle"] == bundle_hash(load_bundle(bundle_dir)) != rows[0]["bundle"]
 
 
 def _drop_policy(bundle_dir):

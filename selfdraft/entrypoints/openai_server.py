@@ -30,7 +30,8 @@ from ..base import checks
 from ..base.errors import CtxdraftError
 from ..commands.generate import check_log_options
 from ..serving.bundle import GenerationResult, load_bundle
-from ..serving.scheduler import Cancelled, NotAdmitting, QueueFull, RequestError, Scheduler
+from ..serving.requests import Cancelled, NotAdmitting, QueueFull, RequestError
+from ..serving.scheduler import Scheduler
 from . import protocol
 from .protocol import ChatRequest, CompletionRequest, ProtocolError
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..serving.bundle import GenerationResult
-from ..serving.scheduler import Request
+from ..serving.requests import Request
 
 # The library's names for the fields the API calls otherwise.
 API_FIELD = {"max_new_tokens": "max_tokens", "prompt": "prompt", "messages": "messages"}
