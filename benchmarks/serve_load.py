@@ -4,6 +4,7 @@ throughput, p50/p95 latency, time to first token and errors.
     ctxdraft serve --dtype bfloat16 &
     python benchmarks/serve_load.py --requests 64 --concurrency 8 --max-tokens 128 [--data prompts.jsonl]
     python benchmarks/serve_load.py --draft none ...   # the same load with every request on plain decoding
+    python benchmarks/serve_load.py --rounds 3 --server-pid $(pgrep -f 'ctxdraft serve')   # memory across rounds
 
 Every request is bounded by --timeout; the run by --requests. Prompts: the "prompt" field of a JSONL file
 (cycled), or a few built-in ones. Greedy (temperature 0) unless --temperature says otherwise.
@@ -106,6 +107,16 @@ async def run(args) -> dict:
     }
 
 
+def rss_mib(pid: int | None) -> float | None:
+    """Resident memory of the server process (Linux /proc), for leaks across rounds."""
+    if pid is None:
+        return None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -117,19 +128,26 @@ def main() -> None:
     p.add_argument("--data", help="JSONL with a 'prompt' field per line")
     p.add_argument("--timeout", type=float, default=600.0, help="Seconds one request may take")
     p.add_argument("--api-key")
+    p.add_argument("--rounds", type=int, default=1, help="Run the same load this many times (a report each)")
+    p.add_argument("--server-pid", type=int, help="Report this process's resident memory after each round")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if urlparse(args.url).hostname not in LOCAL_HOSTS:
         raise SystemExit(f"serve_load only loads a server on this machine (127.0.0.1), not {args.url}")
     if not (1 <= args.concurrency <= args.requests <= 100_000):
         raise SystemExit("need 1 <= --concurrency <= --requests <= 100000")
-    report = asyncio.run(run(args))
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for key, value in report.items():
-            print(f"{key:>16}: {value}")
-    sys.exit(1 if report["errors"] else 0)
+    if not 1 <= args.rounds <= 100:
+        raise SystemExit("need 1 <= --rounds <= 100")
+    errors = 0
+    for round_ in range(1, args.rounds + 1):
+        report = {"round": round_, **asyncio.run(run(args)), "server_rss_mib": rss_mib(args.server_pid)}
+        errors += report["errors"]
+        if args.json:
+            print(json.dumps(report, indent=2), flush=True)
+        else:
+            for key, value in report.items():
+                print(f"{key:>16}: {value}", flush=True)
+    sys.exit(1 if errors else 0)
 
 
 if __name__ == "__main__":

@@ -229,6 +229,22 @@ def test_queue_limit_is_429_with_retry_after_and_a_disconnect_drops_the_queued_r
     assert len(read_traffic([log]).rows) == 2  # the blocker and the last one; the dropped request was never decoded
 
 
+def test_a_client_that_gives_up_on_a_plain_request_cancels_it(bundle_dir, tmp_path):
+    log = tmp_path / "traffic.jsonl"
+    bundle = load_bundle(bundle_dir, calibrate=False, log=log)
+    gate = threading.Event()
+    with server(bundle) as (url, scheduler):
+        blocker = scheduler.submit(Request(prompt=PROMPT, chat=False, max_new_tokens=4),
+                                   on_event=lambda event: gate.wait(TIMEOUT))
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the blocker; the client stops waiting
+            httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=1.0)
+        time.sleep(1.0)  # the server looks for a disconnect every 0.5 s
+        gate.set()
+        blocker.result(timeout=TIMEOUT)
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=TIMEOUT).is_success
+    assert len(read_traffic([log]).rows) == 2  # the given-up request was dropped, never decoded nor logged
+
+
 def test_cancel_stops_a_request_in_flight_and_drops_a_queued_one(trained_bundle):
     scheduler = Scheduler(load_bundle(trained_bundle, calibrate=False), max_queue=1)
     try:
@@ -376,3 +392,14 @@ def test_serve_process_reloads_on_sighup_and_drains_on_sigterm(bundle_dir, tmp_p
         if proc.poll() is None:
             proc.kill()
             proc.wait(TIMEOUT)
+
+
+@pytest.mark.integration
+def test_real_model_greedy_chat_over_http_equals_bundle_generate():
+    bundle = load_bundle(calibrate=False)  # the shipped bundle of SmolLM2-135M-Instruct
+    prompt = "What is 17*23? Answer with the number and one sentence."
+    with server(bundle) as (url, _):
+        out = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}],
+                                                  max_tokens=24, temperature=0)
+    expected = bundle.generate(prompt, max_new_tokens=24)
+    assert out.choices[0].message.content == expected.text and out.usage.prompt_tokens == len(expected.prompt_ids)

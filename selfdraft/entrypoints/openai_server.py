@@ -305,10 +305,14 @@ def serve(config: ServeConfig, ready=None) -> None:
         threading.Thread(target=_announce, args=(server, ready), daemon=True).start()
     try:
         server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind; say so in one line instead
+        if server.started:
+            raise
     finally:
         scheduler.stop(0.0 if not scheduler.admitting else config.grace_s)
-    if server.started is False:
-        raise CtxdraftError(f"could not listen on {config.host}:{config.port} (in use, or not an address here?)")
+    if not server.started:
+        raise CtxdraftError(f"could not listen on {config.host}:{config.port} (the port is in use, or the address is "
+                            "not one of this machine's)")
 
 
 def _announce(server: uvicorn.Server, ready) -> None:

@@ -159,7 +159,7 @@ class Scheduler:
                 raise NotAdmitting("the server is shutting down and admits no new requests")
             if self._queued >= self.max_queue + self._width - len(self._in_flight):
                 raise QueueFull(f"{self._queued} requests are queued (the limit is {self.max_queue}); retry later",
-                                retry_after_s=max(1.0, self.mean_request_s * (self._queued + 1) / self.max_batch))
+                                retry_after_s=max(1.0, self.mean_request_s * (self._queued + 1) / self._width))
             handle = Handle(next(self._ids), request, on_event)
             self._queued += 1
             self._queue.put(handle)  # under the lock: never behind the sentinel stop() puts
