@@ -99,6 +99,9 @@ def test_chat_uses_the_chat_template_and_equals_bundle_generate(served):
                                               max_tokens=10, temperature=0)
     assert out.choices[0].message.content == expected.text and out.choices[0].message.role == "assistant"
     assert out.usage.prompt_tokens == len(expected.prompt_ids)
+    parts = client(url).chat.completions.create(model="tiny", max_tokens=10, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": PROMPT[:5]}, {"type": "text", "text": PROMPT[5:]}]}])
+    assert parts.choices[0].message.content == expected.text
 
 
 def test_streaming_pieces_add_up_to_the_whole_and_end_with_done(served):
@@ -154,6 +157,7 @@ def test_models_health_and_metrics(served):
     ({"prompt": PROMPT, "temperature": True}, "temperature"),
     ({"prompt": PROMPT, "temperature": -1}, "temperature"),
     ({"prompt": PROMPT, "draft": "nope"}, "draft"),
+    ({"prompt": PROMPT, "draft": "model:/etc"}, "draft"),  # a client cannot make the server load a model
     ({"prompt": PROMPT, "n": 2}, "n"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": ""}, "prompt"),
@@ -198,6 +202,20 @@ def test_api_key_is_required_when_set(trained_bundle):
         assert httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT}, timeout=TIMEOUT).status_code == 401
         assert client(url, "sekrit").completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens
         assert httpx.get(f"{url}/health", timeout=TIMEOUT).status_code == 200
+
+
+def test_cli_serve_refuses_bad_options_before_loading_anything(tmp_path):
+    from cli_helpers import assert_clean_error
+    from click.testing import CliRunner
+
+    from ctxdraft.cli.main import main
+
+    runner = CliRunner()
+    assert_clean_error(runner.invoke(main, ["serve", "--max-batch", "0"]), "max_batch (--max-batch) must be >= 1")
+    assert_clean_error(runner.invoke(main, ["serve", "--max-queue", "-1"]), "max_queue (--max-queue) must be >= 0")
+    assert_clean_error(runner.invoke(main, ["serve", "--explore", "0.1"]), "go with --log FILE")
+    assert_clean_error(runner.invoke(main, ["serve", "--port", "70000"]), "port must be <= 65535")
+    assert_clean_error(runner.invoke(main, ["serve", "--log", str(tmp_path / "no" / "t.jsonl")]), "does not exist")
 
 
 # --------------------------------------------------------------------------------------------------

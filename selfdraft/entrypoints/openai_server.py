@@ -59,6 +59,9 @@ class ServeConfig:
         checks.text("host", self.host)
         checks.integer("port", self.port, minimum=0, maximum=65535)
         checks.number("grace_s", self.grace_s, minimum=0.0)
+        checks.integer("max_batch (--max-batch)", self.max_batch, minimum=1)
+        checks.integer("max_queue (--max-queue)", self.max_queue, minimum=0)
+        checks.number("explore (--explore)", self.explore, minimum=0.0, maximum=1.0)
         if self.api_key is not None:
             checks.text("api_key", self.api_key)
         check_log_options("auto", self.log, False, self.explore)

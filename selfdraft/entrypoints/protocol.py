@@ -83,9 +83,17 @@ class CompletionRequest(_Sampling):
         return self.request(16, prompt=prompt, chat=False)
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: str | list[TextPart]  # a string, or text parts (joined); images and audio are not understood
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
 class ChatRequest(_Sampling):
@@ -94,7 +102,7 @@ class ChatRequest(_Sampling):
     def to_request(self) -> Request:
         if not self.messages:
             raise ProtocolError(400, "messages must hold at least one message", "messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
         return self.request(128, messages=messages)
 
 

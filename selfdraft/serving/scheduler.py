@@ -18,6 +18,8 @@ started with.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import queue
 import threading
@@ -81,6 +83,9 @@ class Scheduler:
             checks.number("watch_s", watch_s, above=0.0)
         self.watch_s = watch_s
         self.bundle = bundle
+        # Admission checks tokenize on the server's thread while the worker decodes: a fast tokenizer used from two
+        # threads at once can fail ("Already borrowed"), so they get a copy of their own (the model is shared).
+        self._admission = dataclasses.replace(bundle.target, tokenizer=copy.deepcopy(bundle.target.tokenizer))
         self._stamp = policy_stamp(bundle)
         self._queue: queue.Queue[Handle | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -125,28 +130,28 @@ class Scheduler:
             raise RequestError(str(e), str(e).split(" ", 1)[0]) from None
         if not isinstance(request.draft, str) or not request.draft:
             raise RequestError(f"draft must be an arm name or 'auto', got {request.draft!r}", "draft")
-        if request.draft != "auto":
-            try:
-                self.bundle.arm_spec(request.draft)
-            except CtxdraftError as e:
-                raise RequestError(str(e), "draft") from None
+        if request.draft != "auto" and request.draft not in self.bundle.arms:  # no model:<path> from a client
+            raise RequestError(f"unknown draft {request.draft!r}; this server has: auto, {', '.join(self.bundle.arms)}",
+                               "draft")
         elif self.bundle.log is not None and not self.bundle.info.get("policy"):
             raise RequestError("this server logs routed requests but its bundle has no policy; name an arm", "draft")
-        prompt_ids = self.bundle.target.encode(self.prompt_text(request), chat=request.chat and request.messages is None)
-        limit = self.bundle.target.max_context
+        target = self._admission
+        prompt_ids = target.encode(self.prompt_text(request, target), chat=request.chat and request.messages is None)
+        limit = target.max_context
         if len(prompt_ids) + request.max_new_tokens > limit:
             raise RequestError(f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
                                f"exceeds the model's context of {limit} tokens", "max_new_tokens")
 
-    def prompt_text(self, request: Request) -> str:
-        """The text ``Bundle.generate`` receives: the prompt, or the messages rendered by the chat template."""
+    def prompt_text(self, request: Request, target) -> str:
+        """The text ``Bundle.generate`` receives: the prompt, or the messages rendered by ``target``'s chat
+        template."""
         if request.messages is None:
             if not isinstance(request.prompt, str) or not request.prompt:
                 raise RequestError("prompt must be a non-empty string", "prompt")
             return request.prompt
         if not request.messages:
             raise RequestError("messages must hold at least one message", "messages")
-        tokenizer = self.bundle.target.tokenizer
+        tokenizer = target.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template; use /v1/completions", "messages")
         return tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
@@ -237,7 +242,7 @@ class Scheduler:
                 handle._emit(Event("text", text=piece))
 
         try:
-            result = bundle.generate(self.prompt_text(request), draft=request.draft,
+            result = bundle.generate(self.prompt_text(request, bundle.target), draft=request.draft,
                                      max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                                      top_p=request.top_p, seed=request.seed, chat=request.chat and request.messages is None,
                                      stop=list(request.stop), on_text=on_text)
