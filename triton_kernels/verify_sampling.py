@@ -76,6 +76,34 @@ def checked_noise(
     return noise
 
 
+def target_log_probs(
+    target_logits: torch.Tensor,  # [B, K+1, V]
+    temperature: torch.Tensor,  # [B]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p = log_softmax(x / T) [B, K+1, V], the raw argmax [B, K+1], greedy rows T <= 0 [B]) for the references;
+    greedy rows' log p is taken at T = 1 and never used."""
+    logits = target_logits.float()
+    greedy_row = temperature <= 0
+    safe_t = torch.where(greedy_row, torch.ones_like(temperature), temperature).float()
+    log_p = torch.log_softmax(logits / safe_t[:, None, None], dim=-1)
+    return log_p, logits.argmax(dim=-1), greedy_row
+
+
+def race_sample_ref(
+    p: torch.Tensor,  # [B, V] the target distribution at the row's sampled position
+    residual: torch.Tensor,  # [B, V] unnormalised
+    has_residual: torch.Tensor,  # [B] bool: the row samples the residual (a rejection), else p
+    exponentials: torch.Tensor,  # [B, V] Exp(1)
+) -> torch.Tensor:
+    """[B] one sample per row by the exponential race (the references' ``_common.race_sample``).
+
+    An empty residual (p == q, or p(S) = 1, up to rounding) falls back to p: such a rejection has probability ~0.
+    """
+    use_residual = has_residual & (residual.amax(dim=1) > 0)
+    weights = torch.where(use_residual[:, None], residual, p)
+    return (weights / exponentials).argmax(dim=1)
+
+
 def verify_sampling_ref(
     target_logits: torch.Tensor,  # [B, K+1, V]
     draft_ids: torch.Tensor,  # [B, K]
@@ -87,10 +115,7 @@ def verify_sampling_ref(
     B, K1, V = target_logits.shape
     K = K1 - 1
     device = target_logits.device
-    logits = target_logits.float()
-    greedy_row = temperature <= 0  # [B]
-    safe_t = torch.where(greedy_row, torch.ones_like(temperature), temperature).float()
-    log_p = torch.log_softmax(logits / safe_t[:, None, None], dim=-1)  # [B, K+1, V]
+    log_p, target_ids, greedy_row = target_log_probs(target_logits, temperature)
     positions = torch.arange(K, device=device)
     in_draft = positions[None, :] < num_draft[:, None].long()  # [B, K]
     # Ids past num_draft[b] are padding (often -1) whose gathers are masked out: pin them to a valid id.
@@ -104,7 +129,6 @@ def verify_sampling_ref(
         q_draft = draft_probs[:, :K].float().gather(2, draft_ids[:, :, None]).squeeze(2)
         log_q_draft = torch.where(q_draft > 0, q_draft.log(), torch.full_like(q_draft, float("inf")))
     accept = (noise.uniforms.log() < log_p_draft - log_q_draft) & in_draft
-    target_ids = logits.argmax(dim=-1)  # [B, K+1]
     greedy_accept = (draft_ids == target_ids[:, :K]) & in_draft
     accept = torch.where(greedy_row[:, None], greedy_accept, accept)
     num_accepted = accept.long().cumprod(dim=1).sum(dim=1)  # [B]
@@ -120,11 +144,7 @@ def verify_sampling_ref(
             q_a.scatter_(1, d_a, 1.0)
     else:
         q_a = draft_probs[rows, num_accepted.clamp(max=max(K - 1, 0))].float() if K > 0 else torch.zeros_like(p_a)
-    residual = torch.clamp(p_a - q_a, min=0.0)
-    # p == q up to rounding leaves an empty residual: fall back to p (such a rejection has probability ~0).
-    use_residual = rejected & (residual.amax(dim=1) > 0)
-    weights = torch.where(use_residual[:, None], residual, p_a)
-    sampled = (weights / noise.exponentials).argmax(dim=1)  # [B]
+    sampled = race_sample_ref(p_a, torch.clamp(p_a - q_a, min=0.0), rejected, noise.exponentials)
     greedy_next = target_ids[rows, num_accepted]
     next_token = torch.where(greedy_row, greedy_next, sampled)
 

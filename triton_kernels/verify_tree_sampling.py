@@ -37,7 +37,7 @@ from ._common import (
     unit_stride,
 )
 from .dispatch import TreeVerifyResult, check_tree_inputs, jit, launch_shape, tl, triton, use_triton
-from .verify_sampling import SamplingNoise, checked_noise
+from .verify_sampling import SamplingNoise, checked_noise, race_sample_ref, target_log_probs
 from .verify_tree_greedy import TreeWalk, _load_tree, _walk_step, tree_walk_shape
 
 # 1 - p(S) is clamped here, not at 0, so that its log stays finite when rounding makes p(S) reach 1.
@@ -55,11 +55,7 @@ def verify_tree_sampling_ref(
     B, N1, V = target_logits.shape
     N = N1 - 1
     device = target_logits.device
-    logits = target_logits.float()
-    greedy_row = temperature <= 0  # [B]
-    safe_t = torch.where(greedy_row, torch.ones_like(temperature), temperature).float()
-    log_p = torch.log_softmax(logits / safe_t[:, None, None], dim=-1)  # [B, N+1, V]
-    target_ids = logits.argmax(dim=-1)  # [B, N+1]
+    log_p, target_ids, greedy_row = target_log_probs(target_logits, temperature)  # [B, N+1, V], [B, N+1], [B]
     rows = torch.arange(B, device=device)
     node_ids = torch.arange(N, device=device)
     in_tree = node_ids[None, :] < num_nodes[:, None].long()  # [B, N]
@@ -91,10 +87,7 @@ def verify_tree_sampling_ref(
     rejected_children = (parents == last[:, None]) & in_tree & in_vocab
     excluded = torch.zeros(B, V, device=device).scatter_add_(1, safe_ids, rejected_children.float()) > 0
     residual = p_last.masked_fill(excluded, 0.0)
-    # p(S) = 1 up to rounding leaves an empty residual: fall back to p, as verify_sampling does.
-    use_residual = rejected_children.any(dim=1) & (residual.amax(dim=1) > 0)
-    weights = torch.where(use_residual[:, None], residual, p_last)
-    sampled = (weights / noise.exponentials).argmax(dim=1)  # [B]
+    sampled = race_sample_ref(p_last, residual, rejected_children.any(dim=1), noise.exponentials)
     return walk.finish(torch.where(greedy_row, target_ids[rows, last + 1], sampled))
 
 
