@@ -88,17 +88,24 @@ def verify_tree_greedy_ref(
 
 
 @jit
-def _load_tree(tree_ids_ptr, parents_ptr, num_nodes_ptr, b, in_batch, nodes, N):
-    """[R, BLOCK_N] tiles of the rows' node tokens (int64) and parents (int32), and whether each parent is an
-    earlier node or the root, so that its position 1 + parent can be read. Padding nodes get parent -2, which is
-    never the current node, so the walk needs no other mask."""
+def _load_tree(tree_ids_ptr, parents_ptr, num_nodes_ptr, target_ids_ptr, b, in_batch, nodes, N):
+    """[R, BLOCK_N] tiles of the rows' node tokens (int64) and parents (int32), whether each parent is an
+    earlier node or the root, so that its position 1 + parent can be read, and each node's greedy test (its token
+    is the target's argmax at its parent). Padding nodes get parent -2, which is never the current node, so the
+    walk needs no other mask.
+
+    Each node is tested at its parent's position, whichever node is current: gathering every test up front
+    leaves the scan over the nodes only moving registers."""
     n = tl.load(num_nodes_ptr + b, mask=in_batch, other=0)
     in_tree = in_batch[:, None] & (nodes[None, :] < n[:, None])
     at = b[:, None].to(tl.int64) * N + nodes[None, :]
     tokens = tl.load(tree_ids_ptr + at, mask=in_tree, other=-1).to(tl.int64)
     parents = tl.load(parents_ptr + at, mask=in_tree, other=-2).to(tl.int32)
     has_parent = in_tree & (parents >= -1) & (parents < nodes[None, :])
-    return tokens, tl.where(has_parent, parents, -2), has_parent
+    parents = tl.where(has_parent, parents, -2)
+    target_at_parent = tl.load(target_ids_ptr + b[:, None].to(tl.int64) * (N + 1) + parents + 1, mask=has_parent,
+                               other=-1)
+    return tokens, parents, has_parent, (tokens == target_at_parent).to(tl.int32)
 
 
 @jit
@@ -109,6 +116,15 @@ def _walk_step(take, node, token, current, num_accepted, path, out, depths):
     path = tl.where(at, node, path)
     out = tl.where(at, token[:, None], out)
     return tl.where(take, node, current), num_accepted + take.to(tl.int32), path, out
+
+
+@jit
+def _store_walk(out_ids_ptr, path_nodes_ptr, num_accepted_ptr, b, in_batch, nodes, path, out, num_accepted, next_id,
+                N):
+    """The walk's results: out_ids (the path's tokens, then ``next_id``), path_nodes and num_accepted."""
+    store_out_ids(out_ids_ptr, num_accepted_ptr, b, in_batch, nodes, out, num_accepted, next_id, N)
+    at = b[:, None].to(tl.int64) * N + nodes[None, :]
+    tl.store(path_nodes_ptr + at, path, mask=in_batch[:, None] & (nodes < N)[None, :])
 
 
 @jit
@@ -129,11 +145,8 @@ def _tree_greedy_walk_kernel(
     in_batch = b < B
     b64 = b.to(tl.int64)
     nodes = tl.arange(0, BLOCK_N)  # node indices, and depths along the path
-    tokens, parents, has_parent = _load_tree(tree_ids_ptr, parents_ptr, num_nodes_ptr, b, in_batch, nodes, N)
-    # Each node is tested at its parent's position, whichever node is current: gather every test up front,
-    # so the scan below only moves registers.
-    target_at_parent = tl.load(target_ids_ptr + b64[:, None] * (N + 1) + parents + 1, mask=has_parent, other=-1)
-    matches = (tokens == target_at_parent).to(tl.int32)
+    tokens, parents, _, matches = _load_tree(tree_ids_ptr, parents_ptr, num_nodes_ptr, target_ids_ptr, b, in_batch,
+                                             nodes, N)
 
     current = tl.full([BLOCK_B], -1, tl.int32)
     num_accepted = tl.zeros([BLOCK_B], tl.int32)
@@ -144,8 +157,7 @@ def _tree_greedy_walk_kernel(
         token = column(tokens, nodes, node)
         current, num_accepted, path, out = _walk_step(take, node, token, current, num_accepted, path, out, nodes)
     next_id = tl.load(target_ids_ptr + b64 * (N + 1) + current + 1, mask=in_batch, other=-1)
-    store_out_ids(out_ids_ptr, num_accepted_ptr, b, in_batch, nodes, out, num_accepted, next_id, N)
-    tl.store(path_nodes_ptr + b64[:, None] * N + nodes[None, :], path, mask=in_batch[:, None] & (nodes < N)[None, :])
+    _store_walk(out_ids_ptr, path_nodes_ptr, num_accepted_ptr, b, in_batch, nodes, path, out, num_accepted, next_id, N)
 
 
 def tree_walk_shape(B: int, N: int, device: torch.device) -> tuple[int, int, int]:

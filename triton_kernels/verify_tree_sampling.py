@@ -26,19 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (
-    column,
-    empty_result,
-    float32_inputs,
-    launch_position_stats,
-    log_prob,
-    race_sample,
-    store_out_ids,
-    unit_stride,
-)
+from ._common import column, empty_result, float32_inputs, launch_position_stats, log_prob, race_sample, unit_stride
 from .dispatch import TreeVerifyResult, check_tree_inputs, jit, launch_shape, tl, triton, use_triton
 from .verify_sampling import SamplingNoise, checked_noise, race_sample_ref, target_log_probs
-from .verify_tree_greedy import TreeWalk, _load_tree, _walk_step, tree_walk_shape
+from .verify_tree_greedy import TreeWalk, _load_tree, _store_walk, _walk_step, tree_walk_shape
 
 # 1 - p(S) is clamped here, not at 0, so that its log stays finite when rounding makes p(S) reach 1.
 _MIN_REMAINING = 1e-30
@@ -131,10 +122,9 @@ def _tree_sampling_kernel(
     sampling = in_batch & ~greedy
 
     # Every node is tested at its parent's position, whichever node is current: gather the tests up front.
-    tokens, parents, has_parent = _load_tree(tree_ids_ptr, parents_ptr, num_nodes_ptr, b, in_batch, nodes, N)
+    tokens, parents, has_parent, matches = _load_tree(tree_ids_ptr, parents_ptr, num_nodes_ptr, target_ids_ptr, b,
+                                                      in_batch, nodes, N)
     parent_at = b64[:, None] * (N + 1) + parents + 1  # flat (b, position) of each node's parent
-    target_at_parent = tl.load(target_ids_ptr + parent_at, mask=has_parent, other=-1)
-    matches = (tokens == target_at_parent).to(tl.int32)  # greedy rows' test
     in_vocab = has_parent & sampling[:, None] & (tokens >= 0) & (tokens < V)
     x = tl.load(logits_ptr + b64[:, None] * stride_b + (parents + 1).to(tl.int64) * stride_k + tokens,
                 mask=in_vocab, other=float("-inf")).to(tl.float32)
@@ -178,8 +168,7 @@ def _tree_sampling_kernel(
     sampled_id = race_sample(row_ptr, row_ptr, exponentials_ptr, b64, sampling, num_rejected > 0, safe_t, last_max,
                              last_log_sum, rejected_ids, num_rejected, nodes, V, False, BLOCK_B, BLOCK_V)
     next_id = tl.where(greedy, target_id, sampled_id)
-    store_out_ids(out_ids_ptr, num_accepted_ptr, b, in_batch, nodes, out, num_accepted, next_id, N)
-    tl.store(path_nodes_ptr + b64[:, None] * N + nodes[None, :], path, mask=in_batch[:, None] & (nodes < N)[None, :])
+    _store_walk(out_ids_ptr, path_nodes_ptr, num_accepted_ptr, b, in_batch, nodes, path, out, num_accepted, next_id, N)
 
 
 def verify_tree_sampling_triton(
