@@ -44,7 +44,8 @@ def build_suffix_array(tokens: np.ndarray, depth: int) -> np.ndarray:
     k = 1
     while k < depth:
         shifted = np.zeros(n, dtype=np.int64)
-        shifted[: n - k] = rank[k:]
+        if k < n:
+            shifted[: n - k] = rank[k:]
         order = np.lexsort((shifted, rank))
         key_a, key_b = rank[order], shifted[order]
         new_group = np.ones(n, dtype=np.int64)
