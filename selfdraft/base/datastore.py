@@ -39,33 +39,34 @@ VERSION = 1
 DEFAULT_MAX_TOKENS = 1_000_000
 DEFAULT_DEPTH = 32  # the longest match the sealed index resolves
 TAIL_INDEX_TOKENS = 1 << 16  # an unindexed tail longer than this is indexed in memory (scans stay well under 1 ms)
+MAX_SEGMENTS = 8  # indexed segments before they are merged into one (each lookup searches every segment)
 
 
 @dataclass
 class SuffixStore:
-    """The datastore in memory: sealed documents with their suffix array, plus a tail scanned directly."""
+    """The datastore in memory: indexed segments (the sealed file's, then in-memory ones of ``TAIL_INDEX_TOKENS``
+    each, so that an update never re-sorts the whole store: amortised O(tail log tail)), plus a tail scanned directly."""
 
     target: str | None
     vocab_size: int
     depth: int = DEFAULT_DEPTH
     max_tokens: int = DEFAULT_MAX_TOKENS
     log_id: str = ""
-    index: SuffixArray | None = None
+    segments: list[SuffixArray] = field(default_factory=list)
     tail: list[np.ndarray] = field(default_factory=list)
     tail_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
 
     @property
     def num_tokens(self) -> int:
-        return (self.index.num_tokens if self.index is not None else 0) + len(self.tail_tokens)
+        return sum(seg.num_tokens for seg in self.segments) + len(self.tail_tokens)
 
     def documents(self) -> list[np.ndarray]:
         """Every document, oldest first."""
         docs = []
-        if self.index is not None and self.index.num_tokens:
-            sealed = self.index.tokens[: self.index.num_tokens]
-            cuts = np.flatnonzero(sealed == SEP)
-            docs = [d for d in np.split(sealed, cuts + 1) if len(d)]
-            docs = [d[d != SEP] for d in docs]
+        for seg in self.segments:
+            sealed = seg.tokens[: seg.num_tokens]
+            parts = np.split(sealed, np.flatnonzero(sealed == SEP) + 1)
+            docs += [d[d != SEP] for d in parts if len(d) > 1 or (len(d) == 1 and d[0] != SEP)]
         return docs + list(self.tail)
 
     def add(self, tokens) -> None:
@@ -75,20 +76,24 @@ class SuffixStore:
             return
         self.tail.append(doc)
         self.tail_tokens = np.concatenate([self.tail_tokens, doc, np.array([SEP], dtype=np.int32)])
-        if len(self.tail_tokens) > TAIL_INDEX_TOKENS or self.num_tokens > self.max_tokens + TAIL_INDEX_TOKENS:
+        if self.num_tokens > self.max_tokens + TAIL_INDEX_TOKENS or len(self.segments) >= MAX_SEGMENTS:
             self.reindex()
+        elif len(self.tail_tokens) > TAIL_INDEX_TOKENS:
+            self.segments.append(SuffixArray(self.tail_tokens, self.depth))
+            self.tail, self.tail_tokens = [], np.zeros(0, dtype=np.int32)
 
     def reindex(self) -> None:
         """Index every document, keeping the newest ``max_tokens`` tokens (the eviction rule)."""
         docs = evict(self.documents(), self.max_tokens)
-        self.index = SuffixArray(join_documents(docs), self.depth)
+        self.segments = [SuffixArray(join_documents(docs), self.depth)]
         self.tail, self.tail_tokens = [], np.zeros(0, dtype=np.int32)
 
     def lookup(self, context: list[int], max_match: int, depth: int) -> tuple[int, np.ndarray]:
         """The longest match of the end of ``context`` and the continuations after its occurrences [R, depth]."""
         found: list[tuple[Match, np.ndarray]] = []
-        if self.index is not None and len(self.index.order):
-            found.append((self.index.longest_match(context, max_match), self.index.tokens))
+        for seg in self.segments:
+            if len(seg.order):
+                found.append((seg.longest_match(context, max_match), seg.tokens))
         if len(self.tail_tokens):
             found.append((scan_matches(self.tail_tokens, context, max_match), self.tail_tokens))
         return best_rows(found, depth)
@@ -157,7 +162,7 @@ def read_datastore(path, target: str | None, vocab_size: int) -> SuffixStore:
         if not 1 <= depth <= 256 or max_tokens < 1:
             raise _bad(path, f"has a bad depth ({depth}) or max_tokens ({max_tokens})")
         store.depth, store.max_tokens, store.log_id = depth, max_tokens, meta.get("log_id", "")
-        store.index = SuffixArray(tokens, depth, order)
+        store.segments = [SuffixArray(tokens, depth, order)]
     for doc in read_log(log_path(path), store.log_id if path.exists() else None, vocab_size):
         store.add(doc)
     if store.num_tokens > store.max_tokens:
@@ -210,8 +215,9 @@ def write_datastore(path, store: SuffixStore) -> None:
     store.log_id = secrets.token_hex(8)
     meta = {"format": FORMAT, "version": str(VERSION), "target": store.target or "", "vocab_size": str(store.vocab_size),
             "depth": str(store.depth), "max_tokens": str(store.max_tokens), "log_id": store.log_id}
-    arrays = {"tokens": np.ascontiguousarray(store.index.tokens[: store.index.num_tokens]),
-              "suffix_array": np.ascontiguousarray(store.index.order)}
+    (index,) = store.segments
+    arrays = {"tokens": np.ascontiguousarray(index.tokens[: index.num_tokens]),
+              "suffix_array": np.ascontiguousarray(index.order)}
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp), metadata=meta)
 

@@ -43,16 +43,20 @@ def build_suffix_array(tokens: np.ndarray, depth: int) -> np.ndarray:
     rank = tokens.astype(np.int64) + 1  # SEP -> 0, sorts first
     k = 1
     while k < depth:
+        # rank by the first 2k tokens: the pair (rank of the first k, rank of the next k) as one int64 key
         shifted = np.zeros(n, dtype=np.int64)
         if k < n:
             shifted[: n - k] = rank[k:]
-        order = np.lexsort((shifted, rank))
-        key_a, key_b = rank[order], shifted[order]
+        key = rank * (n + 2) + shifted
+        order = np.argsort(key, kind="stable")
+        sorted_key = key[order]
         new_group = np.ones(n, dtype=np.int64)
-        new_group[1:] = (key_a[1:] != key_a[:-1]) | (key_b[1:] != key_b[:-1])
+        new_group[1:] = sorted_key[1:] != sorted_key[:-1]
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.cumsum(new_group)
         k *= 2
+        if rank.max() == n:  # every suffix is told apart already
+            break
     order = np.argsort(rank, kind="stable")
     return order[tokens[order] != SEP].astype(np.int32)
 
