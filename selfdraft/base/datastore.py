@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,8 +121,8 @@ def evict(docs: list[np.ndarray], max_tokens: int) -> list[np.ndarray]:
 
 
 def _bad(path, why: str) -> CtxdraftError:
-    return CtxdraftError(f"datastore {display_path(path)} {why}; rebuild it with `ctxdraft build-datastore` "
-                         "(or delete it)")
+    return CtxdraftError(f"datastore {display_path(path)} {why}; rebuild it with `ctxdraft add-arm BUNDLE --kind "
+                         "suffix --data PROMPTS` (or delete it)")
 
 
 def read_datastore(path, target: str | None, vocab_size: int) -> SuffixStore:
@@ -271,13 +272,22 @@ def append_document(path, tokens: list[int], log_id: str) -> bool:
     return True
 
 
+@contextmanager
+def datastore_lock(path):
+    """Hold the lock of the datastore's log: appends wait (a whole-bundle swap under it keeps every append)."""
+    fd = _locked_log(log_path(path))
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def merge_datastore(path, target: str | None, vocab_size: int, documents=(), max_tokens: int | None = None) -> SuffixStore:
     """Fold the log (and ``documents``, newer than everything) into the sealed file, then start an empty log; all
     under the log's lock, so no append is lost. ``max_tokens``: a new size bound (None: the file's, or the default)."""
     path = Path(path)
     log_file = log_path(path)
-    fd = _locked_log(log_file)
-    try:
+    with datastore_lock(path):
         store = read_datastore(path, target, vocab_size)
         if max_tokens is not None:
             store.max_tokens = max_tokens
@@ -286,6 +296,4 @@ def merge_datastore(path, target: str | None, vocab_size: int, documents=(), max
         write_datastore(path, store)
         with atomic_path(log_file) as tmp:
             tmp.write_bytes(_header(store.log_id))
-    finally:
-        os.close(fd)
     return store

@@ -63,8 +63,9 @@ class RequestTokens:
 
 
 def suffix_tree(settings: SuffixSettings, node_cap: int, tokens: list[int], request: RequestTokens,
-                store: SuffixStore | None, max_depth: int, tree: TokenTree) -> TokenTree:
-    """Fill ``tree`` for the committed ``tokens`` (see the module docstring)."""
+                store: SuffixStore | None, max_depth: int, tree: TokenTree, hits: dict | None = None) -> TokenTree:
+    """Fill ``tree`` for the committed ``tokens`` (see the module docstring); ``hits`` counts which source the
+    proposal came from ("request", "datastore", "both" or "none")."""
     if max_depth < 1:
         return tree
     request.sync(tokens)
@@ -72,12 +73,15 @@ def suffix_tree(settings: SuffixSettings, node_cap: int, tokens: list[int], requ
     # the request's own earlier tokens: a match must end before the last token, so that something follows it
     found = [(scan_matches(request.buf, context, settings.max_match, end=request.size), request.buf[: request.size])]
     length, rows = best_rows(found, max_depth)
+    source = "request" if length else "none"
     if store is not None and settings.use_datastore:
         store_length, store_rows = store.lookup(context, settings.max_match, max_depth)
         if store_length > length:
-            length, rows = store_length, store_rows
+            length, rows, source = store_length, store_rows, "datastore"
         elif store_length == length and length > 0:
-            rows = np.concatenate([rows, store_rows])
+            rows, source = np.concatenate([rows, store_rows]), "both"
+    if hits is not None:
+        hits[source] = hits.get(source, 0) + 1
     if length == 0:
         return tree
     size = min(node_cap, max(1, math.ceil(settings.factor * length + settings.offset)))
@@ -97,15 +101,18 @@ class SuffixDraft(TreeDraft):
         super().__init__(name, settings or SuffixSettings())
         self.store = store
         self.request = RequestTokens()
+        self.hits: dict[str, int] = {}  # this generation's proposals by source (the traffic log records them)
 
     def start(self, state):
         super().start(state)
         self.request = RequestTokens()
+        self.hits = {}
 
     def propose(self, state, max_len):
         tree = self.learner.new_tree(state.tokens)
         depth = min(max_len, self.settings.draft_len)
-        return suffix_tree(self.settings, self.node_cap, state.tokens, self.request, self.store, depth, tree).output()
+        return suffix_tree(self.settings, self.node_cap, state.tokens, self.request, self.store, depth, tree,
+                           self.hits).output()
 
     def record(self, tokens: list[int]) -> None:
         """Remember one finished output in the in-memory datastore (the next generation matches it)."""
