@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from ctxdraft.selfdraft.base.data import first_per_domain, read_prompts
+from ctxdraft.selfdraft.base.data import first_per_domain, read_prompts, round_robin
 from ctxdraft.selfdraft.base.datastore import SuffixStore
 from ctxdraft.selfdraft.drafting.draft import TeacherPass
 from ctxdraft.selfdraft.drafting.drafts import LookupDraft, LookupSettings
@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--target", default=None)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", default="suffix_replay")
+    parser.add_argument("--cached-only", action="store_true", help="replay with the continuations already cached "
+                        "(training prompts not decoded yet are left out of the datastore)")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,13 @@ def main() -> None:
     heldout.sort(key=lambda r: domains.index(r["domain"]))  # each domain's prompts in sequence (a stable sort)
     cache = Path(str(out) + ".continuations.jsonl")
     print(f"decoding {len(train)} training and {len(heldout)} held-out continuations (cache {cache})", flush=True)
-    known = continuations(target, train + heldout, args.max_new_tokens, cache)
+    # held-out first, then the training prompts domain by domain in turn: a run stopped early still has every request
+    train = round_robin(train, len(train))
+    if args.cached_only:
+        known = continuations(target, [], args.max_new_tokens, cache)
+        train = [r for r in train if r["prompt"] in known]
+    else:
+        known = continuations(target, heldout + train, args.max_new_tokens, cache)
     store = SuffixStore(target.content_hash, target.vocab_size)
     for row in train:
         store.add(known[row["prompt"]]["new_ids"])
