@@ -114,8 +114,32 @@ def test_corrupt_or_foreign_datastore_is_one_clear_error(tmp_path, damage):
                                        "vocab_size": "100", "depth": "8", "max_tokens": "100", "log_id": "x"})
     else:
         log_path(path).write_text("not a log\n")
-    with pytest.raises(CtxdraftError, match="datastore"):
+    why = {"garbage": "not a readable safetensors", "foreign": "another target", "vocab": "vocabulary of 100",
+           "range": "out of range", "log": "not a ctxdraft datastore log"}[damage]
+    with pytest.raises(CtxdraftError, match=why):
         read_datastore(path, target, vocab)
+
+
+def test_a_full_disk_skips_the_update_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import os
+
+    from ctxdraft.selfdraft.base import datastore
+
+    path = tmp_path / "datastore.safetensors"
+    assert append_document(path, [1, 2], "id")
+    before = log_path(path).read_bytes()
+
+    def full(fd, data):
+        os_write(fd, bytes(data)[:3])  # a partial line, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    os_write = os.write
+    monkeypatch.setattr(datastore.os, "write", full)
+    assert not append_document(path, [3, 4], "id")
+    monkeypatch.undo()
+    assert log_path(path).read_bytes() == before and "not kept" in caplog.text
+    assert [d.tolist() for d in read_datastore(path, None, 10).documents()] == [[1, 2]]
 
 
 def _append_many(path, worker: int, count: int) -> None:
