@@ -2,11 +2,16 @@
 datastore in memory (the next request matches it) and is appended to ``datastore.log.jsonl`` (``base/datastore.py``)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..base.datastore import SuffixStore, append_document, merge_datastore
+from ..base.errors import CtxdraftError
+from ..base.fileio import display_path
 from ..base.layout import DATASTORE_FILE
 from ..drafting.suffix_draft import SuffixDraft
+
+log = logging.getLogger(__name__)
 
 
 def datastore_path(bundle) -> Path | None:
@@ -19,15 +24,20 @@ def suffix_arms(info: dict) -> list[str]:
 
 def record_output(bundle, new_ids: list[int]) -> bool:
     """Add one served output to the datastore of every suffix arm (one shared store per bundle). False: the bundle
-    has no suffix arm with a datastore, or the append failed (a warning; the in-memory store has it anyway)."""
+    has no suffix arm with a datastore, or the update was skipped (a warning: the request's answer is not lost for a
+    full disk or a datastore that became unreadable)."""
     path = datastore_path(bundle)
     if path is None or not new_ids:
         return False
     stores: dict[int, SuffixStore] = {}
-    for name in suffix_arms(bundle.info):
-        draft = bundle.draft(name)
-        if isinstance(draft, SuffixDraft) and draft.store is not None:
-            stores[id(draft.store)] = draft.store
+    try:
+        for name in suffix_arms(bundle.info):
+            draft = bundle.draft(name)
+            if isinstance(draft, SuffixDraft) and draft.store is not None:
+                stores[id(draft.store)] = draft.store
+    except CtxdraftError as e:
+        log.warning("the output is not added to the datastore %s: %s", display_path(path), e)
+        return False
     for store in stores.values():
         store.add(new_ids)
     return bool(stores) and append_document(path, new_ids, next(iter(stores.values())).log_id)
