@@ -81,6 +81,7 @@ def main() -> None:
     if args.cached_only:
         known = continuations(target, [], args.max_new_tokens, cache)
         train = [r for r in train if r["prompt"] in known]
+        heldout = [r for r in heldout if r["prompt"] in known]
     else:
         known = continuations(target, heldout + train, args.max_new_tokens, cache)
     store = SuffixStore(target.content_hash, target.vocab_size)
@@ -92,6 +93,7 @@ def main() -> None:
         "lookup-tree": LookupTreeDraft("lookup-tree", LookupTreeSettings(5, 16)),
         "suffix (request only)": SuffixDraft("suffix-request", SuffixSettings(use_datastore=False)),
         "suffix": SuffixDraft("suffix", SuffixSettings(), store),
+        "suffix (factor 4, offset 4)": SuffixDraft("suffix-wide", SuffixSettings(factor=4.0, offset=4.0, min_prob=0.05), store),
     }
     eos = set(target.eos_ids)
     totals = {name: [0, 0] for name in arms}  # new tokens, target forwards (after the prefill)
@@ -116,8 +118,8 @@ def main() -> None:
         f"# Suffix replay: {len(heldout)} held-out requests, datastore from {len(train)} training continuations",
         "", f"Target {target.name} ({args.dtype}), greedy, max {args.max_new_tokens} new tokens. Tokens per target forward "
         "(decode steps; the prefill is not counted) per request, cumulative in brackets.", "", *lines, "",
-        "Overall: " + ", ".join(f"{k} {v}" for k, v in summary.items()),
-        f"; suffix / lookup = {summary['suffix'] / summary['lookup']:.3f}", ""])
+        "Overall: " + ", ".join(f"{k} {v}" for k, v in summary.items())
+        + f"; suffix / lookup = {summary['suffix'] / summary['lookup']:.3f}", ""])
     Path(str(out) + ".md").write_text(text)
     print(text)
     try:
