@@ -101,7 +101,9 @@ def main() -> None:
     curve = {name: [] for name in arms}
     for i, row in enumerate(heldout):
         entry = known[row["prompt"]]
-        seq = entry["prompt_ids"] + entry["new_ids"]
+        # ended on EOS: the EOS, then ids no draft proposes (the loop stops at EOS; a draft may run past it)
+        tail = [min(target.eos_ids)] + [-2] * 64 if entry["ended_on_eos"] else []
+        seq = entry["prompt_ids"] + entry["new_ids"] + tail
         prompt_len, n = len(entry["prompt_ids"]), len(entry["new_ids"])
         cells = []
         for name, draft in arms.items():

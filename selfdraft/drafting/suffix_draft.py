@@ -2,10 +2,10 @@
 
 Two sources are matched against the end of the committed sequence: the request itself (prompt + generated tokens,
 scanned directly) and the global datastore of earlier outputs (``base/datastore.py``: the bundle's training
-continuations, then served outputs). The longest match wins (equal lengths: both sources' continuations are pooled);
-the continuations after its occurrences become a tree of the most frequent ones (``suffix_index.continuation_tree``:
-probability = count ratio, product along the path, pruned below ``min_prob``), of at most
-``ceil(factor * match length + offset)`` nodes (a long match earns a big tree), ``max_nodes`` and ``draft_len`` deep.
+continuations, then served outputs). In each, the continuations after the longest match become a tree of the most
+frequent ones (``suffix_index.continuation_tree``: probability = count ratio, product along the path, pruned below
+``min_prob``), of at most ``ceil(factor * match length + offset)`` nodes (a long match earns a big tree),
+``max_nodes`` and ``draft_len`` deep; the tree with the higher score (sum of its probabilities) is proposed.
 
 Exact replay: a proposal reads only the committed tokens and the datastore, which changes only between generations
 (``record`` after a request), so the teacher-forced replay over the target's own sequence builds the same trees.
@@ -65,28 +65,30 @@ class RequestTokens:
 def suffix_tree(settings: SuffixSettings, node_cap: int, tokens: list[int], request: RequestTokens,
                 store: SuffixStore | None, max_depth: int, tree: TokenTree, hits: dict | None = None) -> TokenTree:
     """Fill ``tree`` for the committed ``tokens`` (see the module docstring); ``hits`` counts which source the
-    proposal came from ("request", "datastore", "both" or "none")."""
+    proposal came from ("request", "datastore" or "none")."""
     if max_depth < 1:
         return tree
     request.sync(tokens)
     context = tokens[-settings.max_match :]
     # the request's own earlier tokens: a match must end before the last token, so that something follows it
     found = [(scan_matches(request.buf, context, settings.max_match, end=request.size), request.buf[: request.size])]
-    length, rows = best_rows(found, max_depth)
-    source = "request" if length else "none"
+    candidates = {"request": best_rows(found, max_depth)}
     if store is not None and settings.use_datastore:
-        store_length, store_rows = store.lookup(context, settings.max_match, max_depth)
-        if store_length > length:
-            length, rows, source = store_length, store_rows, "datastore"
-        elif store_length == length and length > 0:
-            rows, source = np.concatenate([rows, store_rows]), "both"
+        candidates["datastore"] = store.lookup(context, settings.max_match, max_depth)
+    # each source's tree, sized by its own match; the higher score (the sum of node probabilities: the expected
+    # accepted length) wins, the request on ties (SuffixDecoding's rule)
+    best, source = [], "none"
+    for name, (length, rows) in candidates.items():
+        if length == 0:
+            continue
+        size = min(node_cap, max(1, math.ceil(settings.factor * length + settings.offset)))
+        nodes = continuation_tree(rows, size, settings.min_prob)
+        if nodes and sum(n.prob for n in nodes) > sum(n.prob for n in best):
+            best, source = nodes, name
     if hits is not None:
         hits[source] = hits.get(source, 0) + 1
-    if length == 0:
-        return tree
-    size = min(node_cap, max(1, math.ceil(settings.factor * length + settings.offset)))
     index: list[int | None] = []  # continuation_tree's nodes -> the tree's (None: the budget refused it)
-    for node in continuation_tree(rows, size, settings.min_prob):
+    for node in best:
         parent = -1 if node.parent < 0 else index[node.parent]
         index.append(tree.add(parent, node.token) if parent is not None else None)
     return tree
