@@ -23,6 +23,7 @@ from ctxdraft.selfdraft.drafting.pool import (
     none_arm,
     pool_key,
     successor_arm,
+    suffix_arm,
     with_draft_len,
 )
 from ctxdraft.selfdraft.runtime.target import load_target
@@ -35,7 +36,7 @@ def test_the_registry_reads_every_kind_the_arm_helpers_write():
     shipped bundle's arms must be readable too."""
     written = {none_arm()["kind"], lookup_arm(2)["kind"], model_arm("m")["kind"], exit_arm(ExitSettings(1))["kind"],
                feature_arm(FeatureSettings(layers=[1, 2]))["kind"], lookup_tree_arm(4, 16)["kind"],
-               successor_arm(4, 16)["kind"]}
+               successor_arm(4, 16)["kind"], suffix_arm(8, 16)["kind"]}
     assert written == set(DRAFT_KINDS)
     shipped = json.loads((DEFAULT_BUNDLE_DIR / BUNDLE_FILE).read_text())["arms"]
     assert {a["kind"] for a in shipped} <= set(DRAFT_KINDS)

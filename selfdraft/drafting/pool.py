@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Callable
 
 from ..base import checks
+from ..base.datastore import read_datastore
 from ..base.errors import CtxdraftError
+from ..base.layout import DATASTORE_FILE
 from .draft import Draft
 from .drafts import LookupDraft, LookupSettings, ModelDraft, ModelDraftSettings, NoneDraft
 from .exit_draft import ExitDraft, ExitSettings, exit_arm
 from .exit_head import load_head
 from .feature_draft import FeatureDraft, FeatureSettings, feature_arm
 from .feature_head import load_feature_head
+from .suffix_draft import SuffixDraft, SuffixSettings
 from .tree_drafts import LookupTreeDraft, LookupTreeSettings, SuccessorDraft, SuccessorSettings
 
 # Prompt lookup with different draft lengths behaves very differently per prompt (short drafts are cheap
@@ -68,6 +71,15 @@ def successor_arm(draft_len: int = 6, max_nodes: int | str = 16, top_k: int = 4,
             "settings": {"draft_len": settings.draft_len, "max_nodes": settings.max_nodes, "top_k": settings.top_k}}
 
 
+def suffix_arm(draft_len: int = 8, max_nodes: int | str = 16, factor: float = 1.0, offset: float = 1.0,
+               min_prob: float = 0.1, name: str | None = None) -> dict:
+    """Suffix decoding over the request and the bundle's datastore of earlier outputs."""
+    settings = SuffixSettings(draft_len, max_nodes, factor, offset, min_prob)  # validates
+    return {"name": name or f"suffix-{_nodes_name(settings.max_nodes)}", "kind": "suffix",
+            "settings": {"draft_len": settings.draft_len, "max_nodes": settings.max_nodes, "factor": settings.factor,
+                         "offset": settings.offset, "min_prob": settings.min_prob}}
+
+
 def none_arm(name: str = "none") -> dict:
     return {"name": name, "kind": "none", "settings": {}}
 
@@ -86,6 +98,18 @@ def _build_lookup_tree(spec, target, bundle_dir, shared):
 
 def _build_successor(spec, target, bundle_dir, shared):
     return SuccessorDraft(spec["name"], SuccessorSettings(**spec.get("settings", {})))
+
+
+def _build_suffix(spec, target, bundle_dir, shared):
+    settings = SuffixSettings(**spec.get("settings", {}))
+    store = None
+    if settings.use_datastore and bundle_dir is not None:
+        path = Path(bundle_dir) / DATASTORE_FILE
+        key = ("datastore", str(path))
+        if key not in shared:  # every suffix arm of a bundle reads (and records into) one datastore
+            shared[key] = read_datastore(path, target.content_hash or None, target.vocab_size)
+        store = shared[key]
+    return SuffixDraft(spec["name"], settings, store)
 
 
 def _build_model(spec, target, bundle_dir, shared):
@@ -128,6 +152,7 @@ DRAFT_KINDS: dict[str, Callable[[dict, object, Path | None, dict], Draft]] = {
     "lookup": _build_lookup,
     "lookup-tree": _build_lookup_tree,
     "successor": _build_successor,
+    "suffix": _build_suffix,
     "model": _build_model,
     "exit": _build_exit,
     "feature": _build_feature,
@@ -182,4 +207,5 @@ def pool_key(arms: list[dict]) -> str:
 
 
 __all__ = ["BASE_ARMS", "DRAFT_KINDS", "base_arms", "build_draft", "build_drafts", "cost_key", "exit_arm", "feature_arm",
-           "lookup_arm", "lookup_tree_arm", "model_arm", "none_arm", "pool_key", "successor_arm", "with_draft_len"]
+           "lookup_arm", "lookup_tree_arm", "model_arm", "none_arm", "pool_key", "successor_arm", "suffix_arm",
+           "with_draft_len"]

@@ -31,7 +31,7 @@ from ..learning.offpolicy import choose_arm
 from ..runtime.layers import LayerStack
 from ..runtime.machine import resolve_dtype
 from ..runtime.target import DEFAULT_TARGET, Target, load_target
-from . import traffic
+from . import suffix_store, traffic
 from .bundle_info import new_bundle_info, validate_info
 from .calibration import auto_calibrate_default, calibrate, find_calibration
 from .profiles import profile_for
@@ -246,6 +246,8 @@ class Bundle:
         for s in config.stop:
             if s in text:
                 text = text[: text.index(s)]
+        if self.log is not None:  # served outputs grow the suffix datastore
+            suffix_store.record_output(self, new_ids)
         if recorder is not None:
             traffic.log_request(self, traffic.RequestLog(
                 features, router.features, prompt_ids, choice, self.explore, recorder.trajectory(len(new_ids)),
