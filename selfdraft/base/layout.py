@@ -5,6 +5,7 @@ from pathlib import Path
 
 BUNDLE_FILE = "bundle.json"  # target identity, the pool, exits, features, policy, cost profile: the commit point
 EXITS_FILE = "exits.safetensors"  # exit-head weights (+ reduced-vocab ids)
+SUCCESSORS_FILE = "successors.safetensors"  # the successor table [V, k] a successor / merged arm starts from
 POLICY_FILE = "policy.onnx"  # the routing policy, for onnxruntime anywhere
 POLICY_WEIGHTS_FILE = "policy.safetensors"  # the same policy's torch weights (export-policy redoes the ONNX file)
 REWARDS_FILE = "rewards.jsonl"  # what `train-policy --data` collects into

@@ -223,6 +223,7 @@ class SuccessorSettings:
     draft_len: int = 6  # the deepest node
     max_nodes: int | str = 16  # or "auto": the budget from the machine's costs
     top_k: int = 4  # successors kept per token
+    table: str | None = None  # the bundle file of the seeded table it starts from (successor_table.py); None: empty
 
     def __post_init__(self):
         self.draft_len, self.max_nodes = _check_tree_size("successor", self.draft_len, self.max_nodes)
