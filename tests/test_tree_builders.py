@@ -192,7 +192,7 @@ def test_merged_arm_from_a_pool_builds(tmp_path):
     assert list(spec["settings"]["sources"]) == ["lookup", "successor", "feature"]
     draft = build_draft(spec, Target, tmp_path)
     assert draft.kind == "merged" and draft.state_layers == tuple(LAYERS)
-    assert torch.equal(draft.sources["successor"].table[:, :2], table)
+    assert torch.equal(draft.sources["successor"].seed[:, :2], table)
     got, _ = run(model, PLAIN, draft, 20)
     assert got == hf_greedy(model, PLAIN, 20)
 

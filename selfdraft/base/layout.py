@@ -15,11 +15,11 @@ COLLECT_REPORT = "reports/collect.json"
 POLICY_REPORT = "reports/train_policy.json"
 UPDATE_REPORT = "reports/update_policy.json"
 UPDATE_REPORT_MD = "reports/update_policy.md"
-FIXED_FILES = (BUNDLE_FILE, EXITS_FILE, POLICY_FILE, POLICY_WEIGHTS_FILE, REWARDS_FILE, TRAJECTORIES_FILE,
+FIXED_FILES = (BUNDLE_FILE, EXITS_FILE, SUCCESSORS_FILE, POLICY_FILE, POLICY_WEIGHTS_FILE, REWARDS_FILE, TRAJECTORIES_FILE,
                EXITS_REPORT, COLLECT_REPORT, POLICY_REPORT, UPDATE_REPORT, UPDATE_REPORT_MD)
 _REPORT = re.compile(r"^reports/[A-Za-z0-9_.@:+-]+\.(json|md)$")  # the commands' reports (and their Markdown)
 # The only file each bundle.json field may name (a crafted name cannot point a write at another file).
-NAMED_BY_FIELD = {"arms[].settings.weights": EXITS_FILE, "policy": POLICY_FILE,
+NAMED_BY_FIELD = {"arms[].settings.weights": EXITS_FILE, "arms[].settings.table": SUCCESSORS_FILE, "policy": POLICY_FILE,
                   "policy_model.weights": POLICY_WEIGHTS_FILE}
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..base import checks
+from ..base.errors import CtxdraftError
 from .draft import DecodeState, DraftOutput, TeacherForced, TeacherPass
 from .feature_draft import FeatureDraft, FeatureSettings
 from .feature_head import FeatureCache, FeatureHead
@@ -35,6 +36,16 @@ class FeatureTreeSettings(FeatureSettings):
         super().__post_init__()
         self.top_k = checks.integer("feature-tree top_k", self.top_k, minimum=1, maximum=64)
         self.max_nodes = checks.integer("feature-tree max_nodes", self.max_nodes, minimum=1, maximum=1024)
+        checks.integer("feature-tree draft_len (the tree's depth)", self.draft_len, minimum=1, maximum=64)
+        check_width("feature-tree", self.top_k, self.max_nodes)
+
+
+def check_width(kind: str, top_k: int, max_nodes) -> None:
+    """A tree's first depth alone holds ``top_k`` nodes: wider than its node budget, the budget would cut its own
+    branching (an integer ``max_nodes`` only: "auto" sizes itself)."""
+    if isinstance(max_nodes, int) and top_k > max_nodes:
+        raise CtxdraftError(f"{kind} top_k {top_k} makes a tree wider than its budget of max_nodes {max_nodes} nodes; "
+                            f"give top_k <= max_nodes")
 
 
 def feature_tree_arm(settings: FeatureTreeSettings) -> dict:
@@ -114,6 +125,9 @@ class FeatureTreeDraft(FeatureDraft):
     """The feature head's EAGLE-2 tree (see the module docstring)."""
 
     kind = "feature-tree"
+
+    def max_verified(self) -> int:
+        return self.settings.max_nodes
 
     @torch.inference_mode()
     def propose(self, state: DecodeState, max_len: int) -> DraftOutput:

@@ -33,7 +33,7 @@ class MergedSettings:
     sources: dict = field(default_factory=lambda: {"lookup": {}, "successor": {}})
 
     def __post_init__(self):
-        self.draft_len = checks.integer("merged draft_len (the tree's depth)", self.draft_len, minimum=1)
+        self.draft_len = checks.integer("merged draft_len (the tree's depth)", self.draft_len, minimum=1, maximum=64)
         self.max_nodes = checks.integer("merged max_nodes", self.max_nodes, minimum=1, maximum=1024)
         if not isinstance(self.sources, dict) or not self.sources:
             raise CtxdraftError(f"merged sources must name at least one of {', '.join(SOURCES)}, got {self.sources!r}")
@@ -109,6 +109,9 @@ class MergedDraft(Draft):
         self.rates = {source: HitRates() for source in sources}
         self.last_trees: dict[str, tuple[list[int], list[int]]] = {}
         self.last_root = 0  # len(state.tokens) when the last trees were proposed
+
+    def max_verified(self) -> int:
+        return self.settings.max_nodes
 
     def start(self, state: DecodeState) -> None:
         for draft in self.sources.values():

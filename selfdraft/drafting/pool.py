@@ -126,7 +126,7 @@ def _build_successor(spec, target, bundle_dir, shared):
         key = ("successors", str(path), settings.top_k)
         if key not in shared:
             shared[key] = load_successor_table(path, target.vocab_size, settings.top_k)
-        draft.table = shared[key].clone()  # each arm updates its own copy
+        draft.seed = shared[key]  # each generation starts from a copy of it (SuccessorDraft.start)
     return draft
 
 
@@ -200,6 +200,27 @@ DRAFT_KINDS: dict[str, Callable[[dict, object, Path | None, dict], Draft]] = {
 }
 
 
+def arm_feature_layers(spec: dict) -> list[int]:
+    """The target layers an arm's feature head reads (a feature or feature-tree arm, a merged arm's feature source):
+    the prefill keeps them for it."""
+    settings = spec.get("settings") or {}
+    if spec.get("kind") == "merged":
+        settings = (settings.get("sources") or {}).get("feature") or {}
+        return list(settings.get("layers", []))
+    return list(settings.get("layers", [])) if spec.get("kind") in ("feature", "feature-tree") else []
+
+
+def arm_table(spec: dict) -> str | None:
+    """The bundle file holding the successor table an arm starts from (a successor arm's, a merged arm's successor
+    source's), or None."""
+    settings = spec.get("settings") or {}
+    if spec.get("kind") == "merged":
+        settings = (settings.get("sources") or {}).get("successor") or {}
+    elif spec.get("kind") != "successor":
+        return None
+    return settings.get("table")
+
+
 def cost_key(spec: dict) -> str:
     """What the cost profile measures an arm under: its draft without the settings that leave the cost of one
     draft evaluation alone (draft length, threshold, n-gram sizes)."""
@@ -247,6 +268,6 @@ def pool_key(arms: list[dict]) -> str:
     return hashlib.sha256(json.dumps(arms, sort_keys=True).encode()).hexdigest()[:12]
 
 
-__all__ = ["BASE_ARMS", "DRAFT_KINDS", "base_arms", "build_draft", "build_drafts", "cost_key", "exit_arm", "feature_arm",
+__all__ = ["BASE_ARMS", "DRAFT_KINDS", "arm_feature_layers", "arm_table", "base_arms", "build_draft", "build_drafts", "cost_key", "exit_arm", "feature_arm",
            "feature_tree_arm", "lookup_arm", "lookup_tree_arm", "merged_arm", "merged_arm_for", "model_arm", "none_arm", "pool_key",
            "successor_arm", "with_draft_len"]

@@ -58,17 +58,27 @@ def save_successor_table(path: Path, table: torch.Tensor) -> None:
     save_container(Path(path), {TABLE_KEY: table.to(torch.int32).contiguous()}, {"vocab_size": V, "top_k": k}, TABLE_FORMAT)
 
 
+_REMEDY = "rebuild it for this target (or drop the arm's table setting)"
+
+
+def read_successor_table(path: Path) -> torch.Tensor:
+    """The stored table [V, k] as written (what can be checked without the target); a missing or damaged file, or
+    one that is not a successor table, is one error naming the file."""
+    tensors, header = load_container(Path(path), "successor table", _REMEDY)
+    table = tensors.get(TABLE_KEY)
+    if table is None or table.dim() != 2 or not isinstance(header, dict) or header.get("vocab_size") != table.shape[0] \
+            or header.get("top_k") != table.shape[1]:
+        raise CtxdraftError(f"successor table {display_path(path)} is not a successor table ({TABLE_KEY} [V, k] with "
+                            f"vocab_size and top_k in its header); {_REMEDY}")
+    return table
+
+
 def load_successor_table(path: Path, vocab_size: int, top_k: int) -> torch.Tensor:
     """The stored table as [vocab_size, top_k] int64 (a wider table is cut, a narrower one padded with -1); a table
     for another vocabulary, or a damaged one, is one error naming the file."""
-    remedy = "rebuild it for this target (or drop the arm's table setting)"
-    tensors, header = load_container(Path(path), "successor table", remedy)
-    table = tensors.get(TABLE_KEY)
+    remedy = _REMEDY
+    table = read_successor_table(path)
     where = display_path(path)
-    if table is None or table.dim() != 2 or not isinstance(header, dict) or header.get("vocab_size") != table.shape[0] \
-            or header.get("top_k") != table.shape[1]:
-        raise CtxdraftError(f"successor table {where} is not a successor table ({TABLE_KEY} [V, k] with vocab_size and "
-                            f"top_k in its header); {remedy}")
     if table.shape[0] != vocab_size:
         raise CtxdraftError(f"successor table {where} is for a vocabulary of {table.shape[0]} tokens, this target has "
                             f"{vocab_size}; {remedy}")

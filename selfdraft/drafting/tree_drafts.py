@@ -228,6 +228,9 @@ class SuccessorSettings:
     def __post_init__(self):
         self.draft_len, self.max_nodes = _check_tree_size("successor", self.draft_len, self.max_nodes)
         self.top_k = checks.integer("successor top_k", self.top_k, minimum=1, maximum=64)
+        if isinstance(self.max_nodes, int) and self.top_k > self.max_nodes:
+            raise CtxdraftError(f"successor top_k {self.top_k} makes a tree wider than its budget of max_nodes "
+                                f"{self.max_nodes} nodes; give top_k <= max_nodes")
 
 
 class SuccessorDraft(TreeDraft):
