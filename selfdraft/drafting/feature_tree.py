@@ -23,6 +23,7 @@ from ..base.errors import CtxdraftError
 from .draft import DecodeState, DraftOutput, TeacherForced, TeacherPass
 from .feature_draft import FeatureDraft, FeatureSettings
 from .feature_head import FeatureCache, FeatureHead
+from .live_replay import LiveReplay
 
 
 @dataclass
@@ -144,5 +145,5 @@ class FeatureTreeDraft(FeatureDraft):
         return out
 
     def teacher_forced(self, tp: TeacherPass, vocab_size: int) -> TeacherForced:
-        """No replay yet (the tree is not the chain the head's replay gives): it replays as ``none``."""
-        return TeacherForced()
+        """The head's trees along the target's sequence, grown by this draft itself (exact: ``live_replay.py``)."""
+        return LiveReplay(self, tp, vocab_size)

@@ -19,6 +19,7 @@ from ..base import checks
 from ..base.errors import CtxdraftError
 from .draft import DecodeState, Draft, DraftOutput, TeacherForced, TeacherPass
 from .feature_tree import best_subtree
+from .live_replay import LiveReplay
 
 SOURCES = ("lookup", "successor", "feature", "model")  # the order sources are merged in (ties: the earlier one)
 MAX_RANK = 3  # sibling ranks at or past this share one hit rate
@@ -159,5 +160,6 @@ class MergedDraft(Draft):
         return out
 
     def teacher_forced(self, tp: TeacherPass, vocab_size: int) -> TeacherForced:
-        """No replay yet (the hit rates and the successor table follow every verified step): it replays as ``none``."""
-        return TeacherForced()
+        """The merged trees along the target's sequence, from this draft and its sources themselves (their hit rates and
+        successor table follow the committed steps as in decoding; exact: ``live_replay.py``)."""
+        return LiveReplay(self, tp, vocab_size)
