@@ -10,7 +10,12 @@ from tiny import tiny_random
 from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
 from ctxdraft.selfdraft.drafting.feature_tree import FeatureTreeDraft, FeatureTreeSettings
 from ctxdraft.selfdraft.drafting.merged_draft import MergedDraft, MergedSettings
-from ctxdraft.selfdraft.drafting.tree_drafts import LookupTreeDraft, LookupTreeSettings, SuccessorDraft, SuccessorSettings
+from ctxdraft.selfdraft.drafting.tree_drafts import (
+    LookupTreeDraft,
+    LookupTreeSettings,
+    SuccessorDraft,
+    SuccessorSettings,
+)
 from ctxdraft.selfdraft.learning.trajectories import replay, teacher_pass
 from ctxdraft.selfdraft.runtime.layers import LayerStack
 from ctxdraft.selfdraft.serving.traffic import StepRecorder
