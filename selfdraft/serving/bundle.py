@@ -26,7 +26,8 @@ from ..drafting.draft import Draft
 from ..drafting.exit_draft import ExitSettings
 from ..drafting.exit_head import read_head_tensors, read_tensors
 from ..drafting.feature_draft import FeatureSettings
-from ..drafting.pool import build_draft, model_arm
+from ..drafting.pool import arm_feature_layers, arm_table, build_draft, model_arm
+from ..drafting.successor_table import read_successor_table
 from ..learning.offpolicy import choose_arm
 from ..runtime.layers import LayerStack
 from ..runtime.machine import resolve_dtype
@@ -257,7 +258,7 @@ class Bundle:
     def _state_layers(self, draft: str) -> set[int]:
         """The target layers the prefill keeps for the arm(s) that may draft: feature heads read them."""
         specs = self.info["arms"] if draft == "auto" else [self.arm_spec(draft)]
-        return {layer for spec in specs if spec["kind"] == "feature" for layer in spec["settings"]["layers"]}
+        return {layer for spec in specs for layer in arm_feature_layers(spec)}
 
 
 def _stop_checker(tokenizer, stops: list[str]):
@@ -333,16 +334,27 @@ def add_arm(bundle_dir: str | Path, spec: dict, target: str | None = None) -> Bu
     return bundle
 
 
+_HEAD_FIELDS = ("name", "layers", "draft_vocab", "weights")
+
+
+def _head_settings(arm: dict) -> dict:
+    settings = arm.get("settings", {})
+    return settings.get("sources", {}).get("feature", {}) if arm["kind"] == "merged" else settings
+
+
 def _check_files(path: Path, info: dict) -> None:
     """What can be checked of the bundle's other files without the model: every exit arm's weights are readable
-    and hold that exit, and the policy bundle.json names exists. Each failure is one error line."""
+    and hold that exit (every feature head's, its head), every successor table is one, and the policy bundle.json
+    names exists. Each failure is one error line."""
     for arm in info["arms"]:
         if arm["kind"] == "exit":
             settings = ExitSettings(**arm.get("settings", {}))
             read_head_tensors(path / settings.weights, settings.exit_layer)
-        elif arm["kind"] == "feature":
-            settings = FeatureSettings(**arm.get("settings", {}))
+        elif arm_feature_layers(arm):
+            settings = FeatureSettings(**{k: v for k, v in _head_settings(arm).items() if k in _HEAD_FIELDS})
             read_tensors(path / settings.weights, f"feature-{settings.name}.", f"the feature head {settings.name!r}")
+        if arm_table(arm) is not None:
+            read_successor_table(path / arm_table(arm))
     if info.get("policy") and not (path / info["policy"]).is_file():
         raise CtxdraftError(f"{display_path(path / info['policy'])}, the policy bundle.json names, is missing; "
                             "run `ctxdraft export-policy` (or `train-policy`) again")
