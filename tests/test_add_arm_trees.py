@@ -64,7 +64,7 @@ def test_tree_arms_are_added_and_decode_exactly(tiny_bundle, data):  # noqa: F81
     (["--kind", "merged", "--top-k", "8", "--max-nodes", "4"], "needs a successor table"),
     (["--kind", "merged", "--max-nodes", "auto"], "integer --max-nodes"),
     (["--kind", "feature-tree"], "needs a feature head"),
-    (["--kind", "lookup-tree", "--data", "x.jsonl"], "only --kind successor or merged"),
+    (["--kind", "lookup-tree", "--data", "x.jsonl"], "or fills the suffix datastore (--kind suffix), not --kind lookup-tree"),
 ])
 def test_bad_tree_options_are_one_error_and_nothing_written(tiny_bundle, args, message):  # noqa: F811
     before = (tiny_bundle / BUNDLE_FILE).read_text()

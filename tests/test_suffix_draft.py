@@ -120,7 +120,7 @@ def test_corrupt_or_foreign_datastore_is_one_clear_error(tmp_path, damage):
         read_datastore(path, target, vocab)
 
 
-def test_a_full_disk_skips_the_update_with_a_warning(tmp_path, monkeypatch, caplog):
+def test_a_full_disk_skips_the_update_with_a_warning(tmp_path, monkeypatch, warnings):
     import errno
     import os
 
@@ -138,7 +138,7 @@ def test_a_full_disk_skips_the_update_with_a_warning(tmp_path, monkeypatch, capl
     monkeypatch.setattr(datastore.os, "write", full)
     assert not append_document(path, [3, 4], "id")
     monkeypatch.undo()
-    assert log_path(path).read_bytes() == before and "not kept" in caplog.text
+    assert log_path(path).read_bytes() == before and "not kept" in warnings.text
     assert [d.tolist() for d in read_datastore(path, None, 10).documents()] == [[1, 2]]
 
 
