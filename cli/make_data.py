@@ -26,10 +26,13 @@ from .common import dtype_option, echo_json, progress_bar
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--time-limit", type=float, default=None, help="Seconds; no new batch starts after this (resume later).")
 @click.option("--resume", is_flag=True, help="Continue the rows already in --out (same models and settings).")
+@click.option("--threads", type=int, help="torch threads (default: torch's; 1 avoids spin-waiting on a busy shared "
+              "machine).")
 @dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def make_data_cmd(target, out_path, rows, writer, domains, batch_size, max_query_tokens, max_answer_tokens,
-                  query_temperature, answer_temperature, dedup_threshold, min_query_words, seed, time_limit, resume, dtype, as_json):
+                  query_temperature, answer_temperature, dedup_threshold, min_query_words, seed, time_limit, resume,
+                  threads, dtype, as_json):
     """Write a training corpus (JSONL `prompt`/`text` rows for add-exits) with the models themselves.
 
     Queries are written Magpie-style: the writer model gets only its chat template's pre-query prefix
@@ -49,7 +52,8 @@ def make_data_cmd(target, out_path, rows, writer, domains, batch_size, max_query
                             dedup_threshold=dedup_threshold, min_query_words=min_query_words, seed=seed,
                             time_limit=time_limit, resume=resume)
     with progress_bar(as_json) as bar:
-        summary = make_data_from_specs(out_path, config, target=target, writer=writer, dtype=dtype, progress=bar)
+        summary = make_data_from_specs(out_path, config, target=target, writer=writer, dtype=dtype, threads=threads,
+                                       progress=bar)
     if as_json:
         echo_json(summary)
         return

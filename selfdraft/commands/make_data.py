@@ -285,10 +285,20 @@ def make_data(target, writer, out: str | os.PathLike, config: MakeDataConfig, pr
 
 
 def make_data_from_specs(out: str | os.PathLike, config: MakeDataConfig, *, target: str | None = None,
-                         writer: str | None = None, dtype: str = "auto", progress: Progress | None = None) -> dict:
+                         writer: str | None = None, dtype: str = "auto", threads: int | None = None,
+                         progress: Progress | None = None) -> dict:
     """What ``ctxdraft make-data`` does: check the settings, load the target (the embedded default when None) and
-    the query writer (the target itself when None) and run ``make_data``."""
+    the query writer (the target itself when None) and run ``make_data`` with ``threads`` torch threads (default:
+    torch's; on a busy shared CPU 1 thread avoids spin-waiting: 6x faster at batch 16 on the 2-core machine)."""
     config.validate()
+    if threads is not None:
+        checks.integer("--threads", threads, minimum=1)
     loaded = load_target(target or DEFAULT_TARGET, dtype=dtype)
     query_writer = loaded if writer is None or writer == (target or DEFAULT_TARGET) else load_target(writer, dtype=dtype)
-    return make_data(loaded, query_writer, out, config, progress)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        summary = make_data(loaded, query_writer, out, config, progress)
+    finally:
+        torch.set_num_threads(before)
+    return dict(summary, torch_threads=threads or before)
