@@ -30,12 +30,12 @@ def test_the_corpus_answers_are_the_continuations(corpus):
     target, out = corpus
     rows = read_prompts(out)
     assert all(isinstance(r["answer"], str) for r in rows)
-    examples = build_examples(target, rows, [1, 2], max_prompt_tokens=64, new_tokens=32, topk=4, extend=2,
+    examples = build_examples(target, rows, [1, 2], max_prompt_tokens=64, new_tokens=10, topk=4, extend=2,
                               use_answers=True)
     for row, ex in zip(rows, examples):
         prompt_ids = encode_prompt(target, row["prompt"], 64)
         answer_ids = target.tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
-        assert ex.tp.token_ids[: ex.num_positions] == prompt_ids + answer_ids
+        assert ex.tp.token_ids[: len(prompt_ids) + len(answer_ids)] == prompt_ids + answer_ids
     generated = build_examples(target, rows, [1, 2], max_prompt_tokens=64, new_tokens=10, topk=4, extend=2)
     assert any(g.tp.token_ids != e.tp.token_ids for g, e in zip(generated, examples))
 
@@ -74,3 +74,19 @@ def test_a_zero_budget_is_refused(corpus, tiny_model_dir, tmp_path, budget):
     assert r.exit_code == 2
     assert_clean_error(r, "--train-tokens must be >= 1")
     assert not (tmp_path / "b").exists()
+
+
+def test_short_answers_end_or_are_continued(corpus):
+    """An answer that ended on EOS ends the example there; one cut short by its writer is continued greedily up to
+    the requested length (otherwise add-exits' replays run past the known tokens)."""
+    target, out = corpus
+    row = dict(read_prompts(out)[0])
+    answer_ids = target.tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
+    cut = dict(row, answer_ended=False)
+    ended = dict(row, answer_ended=True)
+    ex_cut, ex_ended = build_examples(target, [cut, ended], [1], max_prompt_tokens=64, new_tokens=len(answer_ids) + 6,
+                                      topk=4, extend=2, use_answers=True)
+    prompt_len = ex_ended.tp.prompt_len
+    assert ex_ended.num_positions == prompt_len + len(answer_ids)
+    assert ex_cut.tp.token_ids[prompt_len: prompt_len + len(answer_ids)] == answer_ids
+    assert ex_cut.num_positions > ex_ended.num_positions or ex_cut.tp.num_new > len(answer_ids)

@@ -34,6 +34,7 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
         entry = {"id": row_id, "domain": str(domain) if domain is not None else "all", "prompt": prompt}
         if isinstance(row.get("prompt"), str) and isinstance(row.get("text"), str):
             entry["answer"] = row["text"]  # make-data rows: the target's own answer to the prompt
+            entry["answer_ended"] = row.get("ended") is True  # ... and whether the target ended it (EOS)
         out.append(entry)
     return out
 

@@ -91,7 +91,8 @@ def build_examples(target, rows: list[dict], layers: list[int], *, max_prompt_to
     is still the target's distribution at every position.
 
     ``use_answers``: a row's own ``answer`` (make-data's rows), cut to ``new_tokens``, is the continuation instead of
-    a new greedy one (rows without one are generated as before).
+    a new greedy one (rows without one are generated as before); an answer shorter than ``new_tokens`` that its
+    writer cut (not ended by EOS) is continued greedily, so replays never run past the known tokens.
 
     Under torchrun each rank builds its share of the prompts (``group.shard``) and then reads the others' from
     ``work``, which must be a directory every rank sees."""
@@ -116,7 +117,10 @@ def build_examples(target, rows: list[dict], layers: list[int], *, max_prompt_to
                     new_ids, ended = [], False
                 elif use_answers and sample is None and isinstance(row.get("answer"), str):
                     new_ids = target.tokenizer(row["answer"], add_special_tokens=False)["input_ids"][:new_tokens]
-                    ended = False
+                    ended = row.get("answer_ended") is True and len(new_ids) < new_tokens
+                    if not ended and len(new_ids) < new_tokens:  # a shorter answer cut by its writer: go on greedily
+                        run = greedy_continuation(stack, prompt_ids + new_ids, new_tokens - len(new_ids), target.eos_ids)
+                        new_ids, ended = new_ids + run.new_ids, run.ended_on_eos
                 elif sample is None:
                     run = greedy_continuation(stack, prompt_ids, new_tokens, target.eos_ids)
                     new_ids, ended = run.new_ids, run.ended_on_eos
