@@ -292,11 +292,6 @@ def pool_key(arms: list[dict]) -> str:
     return hashlib.sha256(json.dumps(arms, sort_keys=True).encode()).hexdigest()[:12]
 
 
-__all__ = ["BASE_ARMS", "DRAFT_KINDS", "base_arms", "build_draft", "build_drafts", "cost_key", "exit_arm", "feature_arm",
-           "lookup_arm", "lookup_tree_arm", "model_arm", "none_arm", "pool_key", "successor_arm", "suffix_arm",
-           "with_draft_len"]
-
-
-__all__ = ["BASE_ARMS", "DRAFT_KINDS", "arm_feature_layers", "arm_table", "base_arms", "build_draft", "build_drafts", "cost_key", "exit_arm", "feature_arm",
-           "feature_tree_arm", "lookup_arm", "lookup_tree_arm", "merged_arm", "merged_arm_for", "model_arm", "none_arm", "pool_key",
-           "successor_arm", "with_draft_len"]
+__all__ = ["BASE_ARMS", "DRAFT_KINDS", "arm_feature_layers", "arm_table", "base_arms", "build_draft", "build_drafts",
+           "cost_key", "exit_arm", "feature_arm", "feature_tree_arm", "lookup_arm", "lookup_tree_arm", "merged_arm",
+           "merged_arm_for", "model_arm", "none_arm", "pool_key", "successor_arm", "suffix_arm", "with_draft_len"]
