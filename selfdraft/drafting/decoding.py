@@ -241,16 +241,22 @@ def start_row(stack: LayerStack, pre: Prefill, draft: Draft, config: GenerationC
 
 def next_proposal(row: Row, max_len: int | None = None) -> DraftOutput | None:
     """The row's next draft (at most ``max_len`` tokens), or None when it is finished (its output then cut)."""
-    cut = _finished(row.new_ids, row.config.max_new_tokens, row.eos_ids, row.stop_check)
-    if cut is not None:
-        row.new_ids = row.new_ids[:cut]
-        row.stats.new_tokens = len(row.new_ids)
-        row.done = True
+    if row_done(row):
         return None
     budget = row.config.max_new_tokens - len(row.new_ids) - 1  # the verify step always adds one more token
     if max_len is not None:
         budget = min(budget, max_len)
     return row.draft.propose(row.state, budget) if budget > 0 else DraftOutput([])
+
+
+def row_done(row: Row) -> bool:
+    """Whether the row has finished (EOS, max tokens, a stop string); its output is then cut to what is returned."""
+    cut = _finished(row.new_ids, row.config.max_new_tokens, row.eos_ids, row.stop_check)
+    if cut is not None and not row.done:
+        row.new_ids = row.new_ids[:cut]
+        row.stats.new_tokens = len(row.new_ids)
+        row.done = True
+    return row.done
 
 
 def commit(row: Row, proposal: DraftOutput, logits: torch.Tensor, result, capture: dict | None) -> None:
