@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 
 import click
@@ -9,6 +11,22 @@ import click
 from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.runtime.distributed import Group
 from ctxdraft.selfdraft.runtime.machine import DTYPE_CHOICES
+
+# What the file system or a crafted file can throw: one `Error: <path>: <reason>` line, exit 2, no traceback.
+FAULTS = (OSError, RecursionError, shutil.Error)
+
+
+def fault_message(e: BaseException) -> str:
+    """``<path>: <reason>`` for an error the operating system (or a crafted file) raised."""
+    if isinstance(e, shutil.Error):
+        first = e.args[0][0] if e.args and isinstance(e.args[0], list) and e.args[0] else None
+        return f"{first[0]}: {first[2]}" if isinstance(first, tuple) and len(first) == 3 else f"copy failed: {e}"
+    if isinstance(e, RecursionError):
+        return "input nested too deeply to read (a crafted or damaged file)"
+    if isinstance(e, OSError):
+        where = os.fsdecode(e.filename) if e.filename is not None else "file system"
+        return f"{where}: {e.strerror or e}"
+    return str(e)
 
 
 def echo_json(obj) -> None:

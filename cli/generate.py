@@ -41,6 +41,9 @@ def _print_piece(piece: str) -> None:
 @click.option("--seed", type=int, help="Seed for sampling (temperature > 0).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable); the text is cut before it.")
 @click.option("--no-chat", is_flag=True, help="Do not apply the model's chat template.")
+@click.option("--escape-special", is_flag=True,
+              help="Special tokens typed in the prompt (<|im_end|>) stay plain text, not control tokens "
+                   "(for untrusted prompts).")
 @click.option("--json", "as_json", is_flag=True, help="Print prompt_ids, token_ids, text, arm and stats as JSON.")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False),
@@ -53,8 +56,8 @@ def _print_piece(piece: str) -> None:
 @click.option("--max-batch", default=8, show_default=True, type=int, help="With --batch: the most rows decoded at once.")
 @dtype_option
 @no_calibrate_option
-def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature, top_p, seed, stop, no_chat, as_json, stream,
-                 log_path, log_features_only, explore, batch_file, max_batch, dtype, no_calibrate):
+def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature, top_p, seed, stop, no_chat, escape_special,
+                 as_json, stream, log_path, log_features_only, explore, batch_file, max_batch, dtype, no_calibrate):
     """Generate text; the output is exactly what the target alone would produce.
 
     PROMPT is the text to continue, or '-' to read it from stdin.
@@ -74,7 +77,7 @@ def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature,
             lines = generate_batch(batch_file, bundle_dir=bundle_dir, target=target, dtype=dtype, max_batch=max_batch,
                                    calibrate=False if no_calibrate else None, progress=bar, draft=draft,
                                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                   chat=not no_chat, stop=list(stop))
+                                   chat=not no_chat, stop=list(stop), escape_special=escape_special)
         for line in lines:
             click.echo(json.dumps(line, default=str))
         return
@@ -83,7 +86,8 @@ def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature,
         result = generate(text, bundle_dir=bundle_dir, target=target, dtype=dtype, calibrate=False if no_calibrate else None,
                           log=log_path, log_features_only=log_features_only, explore=explore, progress=bar, draft=draft,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                          chat=not no_chat, stop=list(stop), on_text=_print_piece if stream and not as_json else None)
+                          chat=not no_chat, stop=list(stop), escape_special=escape_special,
+                          on_text=_print_piece if stream and not as_json else None)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -26,6 +26,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_tiny_bundle(tiny_model_dir, tmp_path_factory):
+    """A tiny bundle with a trained policy and its trajectories (16 prompts), built once; copy it before changing it."""
+    from test_traffic import train_tiny_bundle
+
+    return train_tiny_bundle(tiny_model_dir, tmp_path_factory.mktemp("trained") / "bundle", num_prompts=16)
+
+
+@pytest.fixture(scope="session")
 def specbench_path():
     if not SHARED_DATA.is_file():
         pytest.skip(f"shared data not present at {SHARED_DATA}")

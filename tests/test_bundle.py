@@ -8,7 +8,7 @@ from tiny import char_tokenizer, save_model_dir, tiny_llama
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.base.fileio import write_json_atomic
-from ctxdraft.selfdraft.drafting.pool import BASE_ARMS, lookup_arm
+from ctxdraft.selfdraft.drafting.pool import BASE_ARMS, lookup_arm, lookup_tree_arm, successor_arm
 from ctxdraft.selfdraft.runtime.target import load_target
 from ctxdraft.selfdraft.serving.bundle import Bundle, add_arm, load_bundle, open_or_create_bundle
 from ctxdraft.selfdraft.serving.bundle_info import new_bundle_info, record_training_ids, trained_ids, validate_info
@@ -62,13 +62,25 @@ def _info(**changes):
     (_info(exits="x"), "exits: 'x' is not of type 'array', 'null'"),
     (_info(exits=[{"layer": 3, "agreement": "high"}]), "exits[0].agreement: 'high' is not of type 'number', 'null'"),
     (_info(default_arm="zzz"), "default_arm 'zzz' is not one of the arms"),
-    (_info(policy="p.onnx", policy_model={"feature_kind": "hidden", "arms": ["none", "gone"], "config": {}}),
+    (_info(arms=[{"name": "t", "kind": "lookup-tree", "settings": {"max_nodes": "many"}}]), "arms[0].settings.max_nodes"),
+    (_info(arms=[{"name": "t", "kind": "lookup-tree", "settings": {"max_nodes": 0}}]), "arms[0].settings.max_nodes"),
+    (_info(arms=[{"name": "t", "kind": "successor", "settings": {"max_nodes": 2000}}]), "arms[0].settings.max_nodes"),
+    (_info(arms=[{"name": "t", "kind": "successor", "settings": {"draft_len": 65}}]), "arms[0].settings.draft_len"),
+    (_info(arms=[{"name": "t", "kind": "successor", "settings": {"top_k": 0}}]), "arms[0].settings.top_k"),
+    (_info(arms=[{"name": "t", "kind": "successor", "settings": {"ngram_sizes": [2]}}]), "Additional properties"),
+    (_info(policy="policy.onnx", policy_model={"feature_kind": "hidden", "arms": ["none", "gone"], "config": {}}),
      "policy_model.arms names arms the bundle does not have: ['gone']"),
 ])
 def test_validate_info_names_the_field(info, message):
     with pytest.raises(CtxdraftError) as error:
         validate_info(info, "bundle.json")
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_validate_info_accepts_tree_arms():
+    arms = [lookup_tree_arm(), lookup_tree_arm(max_nodes="auto"), successor_arm(), successor_arm(max_nodes="auto")]
+    info = _info(arms=arms)
+    assert validate_info(info, "bundle.json") is info
 
 
 def test_validate_info_accepts_the_shipped_bundle():

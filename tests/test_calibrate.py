@@ -132,6 +132,9 @@ def test_cli_calibrate_info_and_dtype_errors(trained_bundle, tmp_path, monkeypat
     r = runner.invoke(main, ["info", "--bundle", str(trained_bundle), "--json"])
     info = json.loads(r.output)
     assert info["calibration"]["path"] and info["routing_policy"].startswith("calibrated")
+    stats = info["arm_stats"]  # from the shipped trajectories: tokens per forward and nodes per step per arm
+    assert set(stats) == {"none", "lookup", "lookup-k2"} and stats["none"]["nodes_per_step"] == 0
+    assert stats["lookup-k2"]["num_prompts"] == 8 and 0 < stats["lookup-k2"]["nodes_per_step"] <= 2
     r = runner.invoke(main, ["info", "--bundle", str(trained_bundle), "--no-calibrate", "--json"])
     assert json.loads(r.output)["routing_policy"] == "the shipped policy (calibration is off)"
     assert_clean_error(runner.invoke(main, ["calibrate", "--bundle", str(trained_bundle), "--reps", "0"]), "--reps must be >= 1")

@@ -87,6 +87,50 @@ def test_measure_profile_shares_one_measurement_per_draft(tiny_model_dir):
     assert profile.fits(drafts, target.content_hash)
 
 
+TREE_PROFILE = CostProfile(context_tokens=100, target_step_s={**PROFILE.target_step_s, 17: 3.0, 33: 5.0},
+                           drafts={"successor": {"evaluation_s": 0.01}})
+
+
+def test_a_tree_step_costs_the_step_over_its_nodes_plus_one():
+    """Catches a tree costed by its accepted path or its depth instead of the positions the target verified."""
+    assert TREE_PROFILE.step_seconds(21) == pytest.approx(3.0 + 2.0 * 4 / 16)  # between the measured 17 and 33
+    assert TREE_PROFILE.step_seconds(4) == 2.0 and TREE_PROFILE.step_seconds(34) is None
+    tree = Trajectory([Step(1, 20, 3, nodes=20), Step(1, 2, 0)], new_tokens=6)
+    assert TREE_PROFILE.seconds(tree, "successor") == pytest.approx(0.01 + 3.5 + 0.01 + 1.5)
+    assert reward(TREE_PROFILE, "successor", tree, 5) == pytest.approx(5.0 / 5.02)
+    assert TREE_PROFILE.step_curve(5) == pytest.approx([0.0, 1.0, 1.2, 1.5, 2.0, 2.0 + 1.0 / 13])
+    with pytest.raises(CtxdraftError, match="no timing for verifying 40"):
+        TREE_PROFILE.seconds(Trajectory([Step(1, 40, 1)], 2), "successor")
+    with pytest.raises(CtxdraftError, match="up to 40 positions"):
+        TREE_PROFILE.step_curve(40)
+
+
+def test_trajectory_rows_keep_nodes_and_old_rows_read_as_chains():
+    old = Trajectory.from_dict({"new_tokens": 4, "steps": [[1, 3, 2, 0], [2, 1, 0, 1]]})
+    assert [s.nodes for s in old.steps] == [3, 1] and old.nodes_per_step == 2.0
+    assert old.to_dict()["steps"] == [[1, 3, 2, 0], [2, 1, 0, 1]]  # a chain's row is written as before
+    tree = Trajectory([Step(1, 12, 3, nodes=12), Step(1, 9, 1, nodes=9)], 6)
+    assert Trajectory.from_dict(tree.to_dict()) == tree and tree.nodes_per_step == 10.5
+    mixed = Trajectory.from_dict({"new_tokens": 4, "steps": [[1, 2, 1, 0, 9]]})
+    assert mixed.steps[0].nodes == 9 and mixed.to_dict()["steps"] == [[1, 2, 1, 0, 9]]
+    for bad in ([[1, 3, 2, 0, 1]], [[1, 3, 2, 0, 3, 3]], [[1, 3, 2, 0, "x"]]):  # fewer nodes than accepted; too long
+        with pytest.raises(CtxdraftError):
+            Trajectory.from_dict({"new_tokens": 4, "steps": bad})
+
+
+def test_measure_profile_covers_the_tree_sizes_in_use(tiny_model_dir):
+    target = load_target(tiny_model_dir)
+    drafts = build_drafts([{"name": "none", "kind": "none", "settings": {}},
+                           {"name": "t", "kind": "successor", "settings": {"max_nodes": 40}}], target)
+    stack = LayerStack(target.model)
+    profile = measure_profile(stack, drafts, target.encode("abc abc abc") * 3, target.vocab_size, reps=1)
+    assert max_positions(drafts) == 41
+    assert sorted(profile.target_step_s) == list(range(1, 18)) + [25, 33, 41]
+    assert profile.fits(drafts, None) and len(profile.step_curve(41)) == 42
+    smaller = CostProfile.from_dict({**profile.to_dict(), "target_step_s": {str(m): 1.0 for m in range(1, 18)}})
+    assert smaller is not None and not smaller.fits(drafts, None)  # an old profile: readable, too small for the tree
+
+
 def test_add_exits_speedup_is_collects_reward_on_the_same_prompts(tmp_path):
     model_dir = save_word_target(tmp_path / "model")
     data = write_word_prompts(tmp_path / "data.jsonl", n=8)

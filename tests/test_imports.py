@@ -134,6 +134,7 @@ LAYERS = [
     ("ctxdraft.selfdraft.learning",),
     ("ctxdraft.selfdraft.serving",),
     ("ctxdraft.selfdraft.commands",),
+    ("ctxdraft.selfdraft.entrypoints",),  # HTTP servers over the library (protocol types live here only)
     ("ctxdraft.cli", "ctxdraft.selfdraft"),  # the CLI and the package's public names (resolved on first use)
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -160,18 +161,9 @@ def test_training_with_logs_learns_a_domain_the_offline_rows_never_saw():
 # --------------------------------------------------------------------------------------------------
 # update-policy on a tiny bundle
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def built_bundle(tiny_model_dir, tmp_path_factory):
-    from test_traffic import train_tiny_bundle
-
-    return train_tiny_bundle(tiny_model_dir, tmp_path_factory.mktemp("online") / "bundle", num_prompts=16)
-
-
 @pytest.fixture()
-def bundle_dir(built_bundle, tmp_path):
-    import shutil
-
-    return shutil.copytree(built_bundle, tmp_path / "bundle")
+def bundle_dir(trained_tiny_bundle, tmp_path):
+    return shutil.copytree(trained_tiny_bundle, tmp_path / "bundle")
 
 
 def serve(bundle_dir, log, n: int = 12, explore: float = 0.5, seed: int = 0, **kw):

@@ -18,6 +18,12 @@ from ctxdraft.selfdraft.drafting.draft import TeacherForced
 from ctxdraft.selfdraft.drafting.drafts import LookupDraft, ModelDraft, ModelDraftSettings, NoneDraft
 from ctxdraft.selfdraft.drafting.exit_draft import ExitDraft, ExitSettings
 from ctxdraft.selfdraft.drafting.exit_head import ExitHead
+from ctxdraft.selfdraft.drafting.tree_drafts import (
+    LookupTreeDraft,
+    LookupTreeSettings,
+    SuccessorDraft,
+    SuccessorSettings,
+)
 from ctxdraft.selfdraft.learning.costs import plain_steps
 from ctxdraft.selfdraft.learning.offpolicy import choose_arm
 from ctxdraft.selfdraft.learning.trajectories import replay, teacher_pass
@@ -61,7 +67,9 @@ def _drafts(model):
 
     other = tiny_random(seed=3)
     return {"none": NoneDraft(), "lookup": LookupDraft(), "exit": exit_draft(0.0), "exit-stop": exit_draft(0.1),
-            "model": ModelDraft("model", other, ModelDraftSettings("other", 3))}
+            "model": ModelDraft("model", other, ModelDraftSettings("other", 3)),
+            "lookup-tree": LookupTreeDraft("lookup-tree", LookupTreeSettings(draft_len=3, max_nodes=8)),
+            "successor": SuccessorDraft("successor", SuccessorSettings(draft_len=3, max_nodes=8, top_k=4))}
 
 
 @pytest.mark.parametrize("max_new_tokens, eos", [(1, set()), (2, set()), (17, set()), (17, {53})])
@@ -75,15 +83,16 @@ def test_recorded_steps_equal_collects_replay_for_every_kind(max_new_tokens, eos
         recorder = StepRecorder(draft)
         assert (recorder.kind, recorder.draft_len, recorder.cost_key, recorder.state_layers) == (
             draft.kind, draft.draft_len, draft.cost_key, draft.state_layers)  # what the decoding loop reads
+        assert (recorder.observe_top_k, recorder.max_verified()) == (draft.observe_top_k, draft.max_verified())
         new_ids, stats = speculative_decode(stack, prefill(stack, prompt), recorder,
                                             GenerationConfig(max_new_tokens=max_new_tokens), eos)
         traj = recorder.trajectory(len(new_ids))
-        assert (traj.target_forwards, traj.drafted_tokens, traj.accepted_tokens) == (
-            stats.target_forwards, stats.drafted_tokens, stats.accepted_tokens)
+        assert (traj.target_forwards, traj.drafted_tokens, traj.accepted_tokens, traj.nodes_verified) == (
+            stats.target_forwards, stats.drafted_tokens, stats.accepted_tokens, stats.nodes_verified)
         recorded[name] = (traj, new_ids)
     new_ids = recorded["none"][1]
     ended_on_eos = len(new_ids) < max_new_tokens
-    tp = teacher_pass(stack, prompt, new_ids, eos, ended_on_eos=ended_on_eos, layers=[2], extend=4)
+    tp = teacher_pass(stack, prompt, new_ids, eos, ended_on_eos=ended_on_eos, layers=[2], extend=4, topk=4)
     for name, draft in _drafts(model).items():
         expected = replay(draft.teacher_forced(tp, 61), tp.token_ids, len(prompt), max_new_tokens, eos)
         got = recorded[name][0]

@@ -1,4 +1,7 @@
-"""The files of a bundle directory, one name each (see ``bundle.py`` for what they hold)."""
+"""The files of a bundle directory, one name each (see ``bundle.py`` for what they hold): a closed set. bundle.json
+may name a file only by the fixed name of its field (``NAMED_BY_FIELD``); copies take only these files."""
+import re
+from pathlib import Path
 
 BUNDLE_FILE = "bundle.json"  # target identity, the pool, exits, features, policy, cost profile: the commit point
 EXITS_FILE = "exits.safetensors"  # exit-head weights (+ reduced-vocab ids)
@@ -9,8 +12,28 @@ TRAJECTORIES_FILE = "trajectories.jsonl.gz"  # every arm's trajectory on the pol
 EXITS_REPORT = "reports/add_exits.json"  # the linear / layer exits' add-exits report
 COLLECT_REPORT = "reports/collect.json"
 POLICY_REPORT = "reports/train_policy.json"
+UPDATE_REPORT = "reports/update_policy.json"
+UPDATE_REPORT_MD = "reports/update_policy.md"
+FIXED_FILES = (BUNDLE_FILE, EXITS_FILE, POLICY_FILE, POLICY_WEIGHTS_FILE, REWARDS_FILE, TRAJECTORIES_FILE,
+               EXITS_REPORT, COLLECT_REPORT, POLICY_REPORT, UPDATE_REPORT, UPDATE_REPORT_MD)
+_REPORT = re.compile(r"^reports/[A-Za-z0-9_.@:+-]+\.(json|md)$")  # the commands' reports (and their Markdown)
+# The only file each bundle.json field may name (a crafted name cannot point a write at another file).
+NAMED_BY_FIELD = {"arms[].settings.weights": EXITS_FILE, "policy": POLICY_FILE,
+                  "policy_model.weights": POLICY_WEIGHTS_FILE}
 
 
 def feature_report(name: str) -> str:
     """The add-exits report of the feature head ``name`` (one per head, so a later add-exits keeps the others')."""
     return f"reports/add_exits_feature_{name}.json"
+
+
+def bundle_files(root) -> list[str]:
+    """The names of the bundle files present under ``root`` (a closed set: what a copy of the bundle takes)."""
+    root = Path(root)
+    found = [name for name in FIXED_FILES if (root / name).is_file()]
+    fixed = set(found)
+    reports = root / "reports"
+    if reports.is_dir() and not reports.is_symlink():
+        names = (f"reports/{p.name}" for p in reports.iterdir() if p.is_file() and not p.is_symlink())
+        found += sorted(name for name in names if _REPORT.match(name) and name not in fixed)
+    return found

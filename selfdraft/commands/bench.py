@@ -114,7 +114,7 @@ def ctxdraft_generate(bundle: Bundle, prompt: BenchPrompt, config: BenchConfig, 
     seconds = time.perf_counter() - t0
     if result.prompt_ids != prompt.prompt_ids:
         raise RuntimeError(f"Bundle.generate encoded prompt {prompt.id!r} differently from Target.encode")
-    return RunOutput(result.token_ids, seconds, result.stats.target_forwards, result.arm)
+    return RunOutput(result.token_ids, seconds, result.stats.target_forwards, result.arm, result.stats.nodes_verified)
 
 
 def build_methods(bundle: Bundle, config: BenchConfig) -> tuple[list[Method], list[str]]:
@@ -272,7 +272,8 @@ def _run_bench(bundle: Bundle, rows: list[dict], config: BenchConfig, progress: 
             seconds_all = [o.seconds for o in outs]
             results.append(PromptResult(prompt.id, prompt.domain, method.name, len(outs[0].token_ids),
                                         statistics.median(seconds_all), seconds_all, outs[0].target_forwards, outs[0].arm,
-                                        ((prompt.index, method.name) not in bad) if config.greedy else None))
+                                        ((prompt.index, method.name) not in bad) if config.greedy else None,
+                                        outs[0].nodes_verified))
     arm_methods = [m.name for m in methods if m.family == "ctxdraft" and m.name != "auto"]
     if arm_methods:
         results += oracle_results(results, arm_methods)

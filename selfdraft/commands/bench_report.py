@@ -29,6 +29,7 @@ class PromptResult:
     target_forwards: int | None
     arm: str | None
     matches: bool | None  # greedy: every repeat equals hf-generate's output; sampling: None
+    nodes_verified: int | None = None  # draft positions the target verified (a chain's tokens, a tree's nodes)
 
     @property
     def tokens_per_s(self) -> float:
@@ -65,6 +66,7 @@ class MethodSummary:
     median_speedup: float | None  # median over prompts of the per-prompt speed-up
     tokens_per_forward: float | None  # total tokens / total target forwards after the prefill
     mismatches: int
+    nodes_per_step: float | None = None  # total nodes verified / total target forwards after the prefill
     arms_chosen: dict[str, int] = field(default_factory=dict)  # auto and oracle: how often each arm
 
 
@@ -150,7 +152,7 @@ def oracle_results(results: list[PromptResult], arm_methods: list[str]) -> list[
     for rs in by_prompt.values():
         best = max(rs, key=lambda r: r.tokens_per_s)
         out.append(PromptResult(best.prompt_id, best.domain, ORACLE, best.new_tokens, best.seconds, best.seconds_all,
-                                best.target_forwards, best.method, best.matches))
+                                best.target_forwards, best.method, best.matches, best.nodes_verified))
     return out
 
 
@@ -190,6 +192,8 @@ def summaries(results: list[PromptResult], method_rows: list[dict], mismatches: 
             mismatches=sum(1 for m in mismatches if m.kind == "mismatch" and m.method == row["name"]
                            and (domain is None or m.domain == domain)),
             arms_chosen=dict(sorted(arms_chosen.items(), key=lambda kv: -kv[1])),
+            nodes_per_step=(sum(r.nodes_verified for r in forwards) / steps)
+            if forwards and len(forwards) == len(rs) and steps > 0 and all(r.nodes_verified is not None for r in forwards) else None,
         ))
     return out
 
@@ -222,16 +226,17 @@ def bench_markdown(report: BenchReport) -> str:
         "",
         f"**{report.status_line()}**",
         "",
-        "| method | tok/s | median tok/s | speed-up | median speed-up | tokens/forward | mismatches |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | tok/s | median tok/s | speed-up | median speed-up | tokens/forward | nodes/step | mismatches |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in report.summary[OVERALL]:
         lines.append(f"| {s.method} | {s.tokens_per_s:.1f} | {s.median_tokens_per_s:.1f} | {_fmt(s.speedup, '.2f', 'x')} | "
-                     f"{_fmt(s.median_speedup, '.2f', 'x')} | {_fmt(s.tokens_per_forward)} | "
+                     f"{_fmt(s.median_speedup, '.2f', 'x')} | {_fmt(s.tokens_per_forward)} | {_fmt(s.nodes_per_step)} | "
                      f"{s.mismatches if cfg['greedy'] else ''} |")
     columns = report.domains + [OVERALL]
     for title, attr in (("Speed-up over hf-generate (tokens/s ratio) per domain", "speedup"),
-                        ("Tokens per target forward per domain", "tokens_per_forward")):
+                        ("Tokens per target forward per domain", "tokens_per_forward"),
+                        ("Draft nodes verified per target forward per domain", "nodes_per_step")):
         lines += ["", f"### {title}", "", "| method | " + " | ".join(columns) + " |",
                   "| --- |" + " ---: |" * len(columns)]
         for i, row in enumerate(report.methods):

@@ -69,6 +69,7 @@ class RunOutput:
     seconds: float
     target_forwards: int | None = None  # including the first (prefill) one; None: unknown
     arm: str | None = None  # the arm that drafted (auto: the policy's choice)
+    nodes_verified: int | None = None  # draft positions the target verified (a chain's tokens, a tree's nodes)
 
 
 @contextlib.contextmanager

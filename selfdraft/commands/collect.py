@@ -28,11 +28,13 @@ from ..drafting.pool import build_drafts, pool_key, with_draft_len
 from ..learning.costs import (
     CostProfile,
     context_ids,
+    max_depth,
     max_positions,
     measure_profile,
     plain_steps,
     plain_trajectory,
     reward,
+    set_costs,
 )
 from ..learning.rewards import summarize
 from ..learning.trajectories import Trajectory, greedy_continuation, teacher_pass, trajectories
@@ -81,6 +83,7 @@ def arm_record(traj: Trajectory, profile: CostProfile, cost_key: str, num_plain_
         "accepted_tokens": traj.accepted_tokens,
         "evaluations": traj.evaluations,
         "tokens_per_forward": _round(traj.tokens_per_forward),
+        "nodes_per_step": _round(traj.nodes_per_step),
         "modelled_s": _round(seconds),
         "trajectory": traj.to_dict(),
     }
@@ -95,8 +98,9 @@ def collect_prompt(bundle, drafts: dict[str, Draft], prompt_ids: list[int], prof
                               drafts[check_arm] if check_arm is not None else None, feature_layer)
     generate_s = time.perf_counter() - t0
     layers = sorted({E for d in drafts.values() for E in d.state_layers})
+    topk = max([d.observe_top_k for d in drafts.values()] + [0])  # a successor table replays from the target's top-k
     tp = teacher_pass(stack, prompt_ids, run.new_ids, target.eos_ids, ended_on_eos=run.ended_on_eos, layers=layers,
-                      extend=max_positions(drafts))
+                      extend=max_depth(drafts), topk=topk)
     trajs = trajectories(drafts, tp, config.max_new_tokens, target.eos_ids, target.vocab_size)
     num_plain_steps = plain_steps(len(run.new_ids), config.max_new_tokens, run.ended_on_eos)
     checked = None
@@ -141,7 +145,7 @@ def collect(bundle, rows: list[dict], out_path: str | os.PathLike, config: Colle
          "pool": <hash of the arms' settings>,
          "features": {"hidden": [D + 1 floats], "hidden_layer": f, "tokens": [prompt ids]},
          "arms": {name: {"speedup", "target_forwards", "drafted_tokens", "accepted_tokens", "evaluations",
-                         "tokens_per_forward", "modelled_s", "trajectory": {"new_tokens", "steps"}}},
+                         "tokens_per_forward", "nodes_per_step", "modelled_s", "trajectory": {"new_tokens", "steps"}}},
          "plain_steps", "plain_s": modelled seconds of plain decoding, "generate_s": seconds of the real run}
 
     Profiles the costs once per bundle (bundle.json ``cost_profile``) and sets bundle.json ``features`` when
@@ -204,6 +208,7 @@ def collect(bundle, rows: list[dict], out_path: str | os.PathLike, config: Colle
     profile_dict, profiled, features = group.broadcast(group.run(lambda: measure() if group.main else None))
     profile = CostProfile.from_dict(profile_dict)
     bundle.info["cost_profile"], bundle.info["features"] = profile_dict, features
+    set_costs(drafts, profile)  # tree drafts size their trees with it, as when the bundle serves them
 
     check_arm = next((a["name"] for a in arms if a["kind"] == "lookup"), None)
     mine = group.shard(todo)

@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base.fileio import display_path
+from ..base.layout import TRAJECTORIES_FILE
+from ..learning.rewards import read_trajectories
+from ..learning.trajectories import Trajectory
 from ..serving.bundle import Bundle, load_bundle
 
 
@@ -23,6 +26,9 @@ class BundleReport:
         lines = [f"bundle   {s['path']}",
                  f"target   {t.get('name')} (spec {t.get('spec')}, hash {t.get('hash')})",
                  f"arms     {', '.join(a['name'] for a in s['arms'])}  (default: {s['default_arm']})"]
+        for name, a in s.get("arm_stats", {}).items():
+            lines.append(f"arm      {name:<20} {a['tokens_per_forward']:.2f} tokens/forward  {a['nodes_per_step']:.2f} nodes/step "
+                         f"(greedy, {a['num_prompts']} collected prompts)")
         for e in s["exits"]:
             lines.append(f"exit     layer {e.get('layer')} head {e.get('head')}  agreement {e.get('agreement', float('nan')):.3f}")
         for e in s["feature_heads"]:
@@ -46,6 +52,7 @@ def bundle_report(bundle: Bundle) -> BundleReport:
         "target": info["target"],
         "arms": info["arms"],
         "default_arm": info.get("default_arm"),
+        "arm_stats": arm_stats(bundle),
         "exits": info.get("exits") or [],
         "feature_heads": info.get("feature_heads") or [],
         "features": info.get("features"),
@@ -58,6 +65,22 @@ def bundle_report(bundle: Bundle) -> BundleReport:
             "policy_speedup": calibration.report.get("policy", {}).get("policy")},
         "versions": info.get("versions"),
     })
+
+
+def arm_stats(bundle: Bundle) -> dict:
+    """Per arm of the bundle's collected trajectories: tokens per target forward and draft nodes verified per step
+    (a chain's drafted tokens, a tree's nodes), over all prompts. Empty when the bundle carries none."""
+    if bundle.path is None or not (bundle.path / TRAJECTORIES_FILE).is_file():
+        return {}
+    totals: dict[str, list[int]] = {}  # arm -> [prompts, new tokens, steps, nodes]
+    for i, row in enumerate(read_trajectories(bundle.path)):
+        for name, record in (row.get("arms") or {}).items():
+            traj = Trajectory.from_dict((record or {}).get("trajectory"), f"{TRAJECTORIES_FILE}, row {i + 1}, arm {name!r}")
+            t = totals.setdefault(name, [0, 0, 0, 0])
+            t[0], t[1], t[2], t[3] = t[0] + 1, t[1] + traj.new_tokens, t[2] + len(traj.steps), t[3] + traj.nodes_verified
+    return {name: {"num_prompts": n, "tokens_per_forward": round(tokens / steps if steps else float(tokens), 4),
+                   "nodes_per_step": round(nodes / steps if steps else 0.0, 4)}
+            for name, (n, tokens, steps, nodes) in totals.items()}
 
 
 def info(bundle_dir: str | Path | None = None, dtype: str = "auto", calibrate: bool | None = None) -> BundleReport:

@@ -8,21 +8,38 @@ policy as this machine's calibration of the new bundle (the policy was trained f
 """
 from __future__ import annotations
 
-import hashlib
+import logging
+import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
 from ..base import checks
 from ..base.errors import CtxdraftError
-from ..base.fileio import display_path, write_json_atomic, write_text_atomic
-from ..base.layout import BUNDLE_FILE, EXITS_FILE, POLICY_FILE, POLICY_WEIGHTS_FILE, TRAJECTORIES_FILE
+from ..base.fileio import (
+    check_sealed,
+    copy_files,
+    display_path,
+    file_sha256,
+    inside,
+    remove_stale_temps,
+    staged,
+    write_json_atomic,
+    write_text_atomic,
+)
+from ..base.layout import (
+    BUNDLE_FILE,
+    POLICY_FILE,
+    POLICY_WEIGHTS_FILE,
+    TRAJECTORIES_FILE,
+    UPDATE_REPORT,
+    UPDATE_REPORT_MD,
+    bundle_files,
+)
 from ..base.report import Report, Table
 from ..drafting.pool import cost_key, pool_key
 from ..learning.costs import reward
@@ -30,16 +47,17 @@ from ..learning.offpolicy import TIE, Feedback, learn_from_feedback
 from ..learning.policy import PolicyConfig
 from ..learning.rewards import finite_number, read_trajectories, recompute_rewards, rewards_from_rows, row_features
 from ..learning.trajectories import Trajectory
-from ..runtime.cache import item_lock, staged
 from ..serving.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from ..serving.bundle_info import bundle_hash
-from ..serving.calibration import CALIBRATION_FILE, CALIBRATION_VERSION, calibrations_dir
+from ..serving.calibration import calibrations_dir, copy_policy, store_calibration
 from ..serving.profiles import profile_for
 from ..serving.traffic import read_traffic
 from .train_policy import save_policy
 
+log = logging.getLogger(__name__)
+
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-UPDATE_REPORT = "reports/update_policy.json"
+MAX_FEATURE = 1e6  # a logged feature beyond this is damage, not a pooled hidden state (it would overflow the fit)
 # Two arms with the same speed-up are a tie, not "the policy in use is estimated better": rewards carry about 7
 # significant digits (float32 tables, collect's rounding), so gains below this are rounding.
 
@@ -76,7 +94,21 @@ class UpdateResult:
     report: dict
 
 
+class _Skip(Exception):
+    """A logged row that cannot be true (a value out of bounds, an impossible trajectory): skipped and counted."""
+
+
 def _row_features(row: dict, where: str, meta: dict) -> tuple[list[float] | None, list[int] | None]:
+    raw = row.get("features")
+    raw_hidden = raw.get("hidden") if isinstance(raw, dict) else None
+    if meta["feature_kind"] == "hidden" and isinstance(raw_hidden, list):  # values a real request cannot log: skipped
+        for i, v in enumerate(raw_hidden):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise _Skip(f"features.hidden[{i}] is not a number ({v!r})")
+            if not math.isfinite(v):
+                raise _Skip(f"features.hidden[{i}] is not finite ({v!r})")
+            if abs(v) > MAX_FEATURE:
+                raise _Skip(f"features.hidden[{i}] = {v!r} is out of bounds (|x| <= {MAX_FEATURE:g})")
     hidden, tokens = row_features(row, where)
     features = row["features"]
     if meta["feature_kind"] == "tokens":
@@ -93,10 +125,14 @@ def _row_features(row: dict, where: str, meta: dict) -> tuple[list[float] | None
     return hidden, None
 
 
-def feedback_from_traffic(traffic, bundle, profile, arm_names: list[str], bundle_hashes: set[str]) -> Feedback:
+def feedback_from_traffic(traffic, bundle, profile, arm_names: list[str], bundle_hashes: set[str],
+                          skipped: list[str] | None = None) -> Feedback:
     """Check every logged row against ``bundle`` and recompute its reward under ``profile`` from the logged
     trajectory. A row from another target, bundle or pool, a propensity outside (0, 1], or a row without its
-    trajectory is one CtxdraftError naming the line."""
+    trajectory is one CtxdraftError naming the line. A row that cannot be true (a feature that is not a finite
+    number or is out of bounds, more loop steps than new tokens) is skipped with a warning and listed in
+    ``skipped`` ("file:line: why")."""
+    skipped = [] if skipped is None else skipped
     meta = bundle.info["policy_model"]
     target = bundle.info["target"]
     pool = pool_key(bundle.info["arms"])
@@ -126,12 +162,22 @@ def feedback_from_traffic(traffic, bundle, profile, arm_names: list[str], bundle
         if 1 + sum(s.accepted + 1 for s in traj.steps) < traj.new_tokens or m["plain_steps"] > traj.new_tokens:
             raise CtxdraftError(f"{where}: the trajectory's steps emit fewer tokens than its new_tokens (or plain_steps "
                                 "exceeds them); the line was edited or damaged")
-        row_hidden, row_tokens = _row_features(row, where, meta)
+        try:
+            if len(traj.steps) > max(traj.new_tokens, 1):  # every loop step commits at least one token
+                raise _Skip(f"impossible trajectory: {len(traj.steps):,} steps for {traj.new_tokens} new tokens")
+            row_hidden, row_tokens = _row_features(row, where, meta)
+        except _Skip as e:
+            skipped.append(f"{where}: {e}")
+            log.warning("skipping %s: %s", where, e)
+            continue
         arms.append(arm_names.index(arm))
         propensity.append(float(p))
         rewards.append(reward(profile, keys[arm], traj, m["plain_steps"]))
         hidden.append(row_hidden)
         tokens.append(row_tokens)
+    if not arms:
+        raise CtxdraftError(f"no logged request is usable ({len(skipped)} skipped: {skipped[0] if skipped else ''}); "
+                            "pass logs that `ctxdraft generate --log` wrote")
     return Feedback(arm_names, torch.tensor(arms, dtype=torch.long), torch.tensor(propensity, dtype=torch.float64),
                     torch.tensor(rewards, dtype=torch.float64),
                     torch.tensor(hidden, dtype=torch.float32) if meta["feature_kind"] == "hidden" else None,
@@ -155,14 +201,6 @@ def _old_choices(bundle, feedback: Feedback, arm_names: list[str]) -> torch.Tens
     batch = feedback.tokens if feedback.hidden is None else feedback.hidden.numpy()
     picks = router.probs(batch).argmax(1)
     return torch.tensor([arm_names.index(router.arms[int(k)]) for k in picks], dtype=torch.long)
-
-
-def _file_sha(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def update_policy(bundle, logs, out: str | os.PathLike | None = None, force: bool = False,
@@ -194,13 +232,14 @@ def update_policy(bundle, logs, out: str | os.PathLike | None = None, force: boo
     if set(offline.arm_names) != set(bundle.arms) or set(meta["arms"]) != set(bundle.arms):
         raise CtxdraftError(f"the trajectories in {display_path(bundle.path / TRAJECTORIES_FILE)} are for arms "
                             f"{offline.arm_names}, not the bundle's {bundle.arms}; train the policy again")
-    feedback = feedback_from_traffic(traffic, bundle, profile, offline.arm_names, hashes)
+    skipped_rows: list[str] = []
+    feedback = feedback_from_traffic(traffic, bundle, profile, offline.arm_names, hashes, skipped_rows)
     learned = learn_from_feedback(offline, feedback, PolicyConfig.from_dict(meta["config"], epochs=config.epochs), _old_choices(bundle, feedback, offline.arm_names),
                                   config.folds, config.seed, force, progress)
     comparison, model = learned.comparison, learned.model
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "logs": traffic.files, "skipped_lines": traffic.skipped,
+        "logs": traffic.files, "skipped_lines": traffic.skipped, "skipped_rows": skipped_rows,
         "logged_requests": len(feedback),
         "explored": sum(r.get("arm") != r.get("greedy_arm") for r in traffic.rows),
         "logged_arms": {name: int((feedback.arms == a).sum()) for a, name in enumerate(offline.arm_names)},
@@ -218,7 +257,7 @@ def update_policy(bundle, logs, out: str | os.PathLike | None = None, force: boo
         return UpdateResult(False, None, report)
     policy = learned.policy
     report["total_s"] = round(time.perf_counter() - t0, 1)
-    record = {"created": report["created"], "logs": [dict(f, sha256=_file_sha(p)) for f, p in zip(traffic.files, logs)],
+    record = {"created": report["created"], "logs": [dict(f, sha256=file_sha256(p)) for f, p in zip(traffic.files, logs)],
               "logged_requests": len(feedback), "from_bundles": report["from_bundles"], "estimate": report["estimate"],
               "forced": report["forced"]}
     info = dict(bundle.info, online={"lineage": sorted(hashes), "updates": online.get("updates", []) + [record]})
@@ -226,71 +265,78 @@ def update_policy(bundle, logs, out: str | os.PathLike | None = None, force: boo
     return UpdateResult(True, final, report)
 
 
+def _writable_dir(path: Path, what: str) -> None:
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise CtxdraftError(f"{display_path(path)}: {what} is not a writable directory; the updated bundle is written "
+                            "beside its final place and swapped in (write it elsewhere with --out DIR)")
+
+
 def _output_dir(bundle, out) -> Path:
+    """Where the updated bundle goes, checked before any work: in place (a bundle that may be replaced, in a
+    writable directory) or a new or empty directory outside the bundle."""
+    check_sealed(bundle.path)
     if out is None:
         if bundle.path.resolve() == DEFAULT_BUNDLE_DIR.resolve():
             raise CtxdraftError("the shipped default bundle is part of the installed package; write the update "
                                 "elsewhere with --out DIR")
-        return bundle.path
-    final = Path(out)
-    if final.resolve() == bundle.path.resolve():
-        return bundle.path
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        raise CtxdraftError(f"--out {display_path(final)} exists and is not an empty directory; give a new directory "
-                            "(or leave --out out to update the bundle in place)")
+        final = bundle.path
+    else:
+        final = Path(out)
+        if final.resolve() == bundle.path.resolve():
+            final = bundle.path
+        elif inside(bundle.path, final):
+            raise CtxdraftError(f"--out {display_path(final)} is inside the bundle {display_path(bundle.path)}; give a "
+                                "directory outside it")
+        elif final.is_symlink() or (final.exists() and (not final.is_dir() or any(final.iterdir()))):
+            raise CtxdraftError(f"--out {display_path(final)} exists and is not an empty directory; give a new directory "
+                                "(or leave --out out to update the bundle in place)")
+    _writable_dir(final.parent if str(final.parent) else Path("."), f"the directory of {display_path(final)}")
+    if final == bundle.path:
+        _writable_dir(final, f"the bundle {display_path(final)}")
     return final
+
+
+def _bundle_entries(root: Path) -> list[str]:
+    """Every regular file under ``root`` (relative paths; ``check_sealed`` has refused links and devices)."""
+    found = []
+    for dirpath, _, filenames in os.walk(root, followlinks=False):
+        found += [str((Path(dirpath) / name).relative_to(root)) for name in filenames]
+    return sorted(found)
 
 
 def _write_bundle(bundle, final: Path, info: dict, policy, meta: dict, arm_names: list[str], report: dict,
                   calibration, profile) -> None:
-    """Stage the updated bundle beside ``final`` and commit it: a new directory is renamed into place; in place,
-    the policy files are replaced first and bundle.json (the commit point) last. When the profile came from this
-    machine's calibration, the new policy is also stored as the calibration of the new bundle, so that routing
-    uses it instead of recalibrating from the offline trajectories alone."""
-
+    """Build the updated bundle in a staging directory beside ``final`` and swap it in with one directory entry
+    (``fileio.staged``): a kill at any point leaves the old bundle or the new one, never a mix, and a staging
+    directory that the next run removes. In place, every regular file of the bundle is carried over; a new
+    bundle (``--out``) takes the bundle's own files only (``layout.bundle_files``). The policy files have their
+    fixed names. When the profile came from this machine's calibration, the new policy is also stored as the
+    calibration of the new bundle, so that routing uses it instead of recalibrating from the offline
+    trajectories alone."""
     in_place = final == bundle.path
-    weights = meta.get("weights", POLICY_WEIGHTS_FILE)
-    stage = final.parent / f".{final.name}.update-{os.getpid()}-{time.time_ns()}.tmp"
-    try:
-        if in_place:
-            stage.mkdir()
-            for name in (EXITS_FILE, TRAJECTORIES_FILE):  # what the bundle's content hash reads besides bundle.json
-                if (bundle.path / name).is_file():
-                    shutil.copy2(bundle.path / name, stage / name)
-        else:
-            shutil.copytree(bundle.path, stage)
-        info["features"] = save_policy(bundle, policy, meta.get("layer"), arm_names, stage / POLICY_FILE, stage / weights)
+    remove_stale_temps(final.parent, final.name)
+    names = _bundle_entries(bundle.path) if in_place else bundle_files(bundle.path)
+    info["policy_model"] = dict(meta, weights=POLICY_WEIGHTS_FILE)
+    with staged(final, directory=True) as stage:
+        copy_files(bundle.path, stage, names)
+        info["features"] = save_policy(bundle, policy, meta.get("layer"), arm_names, stage / POLICY_FILE,
+                                       stage / POLICY_WEIGHTS_FILE)
         info["policy"] = POLICY_FILE
         write_json_atomic(stage / UPDATE_REPORT, report)
-        write_text_atomic((stage / UPDATE_REPORT).with_suffix(".md"), update_report(report).to_markdown())
+        write_text_atomic(stage / UPDATE_REPORT_MD, update_report(report).to_markdown())
         write_json_atomic(stage / BUNDLE_FILE, info)
         if calibration is not None:
-            _store_calibration(bundle, bundle_hash(SimpleNamespace(path=stage)), calibration, profile, stage, weights, report)
-        if not in_place:
-            if final.is_dir():
-                final.rmdir()
-            os.replace(stage, final)
-            return
-        for name in (POLICY_FILE, weights, UPDATE_REPORT, str(Path(UPDATE_REPORT).with_suffix(".md")), BUNDLE_FILE):
-            (final / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(stage / name, final / name)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+            _store_calibration(bundle_hash(stage), calibration, profile, stage, report)
     bundle._router = None
 
 
-def _store_calibration(bundle, new_hash: str, calibration, profile, stage: Path, weights: str, report: dict) -> None:
-    """The updated policy as this machine's calibration of the new bundle (``calibrate.py``'s layout and record)."""
-    final = calibrations_dir() / f"{new_hash}-{calibration.machine['hash']}"
-    with item_lock(f"calibration-{final.name}"), staged(final, directory=True) as tmp:
-        shutil.copy2(stage / POLICY_FILE, tmp / POLICY_FILE)
-        shutil.copy2(stage / weights, tmp / POLICY_WEIGHTS_FILE)
-        write_json_atomic(tmp / CALIBRATION_FILE, {
-            "version": CALIBRATION_VERSION, "bundle_hash": new_hash, "machine": calibration.machine,
-            "profile": profile.to_dict(),
-            "report": {"created": report["created"], "update_policy": True, "logged_requests": report["logged_requests"],
-                       "rows": report["offline_rows"], "estimate": report["estimate"]}})
+def _store_calibration(new_hash: str, calibration, profile, stage: Path, report: dict) -> None:
+    """The updated policy as this machine's calibration of the new bundle (``calibration.store_calibration``)."""
+    store_calibration(calibrations_dir() / f"{new_hash}-{calibration.machine['hash']}", {
+        "bundle_hash": new_hash, "machine": calibration.machine, "profile": profile.to_dict(),
+        "report": {"created": report["created"], "update_policy": True, "logged_requests": report["logged_requests"],
+                   "rows": report["offline_rows"], "estimate": report["estimate"]}},
+        copy_policy(stage / POLICY_FILE, stage / POLICY_WEIGHTS_FILE))
 
 
 def update_report(report: dict) -> Report:
@@ -305,7 +351,8 @@ def update_report(report: dict) -> Report:
     decision = "replaced" + (" (forced)" if report["forced"] else "") if report["replaced"] else "kept the policy in use"
     return Report("update-policy", [
         f"{report['logged_requests']} logged requests ({report['explored']} explored) from "
-        f"{len(report['logs'])} log(s), {len(report['skipped_lines'])} unreadable line(s) skipped; "
+        f"{len(report['logs'])} log(s), {len(report['skipped_lines'])} unreadable line(s) and "
+        f"{len(report.get('skipped_rows', []))} impossible row(s) skipped; "
         f"{report['offline_rows']} offline rows; rewards under the {report['profile']} cost profile.",
         Table(["policy", "off-policy value (mean speed-up, 95% CI)"],
               [["in use", cell(e["old"])], [f"updated ({report['folds']}-fold cross-fitted)", cell(e["new"])],

@@ -267,8 +267,6 @@ def commit(row: Row, proposal: DraftOutput, logits: torch.Tensor, result, captur
     input_ids = [state.tokens[-1]] + proposal.ids
     pending_pos = len(state.tokens) - 1
     K = len(proposal.ids)
-    if draft.observe_top_k:
-        draft.observe(state, input_ids, _top_k(logits, draft.observe_top_k))
     num_accepted = int(result.num_accepted[0])
     emitted = result.out_ids[0, : num_accepted + 1].tolist()
     committed_len = len(state.tokens) + num_accepted  # everything in the caches up to here is final
@@ -280,6 +278,9 @@ def commit(row: Row, proposal: DraftOutput, logits: torch.Tensor, result, captur
         stack.keep_rows(cache, pending_pos, rows)
         capture = {layer: states[:, rows] for layer, states in (capture or {}).items()}
         depth = max(stack.tree_positions(proposal.parents, 1).tolist(), default=0)
+    if draft.observe_top_k:  # the committed positions only: the root and the accepted path
+        committed = rows if proposal.parents is not None else list(range(num_accepted + 1))
+        draft.observe(state, [input_ids[r] for r in committed], _top_k(logits[:, committed], draft.observe_top_k))
     state.target_states, state.states_start = capture or {}, pending_pos
     draft.accept(state, committed_len)
     state.tokens.extend(emitted)

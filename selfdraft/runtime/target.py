@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..base.errors import CtxdraftError
-from ..base.fileio import write_json_atomic
+from ..base.fileio import file_fingerprint, file_sha256, write_json_atomic
 from ..base.registry import DEFAULT_TARGET, REGISTRY
-from .cache import cache_dir, gguf_checkpoint, progress_bars, registered_checkpoint
+from .cache import cache_dir, discard, gguf_checkpoint, progress_bars, registered_checkpoint
 from .machine import resolve_dtype
 
 __all__ = ["DEFAULT_TARGET", "Target", "cache_dir", "checkpoint_hash", "load_target"]
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 HASH_FILE = "ctxdraft_hash.json"  # the content hash of a cached checkpoint, stored beside its weights
 HASH_VERSION = 1
+VERIFY_ENV = "CTXDRAFT_VERIFY_CACHE"  # "full": check every byte of a cached checkpoint at load, not sampled blocks
 VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "_commit_hash", "architectures")
 SAMPLED_SLICES = 8  # per tensor: this many evenly spaced slices along dim 0 (first and last included) ...
 SAMPLED_VALUES = 64  # ... each at least this many values long; tensors this small or smaller are hashed whole
@@ -65,15 +66,39 @@ class Target:
     def max_context(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 1 << 20))
 
-    def encode(self, prompt: str, chat: bool = True) -> list[int]:
-        """Token ids of ``prompt`` as the model sees it (with the chat template when it has one)."""
+    def encode(self, prompt: str, chat: bool = True, escape_special: bool = False) -> list[int]:
+        """Token ids of ``prompt`` as the model sees it (with the chat template when it has one).
+
+        ``escape_special``: a special token's text typed in ``prompt`` (``<|im_end|>``) stays plain text instead of
+        becoming the control token (as plain HF tokenizers do); for services that take untrusted prompts. The
+        template's own control tokens are unchanged."""
         tok = self.tokenizer
         if chat and getattr(tok, "chat_template", None):
+            if escape_special:
+                return self._encode_chat_escaped(prompt)
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return list(ids)
+        if escape_special:
+            return list(tok(prompt, split_special_tokens=True)["input_ids"])
         return list(tok(prompt)["input_ids"])
+
+    def _encode_chat_escaped(self, prompt: str) -> list[int]:
+        """The chat template rendered around a placeholder; the template's text is tokenized with special tokens,
+        the user's text without (``split_special_tokens``)."""
+        tok = self.tokenizer
+        marker = "CTXDRAFTUSERTEXT"
+        rendered = tok.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                           tokenize=False)
+        if rendered.count(marker) != 1:
+            raise CtxdraftError(f"{self.name}: cannot escape special tokens, the chat template changes its content")
+        before, after = rendered.split(marker)
+
+        def ids(text: str, split: bool) -> list[int]:
+            return list(tok(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]) if text else []
+
+        return ids(before, False) + ids(prompt, True) + ids(after, False)
 
 
 def load_target(spec: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32") -> Target:
@@ -84,26 +109,39 @@ def load_target(spec: str | os.PathLike | None = None, dtype: str | torch.dtype 
     """
     torch_dtype = resolve_dtype(dtype)
     spec = str(spec) if spec is not None else DEFAULT_TARGET
-    if spec in REGISTRY:
-        path, name = registered_checkpoint(REGISTRY[spec]), spec
+    path, name = _checkpoint_dir(spec)
+    if _in_cache(path):
+        content_hash = _cached_checkpoint_hash(path)
+        if content_hash is None:  # the cached files changed since they were written: convert them again
+            log.warning("the cached checkpoint %s is damaged (its files differ from what was recorded); "
+                        "rebuilding it", path)
+            discard(path)
+            path, name = _checkpoint_dir(spec)
+            content_hash = _cached_checkpoint_hash(path)
+            if content_hash is None:
+                raise CtxdraftError(f"the cached checkpoint {path} fails its check right after it was rebuilt; "
+                                    "check the disk, or delete the cache directory")
     else:
-        p = Path(spec).expanduser()
-        if p.is_file() and p.suffix == ".gguf":
-            path, name = gguf_checkpoint(p), p.stem
-        elif p.is_dir():
-            path, name = p, p.name
-        else:
-            known = ", ".join(sorted(REGISTRY))
-            raise CtxdraftError(
-                f"cannot load target {spec!r}: not a registered name ({known}), a model directory or a .gguf file"
-            )
-    content_hash = _cached_checkpoint_hash(path) if _in_cache(path) else checkpoint_hash(path)
+        content_hash = checkpoint_hash(path)
     model, tokenizer = _load_hf_dir(path, torch_dtype)
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     return Target(model, tokenizer, name, Path(path), content_hash, eos_ids, torch_dtype)
+
+
+def _checkpoint_dir(spec: str) -> tuple[Path, str]:
+    """The checkpoint directory of ``spec`` (built into the cache first for a registered name or a .gguf) and its name."""
+    if spec in REGISTRY:
+        return registered_checkpoint(REGISTRY[spec]), spec
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return gguf_checkpoint(p), p.stem
+    if p.is_dir():
+        return p, p.name
+    known = ", ".join(sorted(REGISTRY))
+    raise CtxdraftError(f"cannot load target {spec!r}: not a registered name ({known}), a model directory or a .gguf file")
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype):
@@ -182,15 +220,38 @@ def _in_cache(path: Path) -> bool:
     return path.resolve().parent == (cache_dir() / "checkpoints").resolve()
 
 
-def _cached_checkpoint_hash(path: Path) -> str:
-    """The content hash of a checkpoint in the cache, computed once and stored beside it (written atomically)."""
+def _checkpoint_files(path: Path) -> list[Path]:
+    """The files a cached checkpoint's record covers (the record itself and hidden temporaries aside)."""
+    return sorted(p for p in path.iterdir() if p.is_file() and p.name != HASH_FILE and not p.name.startswith("."))
+
+
+def _cached_checkpoint_hash(path: Path) -> str | None:
+    """The content hash of a checkpoint in the cache, computed once and stored beside it (written atomically) with
+    a fingerprint of each file (size + sampled blocks, ``fileio.file_fingerprint``). Every load checks the files
+    against it (``CTXDRAFT_VERIFY_CACHE=full``: every byte); None when they differ (the cache is damaged)."""
     stored = path / HASH_FILE
+    full = os.environ.get(VERIFY_ENV, "").strip().lower() == "full"
+    content_hash = None
     try:
         record = json.loads(stored.read_text())
         if record.get("version") == HASH_VERSION and isinstance(record.get("content_hash"), str):
-            return record["content_hash"]
-    except (OSError, ValueError, AttributeError):
+            content_hash = record["content_hash"]
+            if isinstance(record.get("files"), dict):
+                files = {p.name: p for p in _checkpoint_files(path)}
+                if set(files) != set(record["files"]):
+                    return None
+                for file_name, recorded in record["files"].items():
+                    seen = file_fingerprint(files[file_name], full=full)
+                    if any(recorded.get(k) != v for k, v in seen.items()):
+                        return None
+                return content_hash
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
         pass  # absent or damaged: compute it again
-    content_hash = checkpoint_hash(path)
-    write_json_atomic(stored, {"version": HASH_VERSION, "content_hash": content_hash})
+    # First load (or a record from an older ctxdraft, whose hash is kept): record the files as they are now.
+    content_hash = content_hash or checkpoint_hash(path)
+    files = {p.name: {**file_fingerprint(p), "sha256": file_sha256(p, 64)} for p in _checkpoint_files(path)}
+    try:
+        write_json_atomic(stored, {"version": HASH_VERSION, "content_hash": content_hash, "files": files})
+    except OSError as e:  # a read-only cache still loads; it is checked again next time
+        log.warning("cannot record the checkpoint check in %s (%s)", stored, e.strerror)
     return content_hash

@@ -16,11 +16,11 @@ from ..base import checks
 from ..base.errors import CtxdraftError
 from ..base.features import features_from_prefill
 from ..drafting.batch_decoding import BatchDecoder, BatchRequest, RowOutcome
-from ..drafting.decoding import GenerationConfig, Prefill
+from ..drafting.decoding import GenerationConfig, GenerationStats, Prefill
 from ..drafting.pool import build_draft
 from ..learning.offpolicy import choose_arm
 
-ROW_KEYS = ("prompt", "draft", "max_new_tokens", "temperature", "top_p", "seed", "stop", "chat")
+ROW_KEYS = ("prompt", "draft", "max_new_tokens", "temperature", "top_p", "seed", "stop", "chat", "escape_special")
 
 
 @dataclass
@@ -32,6 +32,9 @@ class BatchRow:
     route_s: float = 0.0
     outcome: RowOutcome | None = None
     error: str | None = None
+    token_ids: list[int] = field(default_factory=list)  # the new tokens (EOS excluded)
+    text: str = ""  # their text, cut before the first stop string
+    stats: GenerationStats = field(default_factory=GenerationStats)
 
 
 def row_settings(prompt, defaults: dict) -> dict:
@@ -65,7 +68,8 @@ def decode_batch(bundle, prompts: list, defaults: dict, stop_checker, max_batch:
             draft = checks.text("draft", settings["draft"])
             if draft != "auto":
                 bundle.arm_spec(draft)  # unknown arm: this row fails before any model work
-            row.prompt_ids = target.encode(settings["prompt"], chat=checks.flag("chat", settings["chat"]))
+            row.prompt_ids = target.encode(settings["prompt"], chat=checks.flag("chat", settings["chat"]),
+                                           escape_special=checks.flag("escape_special", settings["escape_special"]))
             router = bundle.router() if draft == "auto" else None
         except CtxdraftError as e:
             row.error = str(e)
@@ -77,6 +81,12 @@ def decode_batch(bundle, prompts: list, defaults: dict, stop_checker, max_batch:
     for row_id, outcome in decoder.run().items():
         row = row_of[row_id]
         row.outcome, row.error = outcome, outcome.error
+        if outcome.error is None:
+            row.token_ids, row.stats = outcome.token_ids, outcome.stats
+            row.stats.route_s = row.route_s
+            row.text = target.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+            for s in row.config.stop:
+                row.text = row.text[: row.text.index(s)] if s in row.text else row.text
     return rows
 
 

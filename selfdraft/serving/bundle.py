@@ -19,7 +19,7 @@ from ctxdraft.export.router import OnnxRouter
 from ..base import checks
 from ..base.errors import CtxdraftError
 from ..base.features import features_from_prefill
-from ..base.fileio import display_path, read_json, write_json_atomic
+from ..base.fileio import check_sealed, display_path, read_json, write_json_atomic
 from ..base.layout import BUNDLE_FILE, TRAJECTORIES_FILE
 from ..drafting.decoding import GenerationConfig, GenerationStats, prefill, speculative_decode
 from ..drafting.draft import Draft
@@ -34,6 +34,7 @@ from ..runtime.target import DEFAULT_TARGET, Target, load_target
 from . import batch, traffic
 from .bundle_info import new_bundle_info, validate_info
 from .calibration import auto_calibrate_default, calibrate, find_calibration
+from .profiles import profile_for
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,11 @@ class Bundle:
 
     def draft(self, name: str) -> Draft:
         if name not in self._drafts:
-            self._drafts[name] = build_draft(self.arm_spec(name), self.target, self.path, self.shared)
+            draft = build_draft(self.arm_spec(name), self.target, self.path, self.shared)
+            profile, _ = profile_for(self)  # a tree draft sizes its trees with this machine's costs
+            if profile is not None and profile.step_seconds(draft.max_verified() + 1) is not None:
+                draft.set_costs(profile.step_curve(draft.max_verified() + 1))
+            self._drafts[name] = draft
         return self._drafts[name]
 
     def save(self) -> None:
@@ -142,8 +147,11 @@ class Bundle:
         the bundle can be calibrated (made now, once, if it does not exist), else the shipped one."""
         if self._router is None and self.info.get("policy") and self.path is not None:
             calibration = self.calibration(create=True)
-            path = calibration.policy_path if calibration is not None else self.path / self.info["policy"]
-            self._router = OnnxRouter(path, expected=self.info)
+            if calibration is not None and calibration.router is not None:
+                self._router = calibration.router
+            else:
+                path = calibration.policy_path if calibration is not None else self.path / self.info["policy"]
+                self._router = OnnxRouter(path, expected=self.info)
         return self._router
 
     def calibration(self, create: bool = False):
@@ -190,18 +198,21 @@ class Bundle:
         chat: bool = True,
         stop: list[str] | None = None,
         on_text=None,
+        escape_special: bool = False,
     ) -> GenerationResult:
         """Generate a continuation of ``prompt``; output is identical to the target's alone (greedy).
 
-        ``stop``: a stop string or a list of them (the text is cut before the first one found)."""
+        ``stop``: a stop string or a list of them (the text is cut before the first one found).
+        ``escape_special``: special tokens typed in ``prompt`` (``<|im_end|>``) stay plain text (``Target.encode``)."""
         config = GenerationConfig(max_new_tokens, temperature, top_p, seed, stop)  # checks every value
         checks.text("prompt", prompt)
         checks.text("draft", draft)
         checks.flag("chat", chat)
+        checks.flag("escape_special", escape_special)
         if draft != "auto":
             self.arm_spec(draft)  # unknown arm: fail before any model work
         target = self.target
-        prompt_ids = target.encode(prompt, chat=chat)
+        prompt_ids = target.encode(prompt, chat=chat, escape_special=escape_special)
         if len(prompt_ids) + max_new_tokens > target.max_context:
             raise CtxdraftError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
@@ -245,25 +256,15 @@ class Bundle:
 
     def generate_batch(self, prompts: list, draft: str = "auto", max_new_tokens: int = 128, temperature: float = 0.0,
                        top_p: float = 1.0, seed: int | None = None, chat: bool = True, stop: list[str] | None = None,
-                       max_batch: int = 8) -> list[GenerationResult]:
+                       escape_special: bool = False, max_batch: int = 8) -> list[GenerationResult]:
         """``generate`` for several prompts decoded together (one target forward per step for all rows, up to
         ``max_batch`` at once): one result per prompt, in order, each row routed on its own. A prompt may be a dict
         overriding these settings for its row (``batch.py``); a row with bad input gets its ``error``."""
         defaults = dict(draft=draft, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        chat=chat, stop=stop)
-        results = []
-        for row in batch.decode_batch(self, prompts, defaults, lambda stops: _stop_checker(self.target.tokenizer, stops),
-                                      max_batch):
-            if row.error is not None:
-                results.append(GenerationResult(row.prompt_ids, [], "", row.arm or "", GenerationStats(), error=row.error))
-                continue
-            text = self.target.tokenizer.decode(row.outcome.token_ids, skip_special_tokens=True)
-            for s in row.config.stop:
-                text = text[: text.index(s)] if s in text else text
-            stats = row.outcome.stats
-            stats.route_s = row.route_s
-            results.append(GenerationResult(row.prompt_ids, row.outcome.token_ids, text, row.arm, stats, row.routed))
-        return results
+                        chat=chat, stop=stop, escape_special=escape_special)
+        rows = batch.decode_batch(self, prompts, defaults, lambda stops: _stop_checker(self.target.tokenizer, stops),
+                                  max_batch)
+        return [GenerationResult(r.prompt_ids, r.token_ids, r.text, r.arm or "", r.stats, r.routed, r.error) for r in rows]
 
     def _state_layers(self, draft: str) -> set[int]:
         """The target layers the prefill keeps for the arm(s) that may draft: feature heads read them."""
@@ -384,6 +385,7 @@ def load_bundle(path: str | Path | None = None, target: str | None = None, dtype
     path = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
     if not path.is_dir():
         raise CtxdraftError(f"bundle not found: {display_path(path)} (make one with `ctxdraft add-exits ... --out {path}`)")
+    check_sealed(path)
     info = validate_info(read_json(path / BUNDLE_FILE, "bundle file"), display_path(path / BUNDLE_FILE))
     _check_files(path, info)
     bundle = Bundle(path, info, dtype=dtype, calibrate=calibrate, **serving)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 
 from ..base.errors import CtxdraftError
-from ..base.layout import BUNDLE_FILE, EXITS_FILE, TRAJECTORIES_FILE
+from ..base.fileio import hash_file_into
+from ..base.layout import BUNDLE_FILE, EXITS_FILE, NAMED_BY_FIELD, TRAJECTORIES_FILE
 from ..base.versions import versions
 from ..drafting.pool import base_arms
 
@@ -42,24 +43,38 @@ _POS_INT = {"type": "integer", "minimum": 1}
 _NUM = {"type": "number"}
 _STR = {"type": "string"}
 _NAME = {"type": "string", "minLength": 1}
-# A file inside the bundle directory: a relative path with no '..' part (validate_info names the field when not).
-_FILE = {"type": "string", "minLength": 1, "not": {"anyOf": [{"pattern": "^/"}, {"pattern": "(^|[/\\\\])\\.\\.([/\\\\]|$)"}]}}
+# A file field names the one fixed file of that field (layout.NAMED_BY_FIELD): a crafted name cannot make a
+# command read or overwrite another file of the bundle, or one outside it.
+_EXITS = {"const": NAMED_BY_FIELD["arms[].settings.weights"]}
+_POLICY = {"const": NAMED_BY_FIELD["policy"]}
+_POLICY_WEIGHTS = {"const": NAMED_BY_FIELD["policy_model.weights"]}
+
+# A token tree's size: the deepest node, and the node cap or "auto" (the budget from the machine's costs; tree_budget.py).
+_TREE_SIZE = {"draft_len": {"type": "integer", "minimum": 1, "maximum": 64},
+              "max_nodes": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1024}, {"const": "auto"}]}}
+# Tree settings any tree arm may carry (the feature head's expansion, the merged arm): checked by the arm's builder.
+_TREE = {"type": "object", "properties": {**_TREE_SIZE, "top_k": {"type": "integer", "minimum": 1, "maximum": 64}}}
 
 ARM_SETTINGS = {
     "none": {"type": "object", "additionalProperties": False, "properties": {}},
     "lookup": {"type": "object", "additionalProperties": False,
                "properties": {"draft_len": _POS_INT, "ngram_sizes": {"type": "array", "minItems": 1, "items": _POS_INT}}},
+    "lookup-tree": {"type": "object", "additionalProperties": False,
+                    "properties": {**_TREE_SIZE, "ngram_sizes": {"type": "array", "minItems": 1, "items": _POS_INT}}},
+    "successor": {"type": "object", "additionalProperties": False,
+                  "properties": {**_TREE_SIZE, "top_k": {"type": "integer", "minimum": 1, "maximum": 64}}},
     "model": {"type": "object", "additionalProperties": False, "required": ["path"],
               "properties": {"path": _NAME, "draft_len": _POS_INT}},
     "exit": {"type": "object", "additionalProperties": False, "required": ["exit_layer"],
              "properties": {"exit_layer": _POS_INT, "draft_len": _POS_INT,
                             "threshold": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
                             "head": {"enum": ["linear", "layer"]}, "draft_vocab": {"type": ["integer", "null"], "minimum": 1},
-                            "weights": _FILE}},
+                            "weights": _EXITS}},
     "feature": {"type": "object", "additionalProperties": False, "required": ["name", "layers"],
                 "properties": {"name": _NAME, "layers": {"type": "array", "minItems": 1, "items": _POS_INT},
                                "draft_len": _POS_INT, "threshold": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
-                               "draft_vocab": {"type": ["integer", "null"], "minimum": 1}, "weights": _FILE}},
+                               "draft_vocab": {"type": ["integer", "null"], "minimum": 1}, "weights": _EXITS,
+                               "tree": _TREE}},
 }
 
 # The one declared schema of bundle.json (JSON Schema, checked with the jsonschema library on every read).
@@ -87,9 +102,9 @@ SCHEMA = {
         "features": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["kind"], "properties": {
             "kind": {"enum": ["hidden", "tokens"]}, "layer": {"type": ["integer", "null"], "minimum": 1},
             "dim": {"type": ["integer", "null"], "minimum": 1}}}]},
-        "policy": {"anyOf": [{"type": "null"}, _FILE]},
+        "policy": {"anyOf": [{"type": "null"}, _POLICY]},
         "policy_model": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["feature_kind", "arms", "config"], "properties": {
-            "weights": _FILE, "feature_kind": {"enum": ["hidden", "tokens"]}, "feature_dim": {"type": ["integer", "null"], "minimum": 1},
+            "weights": _POLICY_WEIGHTS, "feature_kind": {"enum": ["hidden", "tokens"]}, "feature_dim": {"type": ["integer", "null"], "minimum": 1},
             "layer": {"type": ["integer", "null"], "minimum": 1}, "arms": {"type": "array", "items": _NAME},
             "config": {"type": "object"}}}]},
         "cost_profile": {"type": ["object", "null"]},
@@ -117,8 +132,10 @@ def validate_info(info, where: str) -> dict:
         raise CtxdraftError(f"{where} has format version {info['version']}; this ctxdraft reads up to {BUNDLE_VERSION}")
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(SCHEMA).iter_errors(info))
     if error is not None:
-        if error.validator == "not" or (error.validator == "anyOf" and isinstance(error.instance, str)):
-            message = f"{error.instance!r} must be a file inside the bundle directory (a relative path without '..')"
+        if error.validator == "const" or (error.validator == "anyOf" and isinstance(error.instance, str)):
+            fixed = error.validator_value if error.validator == "const" else NAMED_BY_FIELD["policy"]
+            message = (f"{error.instance!r} must be a file inside the bundle directory, and this field names only "
+                       f"{fixed!r} (a bundle's files have fixed names)")
         elif error.validator == "anyOf":
             message = f"{error.instance!r} is neither null nor what the field holds"
         else:
@@ -149,14 +166,14 @@ def trained_ids(info: dict) -> set[str] | None:
     return {str(i) for ids in recorded.values() for i in ids}
 
 
-def bundle_hash(bundle) -> str:
-    """A content hash of what a calibration depends on: bundle.json, the exit weights and the trajectories."""
+def bundle_hash(bundle_or_path) -> str:
+    """A content hash of what a calibration depends on: bundle.json, the exit weights and the trajectories (of a
+    Bundle, or of a bundle directory)."""
+    root = getattr(bundle_or_path, "path", bundle_or_path)
     h = hashlib.sha256()
     for name in (BUNDLE_FILE, EXITS_FILE, TRAJECTORIES_FILE):
-        path = bundle.path / name
+        path = root / name
         h.update(name.encode())
         if path.is_file():
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            hash_file_into(h, path)
     return h.hexdigest()[:16]

@@ -17,28 +17,35 @@ fingerprint (CPU model or GPU name, torch threads, dtype, torch version)::
 
 ``Bundle.router`` uses the calibration for this machine when one exists; without one it calibrates once on
 first use (``CTXDRAFT_NO_CALIBRATE=1`` or ``load_bundle(..., calibrate=False)`` keeps the shipped policy).
-A calibration that is damaged or was made for other files is never used: a fresh one replaces it.
+A calibration that is damaged (a policy.onnx onnxruntime cannot load or that disagrees with the bundle, a
+calibration.json that does not parse, a non-finite cost) or was made for other files is never used: a warning
+names it and a fresh one replaces it. ``store_calibration`` is the one writer of a calibration (``calibrate``
+and ``update-policy`` both use it).
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ctxdraft.export.router import OnnxRouter
+
 from ..base import checks
 from ..base.errors import CtxdraftError
-from ..base.fileio import display_path, write_json_atomic
+from ..base.fileio import display_path, remove_stale_temps, staged, write_json_atomic
 from ..base.layout import POLICY_FILE, POLICY_WEIGHTS_FILE, TRAJECTORIES_FILE
 from ..drafting.pool import cost_key
 from ..learning.costs import CostProfile, context_ids, max_positions, measure_profile
 from ..learning.policy import PolicyConfig
 from ..learning.policy_train import save_policy, train_policies
 from ..learning.rewards import read_trajectories, recompute_rewards, rewards_from_rows, summarize
-from ..runtime.cache import cache_dir, item_lock, staged
+from ..runtime.cache import cache_dir, item_lock
 from ..runtime.machine import machine_fingerprint, resolve_dtype
 from .bundle_info import bundle_hash
 
@@ -67,6 +74,7 @@ class Calibration:
     machine: dict  # machine_fingerprint
     profile: CostProfile
     report: dict
+    router: object = None  # the loaded policy.onnx (checked when the calibration was found)
 
     @property
     def policy_path(self) -> Path:
@@ -87,25 +95,58 @@ def calibration_path(bundle, machine: dict | None = None) -> Path:
     return calibrations_dir() / f"{bundle_hash(bundle)}-{machine['hash']}"
 
 
+def _all_finite(value) -> bool:
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def find_calibration(bundle, machine: dict | None = None) -> Calibration | None:
-    """This machine's calibration of ``bundle``, or None (also when the stored one is damaged or stale)."""
+    """This machine's calibration of ``bundle``, or None (also when the stored one is damaged or stale: a warning
+    names it, and the next ``calibrate`` replaces it)."""
     if bundle.path is None:
         return None
     machine = machine or _fingerprint(bundle)
     path = calibration_path(bundle, machine)
+    remove_stale_temps(path.parent)  # staging directories of calibrations that a killed process left
+    if not (path / CALIBRATION_FILE).exists():
+        return None
     try:
         record = json.loads((path / CALIBRATION_FILE).read_text())
         profile = CostProfile.from_dict(record["profile"])
+        if profile is None or not _all_finite([profile.target_step_s, profile.drafts]):
+            raise ValueError("a cost in its profile is not a finite number")
         if (record.get("version") != CALIBRATION_VERSION or record.get("bundle_hash") != bundle_hash(bundle)
-                or record.get("machine", {}).get("hash") != machine["hash"] or profile is None
-                or not (path / POLICY_FILE).is_file()):
-            raise ValueError("stale")
-        return Calibration(path, record["bundle_hash"], record["machine"], profile, record.get("report", {}))
-    except FileNotFoundError:
+                or record.get("machine", {}).get("hash") != machine["hash"]):
+            raise ValueError("made for other files or another machine")
+        router = OnnxRouter(path / POLICY_FILE, expected=bundle.info)
+        return Calibration(path, record["bundle_hash"], record["machine"], profile, record.get("report", {}), router)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, CtxdraftError) as e:
+        log.warning("ignoring the damaged or stale calibration %s (%s); it will be made again",
+                    display_path(path), str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        log.warning("ignoring the damaged or stale calibration in %s", display_path(path))
-        return None
+
+
+def store_calibration(final: Path, record: dict, write_policy: Callable[[Path, Path], None]) -> None:
+    """The one writer of a calibration: ``write_policy(onnx_path, weights_path)`` writes the policy files into a
+    staging directory, ``record`` (version, bundle_hash, machine, profile, report) goes into calibration.json
+    last, and the directory replaces ``final`` in one step (under the calibration's lock)."""
+    with item_lock(f"calibration-{final.name}"):
+        remove_stale_temps(final.parent, final.name)
+        with staged(final, directory=True) as tmp:
+            write_policy(tmp / POLICY_FILE, tmp / POLICY_WEIGHTS_FILE)
+            write_json_atomic(tmp / CALIBRATION_FILE, {"version": CALIBRATION_VERSION, **record})
+
+
+def copy_policy(onnx_path: Path, weights_path: Path) -> Callable[[Path, Path], None]:
+    """A ``write_policy`` for ``store_calibration`` that copies policy files that exist already."""
+    def write(onnx_dst: Path, weights_dst: Path) -> None:
+        shutil.copy2(onnx_path, onnx_dst, follow_symlinks=False)
+        shutil.copy2(weights_path, weights_dst, follow_symlinks=False)
+
+    return write
 
 
 def calibrate(bundle, progress: Progress | None = None, reps: int = 5, epochs: int | None = None) -> Calibration:
@@ -151,12 +192,11 @@ def calibrate(bundle, progress: Progress | None = None, reps: int = 5, epochs: i
         "num_train": len(result.train_idx), "num_eval": len(result.eval_idx),
     }
     final = calibration_path(bundle, machine)
-    with item_lock(f"calibration-{final.name}"), staged(final, directory=True) as tmp:
-        save_policy(bundle, result.reinforce, meta.get("layer"), list(data.arm_names), tmp / POLICY_FILE,
-                    tmp / POLICY_WEIGHTS_FILE)
-        report["total_s"] = round(time.perf_counter() - t0, 1)
-        write_json_atomic(tmp / CALIBRATION_FILE, {"version": CALIBRATION_VERSION, "bundle_hash": bundle_hash(bundle),
-                                                   "machine": machine, "profile": profile.to_dict(), "report": report})
+    report["total_s"] = round(time.perf_counter() - t0, 1)
+    store_calibration(final, {"bundle_hash": bundle_hash(bundle), "machine": machine, "profile": profile.to_dict(),
+                              "report": report},
+                      lambda onnx, weights: save_policy(bundle, result.reinforce, meta.get("layer"),
+                                                        list(data.arm_names), onnx, weights))
     if progress:
         progress("calibrate: export", 3, 3)
     return Calibration(final, bundle_hash(bundle), machine, profile, report)

@@ -12,6 +12,7 @@ decision and is not logged)::
      "arm": "lookup-k2", "propensity": 0.9167, "greedy_arm": "lookup-k2", "explore": 0.1,
      "measurement": {"new_tokens", "max_new_tokens", "temperature", "target_forwards", "drafted_per_position",
                      "accepted_per_position", "trajectory": {"new_tokens", "steps"}, "plain_steps",
+                     "nodes_per_step", "tokens_per_forward",
                      "wall_s", "prefill_s", "route_s", "decode_s", "dtype", "machine": machine_fingerprint},
      "reward": {"speedup", "modelled_s", "plain_s", "profile": "<machine hash of the cost profile>"} | null}
 
@@ -31,6 +32,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..base.errors import CtxdraftError
-from ..base.fileio import display_path
+from ..base.fileio import display_path, regular_file
 from ..drafting.draft import Draft
 from ..drafting.pool import pool_key
 from ..learning import costs
@@ -64,14 +66,15 @@ TRAFFIC_VERSION = 1
 
 class StepRecorder(Draft):
     """A draft that records what the real one did, step by step, as a ``Trajectory`` (``trajectories.Step``:
-    evaluations, drafted, accepted, stopped on confidence), so that a served request is costed exactly like
-    the offline rows. ``tests/test_traffic.py`` checks it against ``trajectories.replay`` for every kind."""
+    evaluations, drafted, accepted, stopped on confidence, nodes verified), so that a served request is costed
+    exactly like the offline rows. ``tests/test_traffic.py`` checks it against ``trajectories.replay`` for every kind."""
 
     def __init__(self, draft: Draft):
         super().__init__(draft.name)
         self.inner = draft
         # What the decoding loop reads of a draft besides its methods.
         self.kind, self.draft_len, self.cost_key, self.state_layers = draft.kind, draft.draft_len, draft.cost_key, draft.state_layers
+        self.observe_top_k = draft.observe_top_k
         self.steps: list[Step] = []
         self._proposed: tuple[int, int, bool] | None = None
 
@@ -91,9 +94,18 @@ class StepRecorder(Draft):
         self._proposed = (evaluations, drafted, stopped)
         return out
 
+    def observe(self, state, token_ids, topk_ids) -> None:
+        self.inner.observe(state, token_ids, topk_ids)
+
+    def max_verified(self) -> int:
+        return self.inner.max_verified()
+
+    def set_costs(self, step_s) -> None:
+        self.inner.set_costs(step_s)
+
     def accept(self, state, committed_len: int) -> None:
         evaluations, drafted, stopped = self._proposed or (0, 0, False)  # no proposal when the budget was 0
-        self.steps.append(Step(evaluations, drafted, committed_len - len(state.tokens), stopped))
+        self.steps.append(Step(evaluations, drafted, committed_len - len(state.tokens), stopped, drafted))
         self._proposed = None
         self.inner.accept(state, committed_len)
 
@@ -114,8 +126,14 @@ def log_path(path) -> Path | None:
     path = Path(path)
     if path.is_dir():
         raise CtxdraftError(f"log {display_path(path)} is a directory; give a file to append requests to")
-    if not path.parent.is_dir():
+    if os.path.lexists(path):  # checked now, before any generating: a request's answer is never spent on a bad log
+        regular_file(path, "log")
+        if not os.access(path, os.W_OK):
+            raise CtxdraftError(f"log {display_path(path)} is not writable; give a file you can append to")
+    elif not path.parent.is_dir():
         raise CtxdraftError(f"the directory of log {display_path(path)} does not exist; create it first")
+    elif not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CtxdraftError(f"log {display_path(path)} cannot be created: its directory is not writable")
     return path
 
 
@@ -126,9 +144,15 @@ def append_line(path: str | os.PathLike, row: dict) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        start = os.fstat(fd).st_size
         view = memoryview(data)
-        while view:  # a short write (a full disk) continues under the lock, so the line stays whole or torn at the end
-            view = view[os.write(fd, view):]
+        try:
+            while view:  # a short write continues under the lock, so the line stays whole
+                view = view[os.write(fd, view):]
+        except OSError:  # a full disk: take back the part of the line that was written, then say so
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.ftruncate(fd, start)
+            raise
     finally:
         os.close(fd)  # closing releases the lock
 
@@ -196,6 +220,7 @@ def request_row(bundle, request: RequestLog, features_only: bool) -> dict:
             "drafted_per_position": list(stats.drafted_per_position),
             "accepted_per_position": list(stats.accepted_per_position),
             "trajectory": traj.to_dict(), "plain_steps": steps,
+            "nodes_per_step": round(traj.nodes_per_step, 4), "tokens_per_forward": round(traj.tokens_per_forward, 4),
             "wall_s": round(stats.wall_s, 6), "prefill_s": round(stats.prefill_s, 6), "route_s": round(stats.route_s, 6),
             "decode_s": round(stats.wall_s - stats.prefill_s - stats.route_s, 6),
             "dtype": dtype_name(dtype), "machine": machine_fingerprint(dtype),
@@ -206,8 +231,14 @@ def request_row(bundle, request: RequestLog, features_only: bool) -> dict:
 
 
 def log_request(bundle, request: RequestLog) -> None:
-    """Append the log line of one routed request to ``bundle.log``."""
-    append_line(bundle.log, request_row(bundle, request, bundle.log_features_only))
+    """Append the log line of one routed request to ``bundle.log``. A failed append (a full disk, a log made
+    read-only meanwhile) is a warning: the request's answer is not lost for it."""
+    row = request_row(bundle, request, bundle.log_features_only)
+    try:
+        append_line(bundle.log, row)
+    except OSError as e:
+        log.warning("could not append the request to the traffic log %s (%s); it is not logged",
+                    display_path(bundle.log), e.strerror or e)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,8 +279,7 @@ def read_traffic(paths) -> TrafficRows:
         raise CtxdraftError("no traffic logs given; pass the files `ctxdraft generate --log` wrote")
     rows, where, skipped, files = [], [], [], []
     for path in paths:
-        if not path.is_file():
-            raise CtxdraftError(f"traffic log not found: {display_path(path)}")
+        regular_file(path, "traffic log")
         count = bad = 0
         for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
             if not raw.strip():

@@ -1,0 +1,80 @@
+"""A token tree's node budget from the machine's costs (issue 21 item 4; Sequoia / EAGLE-2's total-token autotune).
+
+A tree's expected accepted length is the sum over its nodes of the probability that the node is on the accepted path
+(its parent accepted, and then its own token right). Verifying N nodes costs one step over N + 1 positions,
+``step_s[N + 1]`` from the cost profile. With S the tree's expected accepted length so far, one more node of
+acceptance a lowers the time per token, ``step_s[N + 1] / (1 + S)``, exactly when
+
+    a > (1 + S) * (step_s[N + 2] - step_s[N + 1]) / step_s[N + 1]
+
+which is the rule ``NodeBudget.allows`` applies. The draft's main chain (its first-ranked path, what a chain draft of
+the same source would propose) is always kept, so a steep cost curve shrinks the tree to that chain and a flat one
+grows it to the cap. A node's acceptance is the product along its path of the source's measured hit rate for each
+(depth, sibling rank): P(accepted | parent accepted), counted online over the current generation with a uniform
+prior, (hits + 1) / (tries + 2). Everything it reads is known the same way in a teacher-forced replay (the accepted
+paths are the target's own tokens), so replay and real run build the same trees.
+"""
+from __future__ import annotations
+
+from ..base import checks
+from ..base.errors import CtxdraftError
+
+AUTO_MAX_NODES = 64  # the cap of max_nodes="auto" (65 verified positions, the largest tree the profile measures)
+
+
+def check_max_nodes(kind: str, max_nodes) -> tuple[int, bool]:
+    """``max_nodes`` (an integer cap, or "auto": the budget rule under ``AUTO_MAX_NODES``) -> (cap, auto)."""
+    if max_nodes == "auto":
+        return AUTO_MAX_NODES, True
+    if isinstance(max_nodes, str):
+        raise CtxdraftError(f"{kind} max_nodes must be an integer in 1..1024 or \"auto\", got {max_nodes!r}")
+    return checks.integer(f"{kind} max_nodes", max_nodes, minimum=1, maximum=1024), False
+
+
+class NodeBudget:
+    """The budget rule above for one tree draft. Without costs (``set_costs`` not called) every node is allowed."""
+
+    def __init__(self, auto: bool):
+        self.auto = auto
+        self.step_s: list[float] | None = None  # [m] seconds of a step over m positions
+        self.hits: dict[tuple[int, int], int] = {}
+        self.tries: dict[tuple[int, int], int] = {}
+
+    def set_costs(self, step_s: list[float]) -> None:
+        if len(step_s) < 2 or any(s <= 0 for s in step_s[1:]):
+            raise CtxdraftError("a node budget needs positive step costs for 1.. positions")
+        self.step_s = list(step_s)
+
+    def start(self) -> None:
+        """A new generation: forget the hit rates (a replay starts from nothing too)."""
+        self.hits, self.tries = {}, {}
+
+    def rate(self, depth: int, rank: int) -> float:
+        key = (depth, rank)
+        return (self.hits.get(key, 0) + 1) / (self.tries.get(key, 0) + 2)
+
+    def allows(self, num_nodes: int, expected: float, acceptance: float) -> bool:
+        """Whether a tree of ``num_nodes`` nodes and expected accepted length ``expected`` gains from one more node
+        of estimated ``acceptance``."""
+        if not self.auto or self.step_s is None:
+            return True
+        if num_nodes + 2 >= len(self.step_s):
+            return False
+        now, more = self.step_s[num_nodes + 1], self.step_s[num_nodes + 2]
+        return acceptance > (1 + expected) * (more - now) / now
+
+    def learn(self, ids: list[int], parents: list[int], ranks: list[int], continuation: list[int]) -> None:
+        """Count the hits of the last tree (node tokens, parents, sibling ranks) against the target's continuation:
+        every node whose parent was accepted was tried; the ones on the accepted path hit."""
+        accepted = {-1}
+        depth_of: dict[int, int] = {-1: 0}
+        for node, (token, parent) in enumerate(zip(ids, parents)):
+            depth_of[node] = depth_of[parent] + 1
+            if parent not in accepted:
+                continue
+            key = (depth_of[node], ranks[node])
+            self.tries[key] = self.tries.get(key, 0) + 1
+            depth = depth_of[node]
+            if depth <= len(continuation) and continuation[depth - 1] == token:
+                self.hits[key] = self.hits.get(key, 0) + 1
+                accepted.add(node)

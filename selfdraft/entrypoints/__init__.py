@@ -1,0 +1,1 @@
+"""The HTTP layer: servers over the library (only cli/ imports it)."""
