@@ -211,7 +211,9 @@ class BatchDecoder:
                 positions[b, :n] = stack.tree_positions(tree, pending)
                 ancestors[b, :n, :n] = tree_ancestors(tree)
         capture = dict.fromkeys(layers) if layers else None
-        hidden = stack.run(stack.embed(input_ids), 0, stack.num_layers, self.cache.view(), positions, capture, ancestors)
+        num_new = [1 + len(p.ids) for _, p in batch]
+        hidden = stack.run(stack.embed(input_ids), 0, stack.num_layers, self.cache.view(), positions, capture, ancestors,
+                           num_new)
         logits = stack.logits(hidden)  # [B, T, V]
         results = verify_rows(logits, [p for _, p in batch], [e.row for e, _ in batch])
         for b, (entry, proposal) in enumerate(batch):

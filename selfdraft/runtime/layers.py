@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .batch_cache import BatchView, chain_ancestors
+from .row_attention import RowSpan, use_row_attention
 from .sampling import softcap
 
 
@@ -38,6 +39,7 @@ class LayerStack:
         rotary_params = inspect.signature(self.backbone.rotary_emb.forward).parameters
         self._rotary_per_type = "layer_type" in rotary_params
         self.logit_softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.row_attention = use_row_attention(model)  # batched forwards attend per row (``row_attention.py``)
 
     # -- cache ---------------------------------------------------------------------------------
     def new_cache(self) -> DynamicCache:
@@ -106,15 +108,16 @@ class LayerStack:
         positions: torch.Tensor,  # [T] absolute positions of the T new tokens ([B, T] with a BatchView)
         capture: dict[int, torch.Tensor] | None = None,
         tree: list[int] | torch.Tensor | None = None,
+        num_new: list[int] | None = None,
     ) -> torch.Tensor:  # [B, T, D], the residual stream after layer stop-1 (not normed)
         """``cache``: a ``DynamicCache``, or a ``BatchView`` of a batch cache (rows of different lengths: positions are
         then per row, [B, T] or [T] for all, and ``tree`` may be per-row ancestors [B, T, T], see ``batch_cache``).
         ``capture``: a dict whose keys are layer counts l in (start, stop]; each gets the residual stream after
         layer l-1 (entering layer l), the states a feature head reads, at no extra cost. ``tree``: the parent of each
         new position (see the module docstring; ``positions`` must then be ``tree_positions(tree, prefix length)``);
-        None is the causal chain."""
+        None is the causal chain. ``num_new``: a batch's real new positions per row (the rest of T is padding)."""
         if isinstance(cache, BatchView):
-            return self._run_batch(hidden, start, stop, cache, positions, capture, tree)
+            return self._run_batch(hidden, start, stop, cache, positions, capture, tree, num_new)
         position_ids = positions[None, :]
         ancestors = _ancestors(tree, hidden.device) if tree is not None else None
         rotary = {}
@@ -148,9 +151,11 @@ class LayerStack:
                 capture[i + 1] = hidden
         return hidden
 
-    def _run_batch(self, hidden, start, stop, cache: BatchView, positions, capture, tree) -> torch.Tensor:
-        """``run`` over a batch cache: each row writes at its own length and has its own mask (``attention_mask``)."""
+    def _run_batch(self, hidden, start, stop, cache: BatchView, positions, capture, tree, num_new) -> torch.Tensor:
+        """``run`` over a batch cache: each row writes at its own length and has its own mask (``attention_mask``);
+        with row attention each row attends to its own keys only, as it would alone (``row_attention.py``)."""
         B, T, _ = hidden.shape
+        num_new = [T] * B if num_new is None else num_new
         position_ids = (positions if positions.dim() == 2 else positions[None, :]).expand(B, T).to(hidden.device)
         if tree is None:
             ancestors = chain_ancestors(B, T)
@@ -160,17 +165,23 @@ class LayerStack:
             ancestors = _ancestors(tree, torch.device("cpu"))[None].expand(B, T, T)
         ancestors = ancestors.to(hidden.device)
         additive = self.config._attn_implementation == "eager"
-        rotary, masks = {}, {}
+        causal = chain_ancestors(1, T)[0]
+        is_chain = [tree is None or bool((ancestors[b, :n, :n] == causal[:n, :n]).all()) for b, n in enumerate(num_new)]
+        rotary, masks, spans = {}, {}, {}
         for i in range(start, stop):
             layer_type = self.layer_types[i]
             if layer_type not in rotary:
                 rotary[layer_type] = self.rotary(hidden, position_ids, layer_type)
-            mask_key = (layer_type, tuple(cache.lengths(i).tolist()))
+            prefix = tuple(cache.lengths(i).tolist())
+            mask_key = (layer_type, prefix)
             if mask_key not in masks:
                 window = self.config.sliding_window if layer_type == "sliding_attention" else None
                 masks[mask_key] = cache.attention_mask(i, position_ids, ancestors, window, hidden.dtype, additive)
+                spans[mask_key] = [RowSpan(n, p + n, not _unmasked(n, p, chain, window))
+                                   for n, p, chain in zip(num_new, prefix, is_chain)]
+            rows = {"row_spans": spans[mask_key]} if self.row_attention else {}
             hidden = self.layers[i](hidden, attention_mask=masks[mask_key], position_embeddings=rotary[layer_type],
-                                    position_ids=position_ids, cache=cache, use_cache=True)
+                                    position_ids=position_ids, cache=cache, use_cache=True, **rows)
             if capture is not None and i + 1 in capture:
                 capture[i + 1] = hidden
         return hidden
@@ -209,6 +220,11 @@ class LayerStack:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, V]
         """The model's own final norm + LM head (+ logit soft-capping where the model has it)."""
         return softcap(self.model.lm_head(self.backbone.norm(hidden)), self.logit_softcap)
+
+
+def _unmasked(num_new: int, prefix: int, chain: bool, window: int | None) -> bool:
+    """Whether the single loop attends without a mask: a chain's one new token or prefill, within the window."""
+    return chain and (num_new == 1 or prefix == 0) and (window is None or prefix + num_new <= window)
 
 
 def _ancestors(parents: list[int], device: torch.device) -> torch.Tensor:  # [T, T] bool
