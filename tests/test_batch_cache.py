@@ -73,3 +73,16 @@ def test_remove_row_moves_the_last_row():
     cache.lengths[:, 2] = 7
     assert cache.remove_row(0) == 2 and cache.num_rows == 2 and cache.lengths[:, 0].tolist() == [7, 7]
     assert cache.remove_row(1) is None and cache.num_rows == 1
+
+
+@torch.inference_mode()
+def test_admitting_rows_one_at_a_time_does_not_grow_the_width():
+    """Catches buffers that double their width each time a row is added (8 rows: 256x the memory, every forward
+    copying it): rows and positions grow independently."""
+    stack = LayerStack(tiny_random(ARCHS[0], vocab_size=V))
+    cache = BatchCache(stack.num_layers, max_rows=2)
+    for _ in range(8):
+        slot = cache.add_row()
+        stack.run(stack.embed(torch.tensor([[3] * 10])), 0, stack.num_layers, cache.row(slot), torch.arange(10))
+    rows, _, width, _ = cache.keys[0].shape
+    assert rows == 8 and width < 64

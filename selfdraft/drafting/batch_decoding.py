@@ -88,7 +88,7 @@ class BatchDecoder:
         if token_budget is not None and token_budget < max_batch:
             raise CtxdraftError(f"token_budget ({token_budget}) must allow one token for each of max_batch ({max_batch}) rows")
         self.stack, self.max_batch, self.token_budget, self.max_context = stack, max_batch, token_budget, max_context
-        self.cache = BatchCache(stack.num_layers)
+        self.cache = BatchCache(stack.num_layers, max_batch)
         self.queue: deque[tuple[int, BatchRequest]] = deque()
         self.active: list[_Active] = []  # in slot order
         self._next_id = 0
@@ -168,6 +168,9 @@ class BatchDecoder:
             t0 = time.perf_counter()
             try:
                 self._check(request)
+                # A row's cache holds its prompt, its output and at most one forward's draft past it (a wider
+                # forward only regrows the buffers once).
+                self.cache.reserve(len(request.prompt_ids) + request.config.max_new_tokens + 32)
                 slot = self.cache.add_row()
             except CtxdraftError as e:
                 out.finished[row_id] = RowOutcome([], GenerationStats(), error=str(e))

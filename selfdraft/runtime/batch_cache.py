@@ -19,11 +19,18 @@ import torch
 
 
 class BatchCache:
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, max_rows: int = 1):
         self.num_layers = num_layers
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # [R', H, C, Dh], R' >= num_rows
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = torch.zeros(num_layers, 0, dtype=torch.long)  # [L, R]
+        self.max_rows = max_rows  # row slots allocated at once (a batch's width): adding a row copies nothing
+        self.min_width = 16  # positions allocated at once (``reserve``): a known length never regrows the buffers
+
+    def reserve(self, width: int) -> None:
+        """Allocate room for ``width`` positions per row when the buffers are next made or grown (a decoder knows
+        its rows' prompt + max_new_tokens): growing copies every row's history, so it should happen rarely."""
+        self.min_width = max(self.min_width, width)
 
     @property
     def num_rows(self) -> int:
@@ -55,12 +62,15 @@ class BatchCache:
         return BatchView(self, slot, slot + 1)
 
     def _reserve(self, layer_idx: int, like: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-        """The layer's key buffer with room for ``rows`` rows and ``width`` positions (grown by doubling)."""
+        """The layer's key buffer with room for ``rows`` rows and ``width`` positions. Rows and width grow
+        independently (rows to ``max_rows``, width to ``min_width`` or by doubling): growing one must not double the
+        other, or a batch admitted one row at a time multiplies the width by 2 per row."""
         buf = self.keys[layer_idx]
         _, H, _, Dh = like.shape
         if buf is None or buf.shape[0] < rows or buf.shape[2] < width:
             old_rows, old_width = (0, 0) if buf is None else (buf.shape[0], buf.shape[2])
-            new_rows, new_width = max(rows, old_rows), max(width, 2 * old_width, 16)
+            new_rows = max(rows, self.max_rows, old_rows)
+            new_width = old_width if width <= old_width else max(width, 2 * old_width, self.min_width)
             for buffers in (self.keys, self.values):
                 grown = like.new_zeros(new_rows, H, new_width, Dh)
                 if buffers[layer_idx] is not None:
@@ -95,11 +105,13 @@ class BatchView:
         starts = self.lengths(layer_idx).clone()
         width = int(starts.max()) + T
         cache._reserve(layer_idx, key_states, cache.num_rows, width)
-        index = (starts[:, None] + torch.arange(T))[:, None, :, None].expand(B, H, T, Dh).to(key_states.device)
         keys = cache.keys[layer_idx][self.start : self.stop]
         values = cache.values[layer_idx][self.start : self.stop]
-        keys.scatter_(2, index, key_states.to(keys.dtype))
-        values.scatter_(2, index, value_states.to(values.dtype))
+        # index_put_ writes only the B*T new slots (scatter_ on a bf16 CPU tensor copies the whole buffer).
+        rows = torch.arange(B, device=keys.device)[:, None]  # [B, 1]
+        slots = (starts[:, None] + torch.arange(T)).to(keys.device)  # [B, T]
+        keys[rows, :, slots] = key_states.transpose(1, 2).to(keys.dtype)  # [B, T, H, Dh]
+        values[rows, :, slots] = value_states.transpose(1, 2).to(values.dtype)
         cache.lengths[layer_idx, self.start : self.stop] += T
         return keys[:, :, :width], values[:, :, :width]
 
