@@ -82,8 +82,14 @@ class BatchCache:
 class BatchView:
     """Rows [start, stop) of a ``BatchCache``: the cache one forward or one draft works on."""
 
-    def __init__(self, cache: BatchCache, start: int, stop: int):
+    def __init__(self, cache: BatchCache, start: int, stop: int, packed: list[int] | None = None):
         self.cache, self.start, self.stop = cache, start, stop
+        # A packed forward (``LayerStack.run`` with row attention): its new K/V come as one sequence [1, H, N, Dh],
+        # ``packed[b]`` positions of row b after those of the rows before it; no row computes padding.
+        self.packed = packed
+
+    def packed_view(self, num_new: list[int]) -> "BatchView":
+        return BatchView(self.cache, self.start, self.stop, list(num_new))
 
     @property
     def num_rows(self) -> int:
@@ -103,16 +109,27 @@ class BatchView:
         cache = self.cache
         B, H, T, Dh = key_states.shape
         starts = self.lengths(layer_idx).clone()
-        width = int(starts.max()) + T
+        if self.packed is not None:  # one sequence of N = sum(packed) positions: row b's run after row b-1's
+            num_new = torch.tensor(self.packed)
+            rows = torch.repeat_interleave(torch.arange(len(self.packed)), num_new)  # [N] the row of each position
+            offsets = torch.cumsum(num_new, 0) - num_new
+            slots = starts[rows] + torch.arange(T) - offsets[rows]  # [N]
+            new_k, new_v = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)  # [N, H, Dh]
+            grown = num_new
+        else:
+            rows = torch.arange(B)[:, None]  # [B, 1]
+            slots = starts[:, None] + torch.arange(T)  # [B, T]
+            new_k, new_v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [B, T, H, Dh]
+            grown = T
+        width = int((starts + grown).max())
         cache._reserve(layer_idx, key_states, cache.num_rows, width)
         keys = cache.keys[layer_idx][self.start : self.stop]
         values = cache.values[layer_idx][self.start : self.stop]
-        # index_put_ writes only the B*T new slots (scatter_ on a bf16 CPU tensor copies the whole buffer).
-        rows = torch.arange(B, device=keys.device)[:, None]  # [B, 1]
-        slots = (starts[:, None] + torch.arange(T)).to(keys.device)  # [B, T]
-        keys[rows, :, slots] = key_states.transpose(1, 2).to(keys.dtype)  # [B, T, H, Dh]
-        values[rows, :, slots] = value_states.transpose(1, 2).to(values.dtype)
-        cache.lengths[layer_idx, self.start : self.stop] += T
+        # index_put_ writes only the new slots (scatter_ on a bf16 CPU tensor copies the whole buffer).
+        rows, slots = rows.to(keys.device), slots.to(keys.device)
+        keys[rows, :, slots] = new_k.to(keys.dtype)
+        values[rows, :, slots] = new_v.to(values.dtype)
+        cache.lengths[layer_idx, self.start : self.stop] += grown
         return keys[:, :, :width], values[:, :, :width]
 
     def crop(self, length: int, start: int = 0, stop: int | None = None) -> None:

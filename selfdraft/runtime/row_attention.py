@@ -28,20 +28,24 @@ class RowSpan:
     num_queries: int  # the row's real new positions (the rest of the forward's T are padding)
     num_keys: int  # its cached prefix + num_queries
     masked: bool  # False: the row sees all its keys in causal order where the single loop passes no mask
+    offset: int | None = None  # a packed forward: where the row's queries start in the one packed sequence
 
 
 def row_sdpa(module, query, key, value, attention_mask, row_spans: list[RowSpan] | None = None, **kwargs):
-    """``sdpa_attention_forward``, per row when ``row_spans`` is given. query [B, H, T, Dh] -> [B, T, H, Dh]."""
+    """``sdpa_attention_forward``, per row when ``row_spans`` is given. query [B, H, T, Dh] -> [B, T, H, Dh]
+    (a packed forward: query [1, H, N, Dh], every row's queries one after another at its ``offset``; keys and values
+    [B, Hkv, W, Dh] per row as the batch cache returns them)."""
     if row_spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     B, H, T, Dh = query.shape
     out = query.new_zeros(B, T, H, value.shape[-1])
     for b, span in enumerate(row_spans):
         n, kv = span.num_queries, span.num_keys
+        qb, start = (b, 0) if span.offset is None else (0, span.offset)
         mask = attention_mask[b : b + 1, :, :n, :kv] if span.masked and attention_mask is not None else None
-        row_out, _ = sdpa_attention_forward(module, query[b : b + 1, :, :n], key[b : b + 1, :, :kv],
+        row_out, _ = sdpa_attention_forward(module, query[qb : qb + 1, :, start : start + n], key[b : b + 1, :, :kv],
                                             value[b : b + 1, :, :kv], mask, **kwargs)
-        out[b, :n] = row_out[0]
+        out[qb, start : start + n] = row_out[0]
     return out, None
 
 
