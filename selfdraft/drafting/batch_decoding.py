@@ -217,7 +217,10 @@ class BatchDecoder:
         num_new = [1 + len(p.ids) for _, p in batch]
         hidden = stack.run(stack.embed(input_ids), 0, stack.num_layers, self.cache.view(), positions, capture, ancestors,
                            num_new)
-        logits = stack.logits(hidden)  # [B, T, V]
+        # The LM head only on the rows' real positions (it is a fifth of the model's weights; padding stays zero).
+        real = torch.arange(T)[None, :] < torch.tensor(num_new)[:, None]  # [B, T]
+        real_logits = stack.logits(hidden[real][None])[0]  # [N, V]
+        logits = real_logits.new_zeros(B, T, real_logits.shape[-1]).index_put_((real,), real_logits)  # [B, T, V]
         results = verify_rows(logits, [p for _, p in batch], [e.row for e, _ in batch])
         for b, (entry, proposal) in enumerate(batch):
             n = 1 + len(proposal.ids)
