@@ -182,11 +182,13 @@ class LayerStack:
             mask_key = (layer_type, prefix)
             if mask_key not in masks:
                 window = self.config.sliding_window if layer_type == "sliding_attention" else None
-                mask_positions = position_ids if packed is None else row_positions.to(hidden.device)
-                masks[mask_key] = cache.attention_mask(i, mask_positions, ancestors, window, hidden.dtype, additive)
                 spans[mask_key] = [RowSpan(n, p + n, not _unmasked(n, p, chain, window),
                                            None if packed is None else packed.offsets[b])
                                    for b, (n, p, chain) in enumerate(zip(num_new, prefix, is_chain))]
+                masks[mask_key] = None  # row attention of rows that all attend unmasked (decode steps): no mask
+                if not self.row_attention or any(span.masked for span in spans[mask_key]):
+                    mask_positions = position_ids if packed is None else row_positions.to(hidden.device)
+                    masks[mask_key] = cache.attention_mask(i, mask_positions, ancestors, window, hidden.dtype, additive)
             rows = {"row_spans": spans[mask_key]} if self.row_attention else {}
             hidden = self.layers[i](hidden, attention_mask=masks[mask_key], position_embeddings=rotary[layer_type],
                                     position_ids=position_ids, cache=cache, use_cache=True, **rows)
