@@ -23,16 +23,13 @@ from ..base.fileio import check_sealed, display_path, read_json, write_json_atom
 from ..base.layout import BUNDLE_FILE, TRAJECTORIES_FILE
 from ..drafting.decoding import GenerationConfig, GenerationStats, prefill, speculative_decode
 from ..drafting.draft import Draft
-from ..drafting.exit_draft import ExitSettings
-from ..drafting.exit_head import read_head_tensors, read_tensors
-from ..drafting.feature_draft import FeatureSettings
-from ..drafting.pool import arm_feature_layers, arm_table, build_draft, model_arm
-from ..drafting.successor_table import read_successor_table
+from ..drafting.pool import arm_feature_layers, build_draft, model_arm
 from ..learning.offpolicy import choose_arm
 from ..runtime.layers import LayerStack
 from ..runtime.machine import resolve_dtype
 from ..runtime.target import DEFAULT_TARGET, Target, load_target
 from . import batch, suffix_store, traffic
+from .bundle_files import check_files
 from .bundle_info import new_bundle_info, validate_info
 from .calibration import auto_calibrate_default, calibrate, find_calibration
 from .profiles import profile_for
@@ -348,32 +345,6 @@ def add_arm(bundle_dir: str | Path, spec: dict, target: str | None = None) -> Bu
     return bundle
 
 
-_HEAD_FIELDS = ("name", "layers", "draft_vocab", "weights")
-
-
-def _head_settings(arm: dict) -> dict:
-    settings = arm.get("settings", {})
-    return settings.get("sources", {}).get("feature", {}) if arm["kind"] == "merged" else settings
-
-
-def _check_files(path: Path, info: dict) -> None:
-    """What can be checked of the bundle's other files without the model: every exit arm's weights are readable
-    and hold that exit (every feature head's, its head), every successor table is one, and the policy bundle.json
-    names exists. Each failure is one error line."""
-    for arm in info["arms"]:
-        if arm["kind"] == "exit":
-            settings = ExitSettings(**arm.get("settings", {}))
-            read_head_tensors(path / settings.weights, settings.exit_layer)
-        elif arm_feature_layers(arm):
-            settings = FeatureSettings(**{k: v for k, v in _head_settings(arm).items() if k in _HEAD_FIELDS})
-            read_tensors(path / settings.weights, f"feature-{settings.name}.", f"the feature head {settings.name!r}")
-        if arm_table(arm) is not None:
-            read_successor_table(path / arm_table(arm))
-    if info.get("policy") and not (path / info["policy"]).is_file():
-        raise CtxdraftError(f"{display_path(path / info['policy'])}, the policy bundle.json names, is missing; "
-                            "run `ctxdraft export-policy` (or `train-policy`) again")
-
-
 def load_bundle(path: str | Path | None = None, target: str | None = None, dtype: str | torch.dtype = "auto",
                 calibrate: bool | None = None, log: str | Path | None = None, log_features_only: bool = False,
                 explore: float = 0.0) -> Bundle:
@@ -401,7 +372,7 @@ def load_bundle(path: str | Path | None = None, target: str | None = None, dtype
         raise CtxdraftError(f"bundle not found: {display_path(path)} (make one with `ctxdraft add-exits ... --out {path}`)")
     check_sealed(path)
     info = validate_info(read_json(path / BUNDLE_FILE, "bundle file"), display_path(path / BUNDLE_FILE))
-    _check_files(path, info)
+    check_files(path, info)
     bundle = Bundle(path, info, dtype=dtype, calibrate=calibrate, **serving)
     if target is not None:
         t = load_target(target, dtype=dtype)
