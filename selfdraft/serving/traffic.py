@@ -28,11 +28,9 @@ parse (a torn or truncated write) with a warning and counts it; it never fails o
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..base.errors import CtxdraftError
-from ..base.fileio import display_path, regular_file
+from ..base.fileio import append_lines, display_path, regular_file
 from ..drafting.draft import Draft
 from ..drafting.pool import pool_key
 from ..learning import costs
@@ -138,23 +136,9 @@ def log_path(path) -> Path | None:
 
 
 def append_line(path: str | os.PathLike, row: dict) -> None:
-    """Append ``row`` as one JSON line: one ``os.write`` on an ``O_APPEND`` descriptor, under an exclusive
-    ``flock`` (writers on file systems where O_APPEND alone is not atomic, such as NFS, still never interleave)."""
-    data = (json.dumps(row, separators=(",", ":"), allow_nan=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        start = os.fstat(fd).st_size
-        view = memoryview(data)
-        try:
-            while view:  # a short write continues under the lock, so the line stays whole
-                view = view[os.write(fd, view):]
-        except OSError:  # a full disk: take back the part of the line that was written, then say so
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                os.ftruncate(fd, start)
-            raise
-    finally:
-        os.close(fd)  # closing releases the lock
+    """Append ``row`` as one whole JSON line (``fileio.append_lines``: one write under an exclusive ``flock``, so
+    concurrent writers never interleave, and a failed write is taken back)."""
+    append_lines(path, [row])
 
 
 def _rounded(values) -> list[float]:
