@@ -1,12 +1,13 @@
 """`ctxdraft generate` and `ctxdraft info`."""
 from __future__ import annotations
 
+import json
 import sys
 
 import click
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
-from ctxdraft.selfdraft.commands.generate import generate, generation_line
+from ctxdraft.selfdraft.commands.generate import generate, generate_batch, generation_line
 from ctxdraft.selfdraft.commands.info import info
 
 from .common import dtype_option, echo_json, no_calibrate_option, progress_bar
@@ -50,10 +51,13 @@ def _print_piece(piece: str) -> None:
 @click.option("--log-features-only", is_flag=True, help="Keep the prompt's token ids out of the log (the routing features stay).")
 @click.option("--explore", default=0.0, show_default=True, type=float,
               help="Epsilon-greedy routing: a uniformly random arm with this probability (logged with its propensity).")
+@click.option("--batch", "batch_file", type=click.Path(dir_okay=False),
+              help="Decode every prompt of this JSONL file ({\"prompt\": ...} per line) together; one JSON line out per prompt.")
+@click.option("--max-batch", default=8, show_default=True, type=int, help="With --batch: the most rows decoded at once.")
 @dtype_option
 @no_calibrate_option
 def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature, top_p, seed, stop, no_chat, escape_special,
-                 as_json, stream, log_path, log_features_only, explore, dtype, no_calibrate):
+                 as_json, stream, log_path, log_features_only, explore, batch_file, max_batch, dtype, no_calibrate):
     """Generate text; the output is exactly what the target alone would produce.
 
     PROMPT is the text to continue, or '-' to read it from stdin.
@@ -64,7 +68,19 @@ def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature,
       echo "What is 17*23?" | ctxdraft generate - --draft lookup --json
       ctxdraft generate --bundle my_bundle --temperature 0.7 --seed 1 "Write a haiku."
       ctxdraft generate --bundle my_bundle --log traffic.jsonl --explore 0.1 "..."   # then: ctxdraft update-policy
+      ctxdraft generate --batch prompts.jsonl --max-new-tokens 64 > outputs.jsonl
     """
+    if batch_file is not None:
+        if prompt is not None or stream or log_path is not None:
+            raise CtxdraftError("--batch FILE takes its prompts from the file; drop the PROMPT argument, --stream and --log")
+        with progress_bar() as bar:
+            lines = generate_batch(batch_file, bundle_dir=bundle_dir, target=target, dtype=dtype, max_batch=max_batch,
+                                   calibrate=False if no_calibrate else None, progress=bar, draft=draft,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                   chat=not no_chat, stop=list(stop))
+        for line in lines:
+            click.echo(json.dumps(line, default=str))
+        return
     text = _read_prompt(prompt)
     with progress_bar(as_json) as bar:  # a first calibration, on a terminal
         result = generate(text, bundle_dir=bundle_dir, target=target, dtype=dtype, calibrate=False if no_calibrate else None,

@@ -26,6 +26,7 @@ from ctxdraft.triton_kernels import verify_greedy, verify_sampling, verify_tree_
 
 from ..base import checks
 from ..base.errors import CtxdraftError
+from ..runtime.batch_cache import BatchView
 from ..runtime.layers import LayerStack
 from ..runtime.sampling import top_p_filter
 from .draft import DecodeState, Draft, DraftOutput
@@ -98,7 +99,7 @@ class Prefill:
     """The target after consuming the prompt: its cache, the first next-token logits and (optionally) features."""
 
     prompt_ids: list[int]
-    cache: DynamicCache
+    cache: DynamicCache | BatchView
     last_logits: torch.Tensor  # [1, 1, V]
     pooled_hidden: torch.Tensor | None  # [D] mean over the prompt of the residual stream after layer `feature_layer`
     seconds: float
@@ -106,11 +107,13 @@ class Prefill:
 
 
 @torch.inference_mode()
-def prefill(stack: LayerStack, prompt_ids: list[int], feature_layer: int | None = None, capture=()) -> Prefill:
+def prefill(stack: LayerStack, prompt_ids: list[int], feature_layer: int | None = None, capture=(),
+            cache: BatchView | None = None) -> Prefill:
     """Run the prompt through the target; pool the layer-``feature_layer`` states on the way if asked, and keep
-    the residual states entering the layers in ``capture`` (what a feature draft reads)."""
+    the residual states entering the layers in ``capture`` (what a feature draft reads). ``cache``: an empty row of a
+    batch cache to fill (None: a new cache)."""
     t0 = time.perf_counter()
-    cache = stack.new_cache()
+    cache = stack.new_cache() if cache is None else cache
     positions = torch.arange(len(prompt_ids))
     hidden = stack.embed(torch.tensor([prompt_ids]))
     states = dict.fromkeys(capture)
@@ -186,70 +189,112 @@ def speculative_decode(
 ) -> tuple[list[int], GenerationStats]:
     """Generate after ``pre`` with ``draft``; returns the new token ids (EOS excluded) and stats.
 
-    ``stop_check(new_ids)`` may return a token count at which to cut (stop strings).
+    ``stop_check(new_ids)`` may return a token count at which to cut (stop strings). One row of the loop; the batch
+    loop (``batch_decoding.py``) runs the same per-row steps (``start_row``, ``next_proposal``, ``commit``) with
+    one target forward and one verification for all its rows.
     """
     t0 = time.perf_counter()
+    row = start_row(stack, pre, draft, config, eos_ids, on_tokens, stop_check)
+    while (proposal := next_proposal(row)) is not None:
+        capture = dict.fromkeys(draft.state_layers) if draft.state_layers else None
+        input_ids = [row.state.tokens[-1]] + proposal.ids
+        logits = target_forward(stack, pre.cache, input_ids, len(row.state.tokens) - 1, proposal, capture)  # [1, K+1, V]
+        result = _verify(logits, proposal, config.temperature, config.top_p, row.state.generator)
+        commit(row, proposal, logits, result, capture)
+    row.stats.wall_s = pre.seconds + (time.perf_counter() - t0)
+    return row.new_ids, row.stats
+
+
+@dataclass
+class Row:
+    """One request between steps of the loop: its draft, what the draft sees, its settings, output and stats."""
+
+    draft: Draft
+    state: DecodeState  # state.cache: the row's target cache (a DynamicCache, or its row of a batch cache)
+    config: GenerationConfig
+    eos_ids: set[int]
+    on_tokens: Callable[[list[int]], None] | None
+    stop_check: Callable[[list[int]], int | None] | None
+    stats: GenerationStats
+    new_ids: list[int]
+    done: bool = False
+
+
+def start_row(stack: LayerStack, pre: Prefill, draft: Draft, config: GenerationConfig, eos_ids: set[int] = frozenset(),
+              on_tokens=None, stop_check=None) -> Row:
+    """The first token (drawn from the prefill's logits) and the draft started on the row (``pre.cache``: the row's
+    target cache)."""
     stats = GenerationStats(target_forwards=1, prefill_s=pre.seconds)
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     V = pre.last_logits.shape[-1]
-    cache = pre.cache
-    no_draft = DraftOutput([])
-    first = _verify(pre.last_logits, no_draft, config.temperature, config.top_p, generator).out_ids[0, 0].item()
-    state = DecodeState(stack, cache, list(pre.prompt_ids) + [first], V, config.temperature, config.top_p, generator,
-                        target_states=pre.states, states_start=0)
-    new_ids = [first]
+    first = _verify(pre.last_logits, DraftOutput([]), config.temperature, config.top_p, generator).out_ids[0, 0].item()
+    state = DecodeState(stack, pre.cache, list(pre.prompt_ids) + [first], V, config.temperature,
+                        config.top_p, generator, target_states=pre.states, states_start=0)
+    row = Row(draft, state, config, eos_ids, on_tokens, stop_check, stats, [first])
     if on_tokens is not None:
-        on_tokens(new_ids)
+        on_tokens([first])
     draft.start(state)
     if draft.observe_top_k:
         draft.observe(state, pre.prompt_ids[-1:], _top_k(pre.last_logits, draft.observe_top_k))
+    return row
 
-    while True:
-        cut = _finished(new_ids, config.max_new_tokens, eos_ids, stop_check)
-        if cut is not None:
-            new_ids = new_ids[:cut]
-            break
-        pending_pos = len(state.tokens) - 1  # the last token is not in the target cache yet
-        budget = config.max_new_tokens - len(new_ids) - 1  # the verify step always adds one more token
-        proposal = draft.propose(state, budget) if budget > 0 else no_draft
-        K = len(proposal.ids)
-        capture = dict.fromkeys(draft.state_layers) if draft.state_layers else None
-        input_ids = [state.tokens[-1]] + proposal.ids
-        logits = target_forward(stack, cache, input_ids, pending_pos, proposal, capture)  # [1, K+1, V]
-        result = _verify(logits, proposal, config.temperature, config.top_p, generator)
-        num_accepted = int(result.num_accepted[0])
-        emitted = result.out_ids[0, : num_accepted + 1].tolist()
 
-        committed_len = len(state.tokens) + num_accepted  # everything in the caches up to here is final
-        if proposal.parents is None:
-            stack.crop(cache, committed_len)
-            depth = K
-        else:  # keep the root's row and the accepted path's, in place after the prefix
-            rows = [0] + [1 + node for node in result.path_nodes[0, :num_accepted].tolist()]
-            stack.keep_rows(cache, pending_pos, rows)
-            capture = {layer: states[:, rows] for layer, states in (capture or {}).items()}
-            depth = max(stack.tree_positions(proposal.parents, 1).tolist(), default=0)
-        if draft.observe_top_k:  # the committed positions only: the root and the accepted path
-            committed = rows if proposal.parents is not None else list(range(num_accepted + 1))
-            draft.observe(state, [input_ids[r] for r in committed], _top_k(logits[:, committed], draft.observe_top_k))
-        state.target_states, state.states_start = capture or {}, pending_pos
-        draft.accept(state, committed_len)
-        state.tokens.extend(emitted)
-        new_ids.extend(emitted)
+def next_proposal(row: Row, max_len: int | None = None) -> DraftOutput | None:
+    """The row's next draft (at most ``max_len`` tokens), or None when it is finished (its output then cut)."""
+    if row_done(row):
+        return None
+    budget = row.config.max_new_tokens - len(row.new_ids) - 1  # the verify step always adds one more token
+    if max_len is not None:
+        budget = min(budget, max_len)
+    return row.draft.propose(row.state, budget) if budget > 0 else DraftOutput([])
 
-        stats.target_forwards += 1
-        stats.drafted_tokens += K
-        stats.nodes_verified += K
-        stats.accepted_tokens += num_accepted
-        _grow(stats.drafted_per_position, depth)  # a tree proposes every depth up to its deepest node
-        _grow(stats.accepted_per_position, num_accepted)
-        if on_tokens is not None:
-            room = config.max_new_tokens - (len(new_ids) - len(emitted))
-            on_tokens(emitted[: min(num_before_eos(emitted, eos_ids), max(room, 0))])
 
-    stats.new_tokens = len(new_ids)
-    stats.wall_s = pre.seconds + (time.perf_counter() - t0)
-    return new_ids, stats
+def row_done(row: Row) -> bool:
+    """Whether the row has finished (EOS, max tokens, a stop string); its output is then cut to what is returned."""
+    cut = _finished(row.new_ids, row.config.max_new_tokens, row.eos_ids, row.stop_check)
+    if cut is not None and not row.done:
+        row.new_ids = row.new_ids[:cut]
+        row.stats.new_tokens = len(row.new_ids)
+        row.done = True
+    return row.done
+
+
+def commit(row: Row, proposal: DraftOutput, logits: torch.Tensor, result, capture: dict | None) -> None:
+    """Keep what the target accepted: crop (a chain) or move (a tree's path) the row's cache, tell the draft, emit.
+    ``logits`` [1, T, V]: the row's verified positions; ``result``: its verification (one row)."""
+    state, draft, stats = row.state, row.draft, row.stats
+    stack, cache = state.stack, state.cache
+    input_ids = [state.tokens[-1]] + proposal.ids
+    pending_pos = len(state.tokens) - 1
+    K = len(proposal.ids)
+    num_accepted = int(result.num_accepted[0])
+    emitted = result.out_ids[0, : num_accepted + 1].tolist()
+    committed_len = len(state.tokens) + num_accepted  # everything in the caches up to here is final
+    if proposal.parents is None:
+        stack.crop(cache, committed_len)
+        depth = K
+    else:  # keep the root's row and the accepted path's, in place after the prefix
+        rows = [0] + [1 + node for node in result.path_nodes[0, :num_accepted].tolist()]
+        stack.keep_rows(cache, pending_pos, rows)
+        capture = {layer: states[:, rows] for layer, states in (capture or {}).items()}
+        depth = max(stack.tree_positions(proposal.parents, 1).tolist(), default=0)
+    if draft.observe_top_k:  # the committed positions only: the root and the accepted path
+        committed = rows if proposal.parents is not None else list(range(num_accepted + 1))
+        draft.observe(state, [input_ids[r] for r in committed], _top_k(logits[:, committed], draft.observe_top_k))
+    state.target_states, state.states_start = capture or {}, pending_pos
+    draft.accept(state, committed_len)
+    state.tokens.extend(emitted)
+    row.new_ids.extend(emitted)
+
+    stats.target_forwards += 1
+    stats.drafted_tokens += K
+    stats.nodes_verified += K
+    stats.accepted_tokens += num_accepted
+    _grow(stats.drafted_per_position, depth)  # a tree proposes every depth up to its deepest node
+    _grow(stats.accepted_per_position, num_accepted)
+    if row.on_tokens is not None:
+        room = row.config.max_new_tokens - (len(row.new_ids) - len(emitted))
+        row.on_tokens(emitted[: min(num_before_eos(emitted, row.eos_ids), max(room, 0))])
 
 
 def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:  # [1, T, V] -> [T, k]

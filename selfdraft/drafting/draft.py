@@ -181,6 +181,9 @@ class Draft:
     # Target layers whose states the draft reads: in its teacher-forced replay (from the teacher pass) and, for a
     # feature draft, while decoding (captured from every target forward, ``DecodeState.target_states``).
     state_layers: tuple[int, ...] = ()
+    # The batch loop asks every row's draft through ``propose_batch`` of the draft's class, once per class and step:
+    # a class that batches natively overrides it (one draft forward for its rows); the default proposes row by row.
+    batches_natively = False
 
     def __init__(self, name: str = "none"):
         self.name = name
@@ -194,6 +197,11 @@ class Draft:
 
     def propose(self, state: DecodeState, max_len: int) -> DraftOutput:
         return DraftOutput([], evaluations=0, stopped=False)
+
+    @classmethod
+    def propose_batch(cls, drafts: list["Draft"], states: list[DecodeState], max_lens: list[int]) -> list[DraftOutput]:
+        """One proposal per row (rows whose drafts are all of this class), in order."""
+        return [draft.propose(state, max_len) for draft, state, max_len in zip(drafts, states, max_lens)]
 
     def accept(self, state: DecodeState, committed_len: int) -> None:
         """The first ``committed_len`` tokens of ``state.tokens`` are final; drop state beyond them."""

@@ -29,6 +29,8 @@ from .draft import (
 class NoneDraft(Draft):
     """Proposes nothing: the speculative loop becomes plain decoding."""
 
+    batches_natively = True  # no model work to batch
+
 
 @dataclass
 class LookupSettings:
@@ -74,6 +76,7 @@ class LookupDraft(Draft):
     """Prompt lookup: continue the latest earlier occurrence of the last n tokens (no model, ~0 cost)."""
 
     kind = "lookup"
+    batches_natively = True  # a dictionary look-up per row, no model work to batch
 
     def __init__(self, name: str = "lookup", settings: LookupSettings | None = None):
         super().__init__(name)

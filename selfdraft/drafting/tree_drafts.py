@@ -186,6 +186,7 @@ class LookupTreeDraft(TreeDraft):
     """Prompt lookup whose earlier matches become the branches of one token tree."""
 
     kind = "lookup-tree"
+    batches_natively = True  # no model work to batch
 
     def __init__(self, name: str = "lookup-tree", settings: LookupTreeSettings | None = None):
         super().__init__(name, settings or LookupTreeSettings())
@@ -233,6 +234,7 @@ class SuccessorDraft(TreeDraft):
     """Token Recycling: a tree from the target's own top-k successors of each token (see the module docstring)."""
 
     kind = "successor"
+    batches_natively = True  # a table look-up per row, no model work to batch
 
     def __init__(self, name: str = "successor", settings: SuccessorSettings | None = None):
         super().__init__(name, settings or SuccessorSettings())

@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .batch_cache import BatchView, chain_ancestors
 from .sampling import softcap
 
 
@@ -48,12 +49,16 @@ class LayerStack:
         return cache
 
     @staticmethod
-    def seq_len(cache: DynamicCache, layer_idx: int) -> int:
+    def seq_len(cache: DynamicCache | BatchView, layer_idx: int) -> int:
+        if isinstance(cache, BatchView):
+            return cache.seq_len(layer_idx)
         return cache.get_seq_length(layer_idx) if layer_idx < len(cache.layers) else 0
 
     @staticmethod
-    def crop(cache: DynamicCache, length: int, start: int = 0, stop: int | None = None) -> None:
+    def crop(cache: DynamicCache | BatchView, length: int, start: int = 0, stop: int | None = None) -> None:
         """Drop every cached token past ``length`` in layers [start, stop)."""
+        if isinstance(cache, BatchView):
+            return cache.crop(length, start, stop)
         stop = len(cache.layers) if stop is None else min(stop, len(cache.layers))
         for i in range(start, stop):
             extra = cache.get_seq_length(i) - length
@@ -64,6 +69,8 @@ class LayerStack:
     def keep_rows(cache: DynamicCache, prefix_len: int, rows: list[int], start: int = 0, stop: int | None = None) -> None:
         """Keep, after the first ``prefix_len`` cached tokens, only the new rows ``rows`` (offsets past prefix_len, in
         order) of layers [start, stop), moved into place: the accepted path of a tree forward. ``crop`` does the rest."""
+        if isinstance(cache, BatchView):
+            return cache.keep_rows(prefix_len, rows, start, stop)
         stop = len(cache.layers) if stop is None else min(stop, len(cache.layers))
         if rows != list(range(len(rows))):
             for i in range(start, stop):
@@ -96,14 +103,18 @@ class LayerStack:
         start: int,
         stop: int,
         cache: DynamicCache,
-        positions: torch.Tensor,  # [T] absolute positions of the T new tokens
+        positions: torch.Tensor,  # [T] absolute positions of the T new tokens ([B, T] with a BatchView)
         capture: dict[int, torch.Tensor] | None = None,
-        tree: list[int] | None = None,
+        tree: list[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:  # [B, T, D], the residual stream after layer stop-1 (not normed)
-        """``capture``: a dict whose keys are layer counts l in (start, stop]; each gets the residual stream after
+        """``cache``: a ``DynamicCache``, or a ``BatchView`` of a batch cache (rows of different lengths: positions are
+        then per row, [B, T] or [T] for all, and ``tree`` may be per-row ancestors [B, T, T], see ``batch_cache``).
+        ``capture``: a dict whose keys are layer counts l in (start, stop]; each gets the residual stream after
         layer l-1 (entering layer l), the states a feature head reads, at no extra cost. ``tree``: the parent of each
         new position (see the module docstring; ``positions`` must then be ``tree_positions(tree, prefix length)``);
         None is the causal chain."""
+        if isinstance(cache, BatchView):
+            return self._run_batch(hidden, start, stop, cache, positions, capture, tree)
         position_ids = positions[None, :]
         ancestors = _ancestors(tree, hidden.device) if tree is not None else None
         rotary = {}
@@ -133,6 +144,33 @@ class LayerStack:
                 cache=cache,
                 use_cache=True,
             )
+            if capture is not None and i + 1 in capture:
+                capture[i + 1] = hidden
+        return hidden
+
+    def _run_batch(self, hidden, start, stop, cache: BatchView, positions, capture, tree) -> torch.Tensor:
+        """``run`` over a batch cache: each row writes at its own length and has its own mask (``attention_mask``)."""
+        B, T, _ = hidden.shape
+        position_ids = (positions if positions.dim() == 2 else positions[None, :]).expand(B, T).to(hidden.device)
+        if tree is None:
+            ancestors = chain_ancestors(B, T)
+        elif isinstance(tree, torch.Tensor):
+            ancestors = tree
+        else:
+            ancestors = _ancestors(tree, torch.device("cpu"))[None].expand(B, T, T)
+        ancestors = ancestors.to(hidden.device)
+        additive = self.config._attn_implementation == "eager"
+        rotary, masks = {}, {}
+        for i in range(start, stop):
+            layer_type = self.layer_types[i]
+            if layer_type not in rotary:
+                rotary[layer_type] = self.rotary(hidden, position_ids, layer_type)
+            mask_key = (layer_type, tuple(cache.lengths(i).tolist()))
+            if mask_key not in masks:
+                window = self.config.sliding_window if layer_type == "sliding_attention" else None
+                masks[mask_key] = cache.attention_mask(i, position_ids, ancestors, window, hidden.dtype, additive)
+            hidden = self.layers[i](hidden, attention_mask=masks[mask_key], position_embeddings=rotary[layer_type],
+                                    position_ids=position_ids, cache=cache, use_cache=True)
             if capture is not None and i + 1 in capture:
                 capture[i + 1] = hidden
         return hidden

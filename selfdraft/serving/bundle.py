@@ -31,7 +31,7 @@ from ..learning.offpolicy import choose_arm
 from ..runtime.layers import LayerStack
 from ..runtime.machine import resolve_dtype
 from ..runtime.target import DEFAULT_TARGET, Target, load_target
-from . import traffic
+from . import batch, traffic
 from .bundle_info import new_bundle_info, validate_info
 from .calibration import auto_calibrate_default, calibrate, find_calibration
 from .profiles import profile_for
@@ -49,9 +49,10 @@ class GenerationResult:
     arm: str
     stats: GenerationStats
     routed: bool = False  # the arm was chosen by the policy
+    error: str | None = None  # a batch row that failed (``generate_batch``): why; the other fields are empty
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "prompt_ids": self.prompt_ids,
             "token_ids": self.token_ids,
             "text": self.text,
@@ -59,6 +60,7 @@ class GenerationResult:
             "routed": self.routed,
             "stats": self.stats.to_dict(),
         }
+        return d if self.error is None else {**d, "error": self.error}
 
 
 @dataclass
@@ -251,6 +253,28 @@ class Bundle:
                 features, router.features, prompt_ids, choice, self.explore, recorder.trajectory(len(new_ids)),
                 max_new_tokens, config.temperature, len(new_ids) < max_new_tokens, stats))
         return GenerationResult(prompt_ids, new_ids, text, arm, stats, routed)
+
+    def generate_batch(self, prompts: list, draft: str = "auto", max_new_tokens: int = 128, temperature: float = 0.0,
+                       top_p: float = 1.0, seed: int | None = None, chat: bool = True, stop: list[str] | None = None,
+                       max_batch: int = 8) -> list[GenerationResult]:
+        """``generate`` for several prompts decoded together (one target forward per step for all rows, up to
+        ``max_batch`` at once): one result per prompt, in order, each row routed on its own. A prompt may be a dict
+        overriding these settings for its row (``batch.py``); a row with bad input gets its ``error``."""
+        defaults = dict(draft=draft, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        chat=chat, stop=stop)
+        results = []
+        for row in batch.decode_batch(self, prompts, defaults, lambda stops: _stop_checker(self.target.tokenizer, stops),
+                                      max_batch):
+            if row.error is not None:
+                results.append(GenerationResult(row.prompt_ids, [], "", row.arm or "", GenerationStats(), error=row.error))
+                continue
+            text = self.target.tokenizer.decode(row.outcome.token_ids, skip_special_tokens=True)
+            for s in row.config.stop:
+                text = text[: text.index(s)] if s in text else text
+            stats = row.outcome.stats
+            stats.route_s = row.route_s
+            results.append(GenerationResult(row.prompt_ids, row.outcome.token_ids, text, row.arm, stats, row.routed))
+        return results
 
     def _state_layers(self, draft: str) -> set[int]:
         """The target layers the prefill keeps for the arm(s) that may draft: feature heads read them."""
