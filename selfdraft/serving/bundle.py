@@ -31,7 +31,7 @@ from ..learning.offpolicy import choose_arm
 from ..runtime.layers import LayerStack
 from ..runtime.machine import resolve_dtype
 from ..runtime.target import DEFAULT_TARGET, Target, load_target
-from . import batch, traffic
+from . import traffic
 from .bundle_info import new_bundle_info, validate_info
 from .calibration import auto_calibrate_default, calibrate, find_calibration
 from .profiles import profile_for
@@ -49,7 +49,7 @@ class GenerationResult:
     arm: str
     stats: GenerationStats
     routed: bool = False  # the arm was chosen by the policy
-    error: str | None = None  # a batch row that failed (``generate_batch``): why; the other fields are empty
+    error: str | None = None  # a batch row that failed (``batch.generate_batch``): why; the other fields are empty
 
     def to_dict(self) -> dict:
         d = {
@@ -237,44 +237,19 @@ class Bundle:
             arm = draft
         route_s = time.perf_counter() - t0
         tokenizer = target.tokenizer
-        stop_check = _stop_checker(tokenizer, config.stop) if config.stop else None
-        on_tokens = _streamer(tokenizer, on_text) if on_text is not None else None
+        stop_check = stop_checker(tokenizer, config.stop) if config.stop else None
+        on_tokens = text_streamer(tokenizer, on_text, config.stop) if on_text is not None else None
         recorder = traffic.StepRecorder(self.draft(arm)) if routed and self.log is not None else None
         new_ids, stats = speculative_decode(self.stack, pre, recorder or self.draft(arm), config, target.eos_ids,
                                             on_tokens, stop_check)
         stats.route_s = route_s
         stats.wall_s += route_s
-        text = tokenizer.decode(new_ids, skip_special_tokens=True)
-        for s in config.stop:
-            if s in text:
-                text = text[: text.index(s)]
+        text = cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), config.stop)
         if recorder is not None:
             traffic.log_request(self, traffic.RequestLog(
                 features, router.features, prompt_ids, choice, self.explore, recorder.trajectory(len(new_ids)),
                 max_new_tokens, config.temperature, len(new_ids) < max_new_tokens, stats))
         return GenerationResult(prompt_ids, new_ids, text, arm, stats, routed)
-
-    def generate_batch(self, prompts: list, draft: str = "auto", max_new_tokens: int = 128, temperature: float = 0.0,
-                       top_p: float = 1.0, seed: int | None = None, chat: bool = True, stop: list[str] | None = None,
-                       max_batch: int = 8) -> list[GenerationResult]:
-        """``generate`` for several prompts decoded together (one target forward per step for all rows, up to
-        ``max_batch`` at once): one result per prompt, in order, each row routed on its own. A prompt may be a dict
-        overriding these settings for its row (``batch.py``); a row with bad input gets its ``error``."""
-        defaults = dict(draft=draft, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        chat=chat, stop=stop)
-        results = []
-        for row in batch.decode_batch(self, prompts, defaults, lambda stops: _stop_checker(self.target.tokenizer, stops),
-                                      max_batch):
-            if row.error is not None:
-                results.append(GenerationResult(row.prompt_ids, [], "", row.arm or "", GenerationStats(), error=row.error))
-                continue
-            text = self.target.tokenizer.decode(row.outcome.token_ids, skip_special_tokens=True)
-            for s in row.config.stop:
-                text = text[: text.index(s)] if s in text else text
-            stats = row.outcome.stats
-            stats.route_s = row.route_s
-            results.append(GenerationResult(row.prompt_ids, row.outcome.token_ids, text, row.arm, stats, row.routed))
-        return results
 
     def _state_layers(self, draft: str) -> set[int]:
         """The target layers the prefill keeps for the arm(s) that may draft: feature heads read them."""
@@ -282,7 +257,8 @@ class Bundle:
         return {layer for spec in specs if spec["kind"] == "feature" for layer in spec["settings"]["layers"]}
 
 
-def _stop_checker(tokenizer, stops: list[str]):
+def stop_checker(tokenizer, stops: list[str]):
+    """``stop_check`` of the decoding loop for stop strings ``stops``: the token count at which to cut, or None."""
     def check(new_ids: list[int]) -> int | None:
         text = tokenizer.decode(new_ids, skip_special_tokens=True)
         if not any(s in text for s in stops):
@@ -297,8 +273,17 @@ def _stop_checker(tokenizer, stops: list[str]):
     return check
 
 
-def _streamer(tokenizer, on_text):
-    """Call ``on_text`` with each new piece of text (decoding the whole so far keeps multi-byte tokens whole)."""
+def cut_at_stop(text: str, stops) -> str:
+    """``text`` cut before the first of ``stops`` it contains (each stop string in turn)."""
+    for s in stops:
+        if s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+def text_streamer(tokenizer, on_text, stops=()):
+    """``on_tokens`` of the decoding loop calling ``on_text`` with each new piece of text (decoding the whole so far
+    keeps multi-byte tokens whole; the text is cut at ``stops``, so the pieces add up to the result's text)."""
     seen = {"ids": [], "text": ""}
 
     def on_tokens(ids: list[int]) -> None:
@@ -306,6 +291,7 @@ def _streamer(tokenizer, on_text):
         text = tokenizer.decode(seen["ids"], skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return
+        text = cut_at_stop(text, stops)
         on_text(text[len(seen["text"]) :])
         seen["text"] = text
 
