@@ -229,8 +229,8 @@ def test_queue_limit_is_429_with_retry_after_and_a_disconnect_drops_the_queued_r
     log = tmp_path / "traffic.jsonl"
     bundle = load_bundle(bundle_dir, calibrate=False, log=log)
     gate = threading.Event()
-    with server(bundle, max_queue=1) as (url, scheduler):
-        # The worker hears this request's first piece of text and waits at the gate: the batch is full.
+    with server(bundle, max_queue=1, max_batch=1) as (url, scheduler):
+        # The worker hears this request's first piece of text and waits at the gate: the batch (one row) is full.
         blocker = scheduler.submit(Request(prompt=PROMPT, chat=False, max_new_tokens=4),
                                    on_event=lambda event: gate.wait(TIMEOUT))
         with httpx.stream("POST", f"{url}/v1/completions", timeout=TIMEOUT,
@@ -264,7 +264,7 @@ def test_a_client_that_gives_up_on_a_plain_request_cancels_it(bundle_dir, tmp_pa
 
 
 def test_cancel_stops_a_request_in_flight_and_drops_a_queued_one(trained_bundle):
-    scheduler = Scheduler(load_bundle(trained_bundle, calibrate=False), max_queue=1)
+    scheduler = Scheduler(load_bundle(trained_bundle, calibrate=False), max_queue=1, max_batch=1)
     try:
         running = scheduler.submit(_long_request())
         queued = scheduler.submit(_long_request())
@@ -278,6 +278,65 @@ def test_cancel_stops_a_request_in_flight_and_drops_a_queued_one(trained_bundle)
             with pytest.raises(Cancelled):
                 handle.result(timeout=TIMEOUT)
         assert queued.started_at is None  # never decoded
+    finally:
+        assert scheduler.stop(TIMEOUT)
+
+
+def test_concurrent_requests_are_decoded_in_one_batch_each_equal_to_bundle_generate(trained_bundle):
+    """Catches a scheduler that decodes one request at a time (width 1), rows whose tokens or text reach another
+    row's handle, and a batched row that differs from its own single request."""
+    from test_traffic import PROMPTS
+
+    bundle = load_bundle(trained_bundle, calibrate=False)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(4)] + [PROMPT]
+    expected = [bundle.generate(p, max_new_tokens=12, chat=False) for p in prompts]  # before the worker shares it
+    gate = threading.Event()
+    with server(bundle, max_batch=8) as (url, scheduler):
+        # The worker waits at the gate on the blocker's first text, so the clients' requests queue up together.
+        blocker = scheduler.submit(Request(prompt=PROMPT, chat=False, max_new_tokens=4),
+                                   on_event=lambda event: gate.wait(TIMEOUT))
+        outputs: dict[int, object] = {}
+
+        def ask(i):
+            outputs[i] = client(url).completions.create(model="tiny", prompt=prompts[i], max_tokens=12, temperature=0)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + TIMEOUT
+        while scheduler.queue_depth < len(prompts):
+            assert time.monotonic() < deadline, "the requests did not queue"
+            time.sleep(0.01)
+        gate.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        blocker.result(timeout=TIMEOUT)
+        assert scheduler.max_width >= len(prompts)
+        metrics = httpx.get(f"{url}/metrics", timeout=TIMEOUT).text
+        assert "ctxdraft_batch_width 0.0" in metrics  # every row finished and freed
+    for i, want in enumerate(expected):
+        got = outputs[i]
+        assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
+        assert got.model_extra["ctxdraft"]["arm"] == want.arm
+
+
+def test_a_cancelled_row_frees_its_slot_while_the_others_finish(trained_bundle):
+    """Catches a cancel that does not free the row (the queued request would wait for the other row to end) and
+    one that stops the other rows of the batch."""
+    scheduler = Scheduler(load_bundle(trained_bundle, calibrate=False), max_batch=2, max_queue=4)
+    try:
+        cancelled = scheduler.submit(_long_request())
+        other = scheduler.submit(Request(prompt="ab", chat=False, draft="none", max_new_tokens=200, temperature=0))
+        waiting = scheduler.submit(Request(prompt=PROMPT, chat=False, draft="lookup", max_new_tokens=4))
+        for handle in (cancelled, other):
+            assert next(handle.events(timeout=TIMEOUT)).kind == "text"
+        assert scheduler.batch_width == 2 and scheduler.queue_depth == 1 and waiting.started_at is None
+        cancelled.cancel()
+        with pytest.raises(Cancelled):
+            cancelled.result(timeout=TIMEOUT)
+        assert len(waiting.result(timeout=TIMEOUT).token_ids) > 0
+        assert len(other.result(timeout=TIMEOUT).token_ids) == 200
+        assert waiting.finished_at < other.finished_at  # it took the cancelled row's slot, not the finished one's
     finally:
         assert scheduler.stop(TIMEOUT)
 
