@@ -320,6 +320,30 @@ def test_concurrent_requests_are_decoded_in_one_batch_each_equal_to_bundle_gener
         assert got.model_extra["ctxdraft"]["arm"] == want.arm
 
 
+def test_a_batched_row_is_logged_as_bundle_generate_logs_it_and_streams_its_stop_cut_text(bundle_dir, tmp_path):
+    """Catches a served row left out of the log or logged with other features, arm, trajectory or prompt than
+    ``Bundle.generate`` writes, and streamed pieces that run past a stop string."""
+    alone_log, served_log = tmp_path / "alone.jsonl", tmp_path / "served.jsonl"
+    full = load_bundle(bundle_dir, calibrate=False, log=alone_log).generate(PROMPT, max_new_tokens=12, chat=False)
+    with server(load_bundle(bundle_dir, calibrate=False, log=served_log)) as (url, _):
+        client(url).completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+        stop = full.text[4:6]
+        pieces = [ch.choices[0].text for ch in client(url).completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop], stream=True)]
+    assert "".join(pieces) == full.text[: full.text.index(stop)]
+    [alone], served = read_traffic([alone_log]).rows, read_traffic([served_log]).rows
+    assert len(served) == 2
+    same = ("format", "version", "bundle", "target", "pool", "prompt_len", "prompt_ids", "arm", "propensity",
+            "greedy_arm", "explore")
+    assert {k: served[0][k] for k in same} == {k: alone[k] for k in same}
+    features, expected = served[0]["features"], alone["features"]  # hidden states of a batched forward: rounding
+    assert features.keys() == expected.keys() and all(
+        features[k] == (pytest.approx(v, abs=1e-4) if k == "hidden" else v) for k, v in expected.items())
+    for key in ("new_tokens", "max_new_tokens", "temperature", "target_forwards", "trajectory", "accepted_per_position"):
+        assert served[0]["measurement"][key] == alone["measurement"][key], key
+    assert set(served[0]) == set(alone) and set(served[0]["measurement"]) == set(alone["measurement"])
+
+
 def test_a_cancelled_row_frees_its_slot_while_the_others_finish(trained_bundle):
     """Catches a cancel that does not free the row (the queued request would wait for the other row to end) and
     one that stops the other rows of the batch."""
