@@ -30,6 +30,10 @@ from .common import dtype_option, echo_json, parse_floats, parse_ints, progress_
 @click.option("--sample-temperature", type=float, default=0.8, show_default=True)
 @click.option("--draft-vocab", type=int, default=None, help="Restrict the exit's LM head to the N most frequent ids.")
 @click.option("--steps", type=int, default=200, show_default=True, help="Distillation steps per exit.")
+@click.option("--train-tokens", type=int, default=None, help="Train for about this many tokens instead of --steps "
+              "(an exit head: batch positions per step; a feature head: 4 sequences of the mean length per step).")
+@click.option("--use-answers", is_flag=True, help="Rows with both 'prompt' and 'text' (make-data's corpus): train on "
+              "that text as the continuation instead of generating it again.")
 @click.option("--self-distill-tokens", type=int, default=64, show_default=True, help="Target continuation tokens per prompt.")
 @click.option("--max-prompt-tokens", type=int, default=192, show_default=True, help="Cut prompts to this many tokens.")
 @click.option("--max-prompts", type=int, default=None, help="Use a deterministic sample of this many prompts.")
@@ -43,8 +47,8 @@ from .common import dtype_option, echo_json, parse_floats, parse_ints, progress_
 @dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def add_exits_cmd(target, layers, data_path, out_dir, head, name, domains, ttt_steps, lr, samples, sample_temperature,
-                  draft_vocab, steps, self_distill_tokens, max_prompt_tokens, max_prompts, draft_lens, thresholds,
-                  eval_frac, seed, resume, dtype, as_json):
+                  draft_vocab, steps, train_tokens, use_answers, self_distill_tokens, max_prompt_tokens, max_prompts,
+                  draft_lens, thresholds, eval_frac, seed, resume, dtype, as_json):
     """Train early-exit heads on intermediate layers and add `exit@E` arms to a bundle.
 
     Training text is the prompts plus the target's own greedy continuations; each head is distilled
@@ -56,6 +60,8 @@ def add_exits_cmd(target, layers, data_path, out_dir, head, name, domains, ttt_s
     \b
     Examples (the embedded default target):
       ctxdraft add-exits --layers 10,24 --draft-vocab 8192 --data prompts.jsonl --out my_bundle
+      ctxdraft add-exits --head feature --layers 2,15,28 --data corpus.jsonl --use-answers \\
+          --train-tokens 300000 --out my_bundle
       ctxdraft add-exits ./my-hf-model --layers 4 --head layer --draft-vocab 8192 \\
           --data prompts.jsonl --out my_bundle --json
     """
@@ -64,7 +70,8 @@ def add_exits_cmd(target, layers, data_path, out_dir, head, name, domains, ttt_s
         layers=parse_ints(layers, "--layers", "10,16,22"), head=head, draft_vocab=draft_vocab, steps=steps,
         self_distill_tokens=self_distill_tokens, max_prompt_tokens=max_prompt_tokens, max_prompts=max_prompts,
         eval_frac=eval_frac, seed=seed, resume=resume, name=name, ttt_steps=ttt_steps, lr=lr, samples=samples,
-        sample_temperature=sample_temperature, draft_lens=parse_ints(draft_lens, "--draft-lens", "1,2,4"),
+        sample_temperature=sample_temperature, train_tokens=train_tokens, use_answers=use_answers,
+        draft_lens=parse_ints(draft_lens, "--draft-lens", "1,2,4"),
         thresholds=parse_floats(thresholds, "--thresholds", "0,0.5,0.8"),
     )
     with ranks() as group, progress_bar(as_json, group.main) as bar:

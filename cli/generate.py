@@ -77,7 +77,7 @@ def generate_cmd(prompt, bundle_dir, target, draft, max_new_tokens, temperature,
             lines = generate_batch(batch_file, bundle_dir=bundle_dir, target=target, dtype=dtype, max_batch=max_batch,
                                    calibrate=False if no_calibrate else None, progress=bar, draft=draft,
                                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                   chat=not no_chat, stop=list(stop))
+                                   chat=not no_chat, stop=list(stop), escape_special=escape_special)
         for line in lines:
             click.echo(json.dumps(line, default=str))
         return

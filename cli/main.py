@@ -15,6 +15,7 @@ from .calibrate import calibrate_cmd
 from .common import FAULTS, fault_message
 from .exits import add_exits_cmd
 from .generate import generate_cmd, info_cmd
+from .make_data import make_data_cmd
 from .online import update_policy_cmd
 from .policy import collect_cmd, export_policy_cmd, train_policy_cmd
 
@@ -81,7 +82,7 @@ def main():
 
 
 for command in (generate_cmd, info_cmd, add_arm_cmd, add_exits_cmd, collect_cmd, train_policy_cmd, export_policy_cmd,
-                calibrate_cmd, bench_cmd, update_policy_cmd, serve_cmd):
+                calibrate_cmd, bench_cmd, update_policy_cmd, serve_cmd, make_data_cmd):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import logging
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: CPU tests run the kernels interpreted
@@ -38,6 +39,15 @@ def specbench_path():
     if not SHARED_DATA.is_file():
         pytest.skip(f"shared data not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def warnings(caplog, monkeypatch):
+    """The library's warnings, captured: the CLI tests give the ``ctxdraft`` logger its own handler and stop it
+    propagating, so caplog alone would see nothing after them."""
+    monkeypatch.setattr(logging.getLogger("ctxdraft"), "propagate", True)
+    caplog.set_level(logging.WARNING)
+    return caplog
 
 
 @pytest.fixture(autouse=True)

@@ -73,3 +73,41 @@ def test_remove_row_moves_the_last_row():
     cache.lengths[:, 2] = 7
     assert cache.remove_row(0) == 2 and cache.num_rows == 2 and cache.lengths[:, 0].tolist() == [7, 7]
     assert cache.remove_row(1) is None and cache.num_rows == 1
+
+
+@torch.inference_mode()
+def test_admitting_rows_one_at_a_time_does_not_grow_the_width():
+    """Catches buffers that double their width each time a row is added (8 rows: 256x the memory, every forward
+    copying it): rows and positions grow independently."""
+    stack = LayerStack(tiny_random(ARCHS[0], vocab_size=V))
+    cache = BatchCache(stack.num_layers, max_rows=2)
+    for _ in range(8):
+        slot = cache.add_row()
+        stack.run(stack.embed(torch.tensor([[3] * 10])), 0, stack.num_layers, cache.row(slot), torch.arange(10))
+    rows, _, width, _ = cache.keys[0].shape
+    assert rows == 8 and width < 64
+
+
+@torch.inference_mode()
+def test_ragged_rows_are_packed_without_padding():
+    """Catches a batched forward that computes the padding of short rows (every row as long as the longest draft):
+    the MLPs see exactly the rows' real positions, and each row still gets its single-row logits."""
+    stack = LayerStack(tiny_random(ARCHS[0], vocab_size=V))
+    assert stack.row_attention
+    prompts, news = [[3, 7, 9, 11], [5, 6], [30, 31, 32]], [[12, 13, 14, 15], [40], [41, 42]]
+    cache = BatchCache(stack.num_layers, max_rows=3)
+    for prompt in prompts:
+        stack.run(stack.embed(torch.tensor([prompt])), 0, stack.num_layers, cache.row(cache.add_row()),
+                  torch.arange(len(prompt)))
+    seen = []
+    hook = stack.layers[0].mlp.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[:2]))
+    T = max(map(len, news))
+    ids = torch.tensor([new + [0] * (T - len(new)) for new in news])
+    positions = torch.stack([torch.arange(len(p), len(p) + T) for p in prompts])
+    logits = stack.logits(stack.run(stack.embed(ids), 0, stack.num_layers, cache.view(), positions, None, None,
+                                    [len(n) for n in news]))
+    hook.remove()
+    assert seen == [torch.Size([1, sum(map(len, news))])]
+    for b, (prompt, new) in enumerate(zip(prompts, news)):
+        torch.testing.assert_close(logits[b, : len(new)], single(stack, prompt, new), atol=1e-4, rtol=1e-4)
+    assert cache.lengths[:, :].tolist()[0] == [len(p) + len(n) for p, n in zip(prompts, news)]

@@ -165,7 +165,7 @@ def test_arm_spec_from_options(tmp_path, monkeypatch):
     assert arm_spec("model", 2, "smollm2-135m-instruct")["settings"]["path"] == "smollm2-135m-instruct"
     with pytest.raises(CtxdraftError, match="--draft-len must be >= 1, got 0"):
         arm_spec("lookup", 0)
-    with pytest.raises(CtxdraftError, match="arm kind must be model, lookup or none"):
+    with pytest.raises(CtxdraftError, match="arm kind must be one of model, lookup, none"):
         arm_spec("exit", 2)
 
 

@@ -109,11 +109,12 @@ def test_collect_replays_tree_arms_exactly_as_the_bundle_serves_them(tiny_bundle
     per step) is what the bundle's own draft does on the prompt, node budget from the same costs included. Catches
     a teacher pass without the target's top-k (successor), or collect sizing trees without the bundle's costs."""
     from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
-    from ctxdraft.selfdraft.drafting.pool import lookup_tree_arm, successor_arm
+    from ctxdraft.selfdraft.drafting.pool import lookup_tree_arm, successor_arm, suffix_arm
     from ctxdraft.selfdraft.learning.trajectories import Trajectory
     from ctxdraft.selfdraft.serving.traffic import StepRecorder
 
-    tiny_bundle.info["arms"] += [lookup_tree_arm(draft_len=4, max_nodes="auto"), successor_arm(draft_len=4, max_nodes=8)]
+    tiny_bundle.info["arms"] += [lookup_tree_arm(draft_len=4, max_nodes="auto"), successor_arm(draft_len=4, max_nodes=8),
+                                 suffix_arm(draft_len=4, max_nodes="auto", min_prob=0.0)]
     tiny_bundle.save()
     out = tmp_path / "rewards.jsonl"
     collect(tiny_bundle, rows(2), out, CollectConfig(max_new_tokens=20, profile_reps=1))
@@ -122,7 +123,7 @@ def test_collect_replays_tree_arms_exactly_as_the_bundle_serves_them(tiny_bundle
     target = tiny_bundle.target
     for row, spec in zip([json.loads(line) for line in out.read_text().splitlines()], rows(2)):
         prompt_ids = target.encode(spec["prompt"], chat=True)
-        for name in ("lookup-tree-auto", "successor-n8"):
+        for name in ("lookup-tree-auto", "successor-n8", "suffix-auto"):
             stored = Trajectory.from_dict(row["arms"][name]["trajectory"])
             recorder = StepRecorder(tiny_bundle.draft(name))
             speculative_decode(tiny_bundle.stack, prefill(tiny_bundle.stack, prompt_ids), recorder,

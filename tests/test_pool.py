@@ -10,6 +10,7 @@ from ctxdraft.selfdraft.base.layout import BUNDLE_FILE
 from ctxdraft.selfdraft.drafting.drafts import LookupDraft, ModelDraft, NoneDraft
 from ctxdraft.selfdraft.drafting.exit_draft import ExitSettings
 from ctxdraft.selfdraft.drafting.feature_draft import FeatureSettings
+from ctxdraft.selfdraft.drafting.feature_tree import FeatureTreeSettings
 from ctxdraft.selfdraft.drafting.pool import (
     BASE_ARMS,
     DRAFT_KINDS,
@@ -17,12 +18,15 @@ from ctxdraft.selfdraft.drafting.pool import (
     cost_key,
     exit_arm,
     feature_arm,
+    feature_tree_arm,
     lookup_arm,
     lookup_tree_arm,
+    merged_arm,
     model_arm,
     none_arm,
     pool_key,
     successor_arm,
+    suffix_arm,
     with_draft_len,
 )
 from ctxdraft.selfdraft.runtime.target import load_target
@@ -35,7 +39,8 @@ def test_the_registry_reads_every_kind_the_arm_helpers_write():
     shipped bundle's arms must be readable too."""
     written = {none_arm()["kind"], lookup_arm(2)["kind"], model_arm("m")["kind"], exit_arm(ExitSettings(1))["kind"],
                feature_arm(FeatureSettings(layers=[1, 2]))["kind"], lookup_tree_arm(4, 16)["kind"],
-               successor_arm(4, 16)["kind"]}
+               successor_arm(4, 16)["kind"], feature_tree_arm(FeatureTreeSettings(layers=[1, 2]))["kind"],
+               merged_arm()["kind"], suffix_arm(8, 16)["kind"]}
     assert written == set(DRAFT_KINDS)
     shipped = json.loads((DEFAULT_BUNDLE_DIR / BUNDLE_FILE).read_text())["arms"]
     assert {a["kind"] for a in shipped} <= set(DRAFT_KINDS)

@@ -3,7 +3,6 @@ inside the bundle, crafted files cannot reach out, faults give one clean error, 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 
@@ -43,13 +42,6 @@ def logged(bundle_dir, tmp_path):
 def calibrations(tmp_path, monkeypatch):
     monkeypatch.setenv("CTXDRAFT_CALIBRATIONS", str(tmp_path / "calibrations"))
     return tmp_path / "calibrations"
-
-
-@pytest.fixture()
-def warnings(caplog, monkeypatch):
-    monkeypatch.setattr(logging.getLogger("ctxdraft"), "propagate", True)  # the CLI tests give it its own handler
-    caplog.set_level(logging.WARNING)
-    return caplog
 
 
 # 1. Data loss from a schema-valid bundle.json -------------------------------------------------------------------

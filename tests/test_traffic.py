@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 from tiny import tiny_random
 
+from ctxdraft.selfdraft.base.datastore import SuffixStore
 from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
 from ctxdraft.selfdraft.drafting.draft import TeacherForced
 from ctxdraft.selfdraft.drafting.drafts import LookupDraft, ModelDraft, ModelDraftSettings, NoneDraft
 from ctxdraft.selfdraft.drafting.exit_draft import ExitDraft, ExitSettings
 from ctxdraft.selfdraft.drafting.exit_head import ExitHead
+from ctxdraft.selfdraft.drafting.suffix_draft import SuffixDraft, SuffixSettings
 from ctxdraft.selfdraft.drafting.tree_drafts import (
     LookupTreeDraft,
     LookupTreeSettings,
@@ -69,7 +71,16 @@ def _drafts(model):
     return {"none": NoneDraft(), "lookup": LookupDraft(), "exit": exit_draft(0.0), "exit-stop": exit_draft(0.1),
             "model": ModelDraft("model", other, ModelDraftSettings("other", 3)),
             "lookup-tree": LookupTreeDraft("lookup-tree", LookupTreeSettings(draft_len=3, max_nodes=8)),
-            "successor": SuccessorDraft("successor", SuccessorSettings(draft_len=3, max_nodes=8, top_k=4))}
+            "successor": SuccessorDraft("successor", SuccessorSettings(draft_len=3, max_nodes=8, top_k=4)),
+            "suffix": SuffixDraft("suffix", SuffixSettings(draft_len=4, max_nodes=8, min_prob=0.0), _store())}
+
+
+def _store():
+    """A datastore holding part of the continuation below and a near miss of it (drafts that fail and succeed)."""
+    store = SuffixStore(None, 61)
+    for doc in ([48, 60, 41, 29, 29, 27, 5, 29], [5, 6, 9, 10, 11, 5, 6, 48, 60, 40], [29, 31, 27, 53, 1, 2]):
+        store.add(doc)
+    return store
 
 
 @pytest.mark.parametrize("max_new_tokens, eos", [(1, set()), (2, set()), (17, set()), (17, {53})])

@@ -82,6 +82,18 @@ def test_zero_draft_probability_rejects_and_zero_target_probability_rejects(impl
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_noise_of_the_wrong_shape_is_refused_on_both_paths(impl):
+    """Noise for one row would broadcast over both rows on the torch path: both paths refuse it alike."""
+    logits, draft_ids = torch.zeros(2, 3, 4, device=DEVICE), torch.zeros(2, 2, dtype=torch.long, device=DEVICE)
+    one_row = SamplingNoise(torch.full((1, 2), 0.5, device=DEVICE), torch.ones(1, 4, device=DEVICE))
+    with pytest.raises(ValueError, match=r"noise must hold uniforms \[B, K\] = \(2, 2\)"):
+        verify_sampling(logits, draft_ids, tensor([2, 2], torch.long), None, tensor([1.0, 1.0]), impl=impl,
+                        noise=one_row)
+    with pytest.raises(ValueError, match=r"temperature must be \[B\]"):
+        verify_sampling(logits, draft_ids, tensor([2, 2], torch.long), None, tensor([1.0]), impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_empty_draft_k_zero_and_single_token_vocab(impl):
     logits = tensor([[log_probs([0.1, 0.9])]])  # K = 0: the row emits one sample of p
     noise = SamplingNoise(uniforms=torch.empty(1, 0, device=DEVICE), exponentials=race_won_by(0, 1, 2))

@@ -25,8 +25,20 @@ from typing import NamedTuple
 
 import torch
 
+from ._common import (
+    empty_ids,
+    empty_result,
+    first_rejection,
+    float32_inputs,
+    live_positions,
+    log_prob,
+    position_stats,
+    race_sample,
+    store_out_ids,
+    unit_stride,
+)
 from .dispatch import VerifyResult, check_verify_inputs, jit, launch_shape, tl, triton, use_triton
-from .verify_greedy import _argmax_update, _assemble, _first_rejection, _store_out_ids
+from .verify_greedy import _assemble
 
 # Uniforms are kept strictly inside (0, 1): log(0) would accept nothing, u = 1 could reject p = q.
 _TINY = 1e-7
@@ -43,6 +55,55 @@ def draw_noise(B: int, K: int, V: int, device: torch.device, generator: torch.Ge
     return SamplingNoise(uniforms, exponentials)
 
 
+def checked_noise(
+    target_logits: torch.Tensor,  # [B, K+1, V]
+    temperature: torch.Tensor,  # [B]
+    noise: SamplingNoise | None,
+    generator: torch.Generator | None,
+    length: str = "K",
+) -> SamplingNoise:
+    """The sampling inputs' checks shared by the chain and the tree (a tree's ``length`` is N): ``noise`` drawn
+    from ``generator`` when not given, and its shapes checked when given."""
+    B, K1, V = target_logits.shape
+    if temperature.shape != (B,):
+        raise ValueError(f"temperature must be [B] = {(B,)}, got {tuple(temperature.shape)}")
+    if noise is None:
+        return draw_noise(B, K1 - 1, V, target_logits.device, generator)
+    if noise.uniforms.shape != (B, K1 - 1) or noise.exponentials.shape != (B, V):
+        raise ValueError(
+            f"noise must hold uniforms [B, {length}] = {(B, K1 - 1)} and exponentials [B, V] = {(B, V)}"
+        )
+    return noise
+
+
+def target_log_probs(
+    target_logits: torch.Tensor,  # [B, K+1, V]
+    temperature: torch.Tensor,  # [B]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p = log_softmax(x / T) [B, K+1, V], the raw argmax [B, K+1], greedy rows T <= 0 [B]) for the references;
+    greedy rows' log p is taken at T = 1 and never used."""
+    logits = target_logits.float()
+    greedy_row = temperature <= 0
+    safe_t = torch.where(greedy_row, torch.ones_like(temperature), temperature).float()
+    log_p = torch.log_softmax(logits / safe_t[:, None, None], dim=-1)
+    return log_p, logits.argmax(dim=-1), greedy_row
+
+
+def race_sample_ref(
+    p: torch.Tensor,  # [B, V] the target distribution at the row's sampled position
+    residual: torch.Tensor,  # [B, V] unnormalised
+    has_residual: torch.Tensor,  # [B] bool: the row samples the residual (a rejection), else p
+    exponentials: torch.Tensor,  # [B, V] Exp(1)
+) -> torch.Tensor:
+    """[B] one sample per row by the exponential race (the references' ``_common.race_sample``).
+
+    An empty residual (p == q, or p(S) = 1, up to rounding) falls back to p: such a rejection has probability ~0.
+    """
+    use_residual = has_residual & (residual.amax(dim=1) > 0)
+    weights = torch.where(use_residual[:, None], residual, p)
+    return (weights / exponentials).argmax(dim=1)
+
+
 def verify_sampling_ref(
     target_logits: torch.Tensor,  # [B, K+1, V]
     draft_ids: torch.Tensor,  # [B, K]
@@ -54,10 +115,7 @@ def verify_sampling_ref(
     B, K1, V = target_logits.shape
     K = K1 - 1
     device = target_logits.device
-    logits = target_logits.float()
-    greedy_row = temperature <= 0  # [B]
-    safe_t = torch.where(greedy_row, torch.ones_like(temperature), temperature).float()
-    log_p = torch.log_softmax(logits / safe_t[:, None, None], dim=-1)  # [B, K+1, V]
+    log_p, target_ids, greedy_row = target_log_probs(target_logits, temperature)
     positions = torch.arange(K, device=device)
     in_draft = positions[None, :] < num_draft[:, None].long()  # [B, K]
     # Ids past num_draft[b] are padding (often -1) whose gathers are masked out: pin them to a valid id.
@@ -71,7 +129,6 @@ def verify_sampling_ref(
         q_draft = draft_probs[:, :K].float().gather(2, draft_ids[:, :, None]).squeeze(2)
         log_q_draft = torch.where(q_draft > 0, q_draft.log(), torch.full_like(q_draft, float("inf")))
     accept = (noise.uniforms.log() < log_p_draft - log_q_draft) & in_draft
-    target_ids = logits.argmax(dim=-1)  # [B, K+1]
     greedy_accept = (draft_ids == target_ids[:, :K]) & in_draft
     accept = torch.where(greedy_row[:, None], greedy_accept, accept)
     num_accepted = accept.long().cumprod(dim=1).sum(dim=1)  # [B]
@@ -87,67 +144,13 @@ def verify_sampling_ref(
             q_a.scatter_(1, d_a, 1.0)
     else:
         q_a = draft_probs[rows, num_accepted.clamp(max=max(K - 1, 0))].float() if K > 0 else torch.zeros_like(p_a)
-    residual = torch.clamp(p_a - q_a, min=0.0)
-    # p == q up to rounding leaves an empty residual: fall back to p (such a rejection has probability ~0).
-    use_residual = rejected & (residual.amax(dim=1) > 0)
-    weights = torch.where(use_residual[:, None], residual, p_a)
-    sampled = (weights / noise.exponentials).argmax(dim=1)  # [B]
+    sampled = race_sample_ref(p_a, torch.clamp(p_a - q_a, min=0.0), rejected, noise.exponentials)
     greedy_next = target_ids[rows, num_accepted]
     next_token = torch.where(greedy_row, greedy_next, sampled)
 
     next_ids = torch.zeros(B, K1, dtype=torch.long, device=device)
     next_ids[rows, num_accepted] = next_token
     return _assemble(draft_ids, next_ids, num_accepted)
-
-
-@jit
-def _softmax_stats(row_ptr, live, safe_t, V, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One pass over the V logits of BLOCK_R rows (``row_ptr`` [BLOCK_R], unit stride over V), tiled.
-
-    Returns the raw argmax (greedy rows), and max_v x/T and log sum_v exp(x/T - max), from which
-    ``_log_prob`` gives log p. Dead rows get neutral stats (0, 0), which keep -inf - -inf and log(0) out of
-    what follows.
-    """
-    best_val = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_R], tl.int64)
-    row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    sum_exp = tl.zeros([BLOCK_R], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_vocab = cols < V
-        mask = live[:, None] & in_vocab[None, :]
-        x = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        best_val, best_idx = _argmax_update(x, cols, in_vocab, best_val, best_idx)
-        scaled = tl.math.div_rn(x, safe_t[:, None])  # IEEE division, as the reference's logits / T
-        new_max = tl.maximum(row_max, tl.max(scaled, axis=1))
-        # A row that has seen only -inf so far keeps sum 0 instead of exp(-inf - -inf) = nan.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        sum_exp = sum_exp * tl.exp(row_max - shift) + tl.sum(tl.exp(scaled - shift[:, None]), axis=1)
-        row_max = new_max
-    row_max = tl.where(live, row_max, 0.0)
-    log_sum = tl.log(tl.where(live, sum_exp, 1.0))
-    return best_idx, row_max, log_sum
-
-
-@jit
-def _log_prob(x, safe_t, row_max, log_sum):
-    """log p of logits ``x`` from ``_softmax_stats`` (all arguments broadcast against each other)."""
-    return (tl.math.div_rn(x, safe_t) - row_max) - log_sum
-
-
-@jit
-def _race_update(p, residual, exponentials, mask, cols, in_vocab, best_residual, residual_id, best_p, p_id,
-                 residual_max):
-    """Fold one [R, BLOCK_V] tile into two exponential races at once: over the residual and over p itself.
-
-    The race over p gives the bonus token, or the fallback when the residual is empty (``residual_max`` stays 0).
-    """
-    residual_max = tl.maximum(residual_max, tl.max(tl.where(mask, residual, 0.0), axis=1))
-    residual_race = tl.where(mask, residual / exponentials, float("-inf"))
-    best_residual, residual_id = _argmax_update(residual_race, cols, in_vocab, best_residual, residual_id)
-    p_race = tl.where(mask, p / exponentials, float("-inf"))
-    best_p, p_id = _argmax_update(p_race, cols, in_vocab, best_p, p_id)
-    return best_residual, residual_id, best_p, p_id, residual_max
 
 
 @jit
@@ -173,24 +176,19 @@ def _sampling_stats_kernel(
     BLOCK_R: tl.constexpr,  # (row, position) pairs per program
     BLOCK_V: tl.constexpr,  # vocabulary tile
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, k)
-    in_batch = rows < num_rows
-    b = rows // (K + 1)
-    k = rows % (K + 1)
-    n = tl.load(num_draft_ptr + b, mask=in_batch, other=-1)
-    live = in_batch & (k <= n)  # positions past the bonus position are never read
+    rows, b, k, n, in_batch, live = live_positions(num_draft_ptr, num_rows, K + 1, BLOCK_R)
     temperature = tl.load(temperature_ptr + b, mask=in_batch, other=1.0)
     greedy = temperature <= 0
     safe_t = tl.where(greedy, 1.0, temperature)
     row_ptr = logits_ptr + b.to(tl.int64) * stride_b + k.to(tl.int64) * stride_k  # [BLOCK_R]
-    best_idx, row_max, log_sum = _softmax_stats(row_ptr, live, safe_t, V, BLOCK_R, BLOCK_V)
+    best_idx, row_max, log_sum = position_stats(row_ptr, live, safe_t, V, True, BLOCK_R, BLOCK_V)
 
     # Accept test for this position's draft token (positions k < n only).
     has_draft = live & (k < n)
     draft_id = tl.load(draft_ids_ptr + b.to(tl.int64) * K + k, mask=has_draft, other=0).to(tl.int64)
     in_range = has_draft & (draft_id >= 0) & (draft_id < V)  # an id outside the vocabulary is rejected
     x_draft = tl.load(row_ptr + draft_id, mask=in_range, other=float("-inf")).to(tl.float32)
-    log_p_draft = _log_prob(x_draft, safe_t, row_max, log_sum)
+    log_p_draft = log_prob(x_draft, safe_t, row_max, log_sum)
     if HAS_DRAFT_PROBS:
         q_ptr = draft_probs_ptr + b.to(tl.int64) * probs_stride_b + k.to(tl.int64) * probs_stride_k
         q_draft = tl.load(q_ptr + draft_id, mask=in_range, other=0.0).to(tl.float32)
@@ -242,7 +240,7 @@ def _sampling_emit_kernel(
     in_draft = in_batch[:, None] & (positions[None, :] < n[:, None])
     draft = tl.load(draft_ids_ptr + b64[:, None] * K + positions[None, :], mask=in_draft, other=-1).to(tl.int64)
     accept = tl.load(accept_ptr + b64[:, None] * (K + 1) + positions[None, :], mask=in_draft, other=0)
-    num_accepted = _first_rejection(accept, in_draft, positions, n)  # a: where the row's one sample goes
+    num_accepted = first_rejection(accept, in_draft, positions, n)  # a: where the row's one sample goes
     rejected = in_batch & (num_accepted < n)
 
     temperature = tl.load(temperature_ptr + b, mask=in_batch, other=1.0)
@@ -254,35 +252,17 @@ def _sampling_emit_kernel(
     log_sum = tl.load(log_sum_ptr + stat_at, mask=in_batch, other=0.0)
     rejected_id = tl.load(draft_ids_ptr + b64 * K + num_accepted, mask=rejected, other=-1).to(tl.int64)
 
-    # Exponential race at position a, two at once: over the residual max(p - q, 0) and over p itself
-    # (the bonus token, or the fallback when the residual is empty). Greedy rows read nothing here.
-    sampling = in_batch & (temperature > 0)
+    # The row's one sample, at position a: the residual max(p - q, 0) after a rejection, else p (the bonus
+    # token). Without draft probabilities q is one-hot, so the residual is p without the rejected token.
+    sampling = in_batch & (temperature > 0)  # greedy rows read nothing here
     row_ptr = logits_ptr + b64 * stride_b + num_accepted.to(tl.int64) * stride_k
     q_row_ptr = draft_probs_ptr + b64 * probs_stride_b + num_accepted.to(tl.int64) * probs_stride_k
-    best_residual = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    residual_id = tl.zeros([BLOCK_B], tl.int64)
-    best_p = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    p_id = tl.zeros([BLOCK_B], tl.int64)
-    residual_max = tl.zeros([BLOCK_B], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_vocab = cols < V
-        mask = sampling[:, None] & in_vocab[None, :]
-        x = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        p = tl.exp(_log_prob(x, safe_t[:, None], row_max[:, None], log_sum[:, None]))
-        if HAS_DRAFT_PROBS:
-            q_mask = mask & rejected[:, None]
-            q = tl.load(q_row_ptr[:, None] + cols[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        else:
-            q = tl.where(cols[None, :].to(tl.int64) == rejected_id[:, None], 1.0, 0.0)
-        residual = tl.maximum(p - q, 0.0)
-        exponentials = tl.load(exponentials_ptr + b64[:, None] * V + cols[None, :], mask=mask, other=1.0)
-        best_residual, residual_id, best_p, p_id, residual_max = _race_update(
-            p, residual, exponentials, mask, cols, in_vocab, best_residual, residual_id, best_p, p_id, residual_max)
-    # p == q up to rounding leaves an empty residual: fall back to p, as the reference does.
-    sampled_id = tl.where(rejected & (residual_max > 0), residual_id, p_id)
+    excluded_ids = tl.where(positions[None, :] == 0, rejected_id[:, None], -1)  # S = {the rejected token}
+    sampled_id = race_sample(row_ptr, q_row_ptr, exponentials_ptr, b64, sampling, rejected, safe_t, row_max,
+                             log_sum, excluded_ids, rejected.to(tl.int32), positions, V, HAS_DRAFT_PROBS,
+                             BLOCK_B, BLOCK_V)
     next_id = tl.where(greedy, target_id, sampled_id)
-    _store_out_ids(out_ids_ptr, num_accepted_ptr, b, in_batch, positions, draft, num_accepted, next_id, K)
+    store_out_ids(out_ids_ptr, num_accepted_ptr, b, in_batch, positions, draft, num_accepted, next_id, K)
 
 
 def verify_sampling_triton(
@@ -297,27 +277,18 @@ def verify_sampling_triton(
     B, K1, V = target_logits.shape
     K = K1 - 1
     device = target_logits.device
-    if noise.uniforms.shape != (B, K) or noise.exponentials.shape != (B, V):
-        raise ValueError(f"noise must hold uniforms [B, K] = {(B, K)} and exponentials [B, V] = {(B, V)}")
-    if target_logits.stride(-1) != 1:
-        target_logits = target_logits.contiguous()
+    target_logits, draft_ids, num_draft = unit_stride(target_logits), draft_ids.contiguous(), num_draft.contiguous()
     has_draft_probs = draft_probs is not None
-    if has_draft_probs and draft_probs.stride(-1) != 1:
-        draft_probs = draft_probs.contiguous()
-    probs = draft_probs if has_draft_probs else target_logits  # a placeholder pointer, never read
-    draft_ids, num_draft = draft_ids.contiguous(), num_draft.contiguous()
-    temperature = temperature.to(device=device, dtype=torch.float32).contiguous()
-    uniforms = noise.uniforms.to(torch.float32).contiguous()
-    exponentials = noise.exponentials.to(torch.float32).contiguous()
+    probs = unit_stride(draft_probs) if has_draft_probs else target_logits  # a placeholder pointer, never read
+    temperature, uniforms, exponentials = float32_inputs(temperature, *noise, device=device)
 
     accept = torch.empty(B, K1, dtype=torch.int8, device=device)
-    target_ids = torch.empty(B, K1, dtype=torch.long, device=device)
+    target_ids = empty_ids(B, K1, device=device)
     row_max = torch.empty(B, K1, dtype=torch.float32, device=device)
     log_sum = torch.empty(B, K1, dtype=torch.float32, device=device)
-    out_ids = torch.empty(B, K1, dtype=torch.long, device=device)
-    num_accepted = torch.empty(B, dtype=torch.long, device=device)
+    result = empty_result(B, K1, device)
     if B == 0:
-        return VerifyResult(out_ids, num_accepted)
+        return result
     strides = (target_logits.stride(0), target_logits.stride(1), probs.stride(0), probs.stride(1))
 
     BLOCK_R, BLOCK_V, num_warps = launch_shape(B * K1, V, device)
@@ -329,11 +300,11 @@ def verify_sampling_triton(
     BLOCK_B, BLOCK_V, num_warps = launch_shape(B, V, device)
     _sampling_emit_kernel[(triton.cdiv(B, BLOCK_B),)](
         target_logits, draft_ids, num_draft, probs, temperature, exponentials,
-        accept, target_ids, row_max, log_sum, out_ids, num_accepted, B, K, V, *strides,
+        accept, target_ids, row_max, log_sum, *result, B, K, V, *strides,
         HAS_DRAFT_PROBS=has_draft_probs, BLOCK_B=BLOCK_B, BLOCK_K=triton.next_power_of_2(K1), BLOCK_V=BLOCK_V,
         num_warps=num_warps,
     )
-    return VerifyResult(out_ids, num_accepted)
+    return result
 
 
 def verify_sampling(
@@ -355,12 +326,9 @@ def verify_sampling(
     """
     check_verify_inputs(target_logits, draft_ids, num_draft)
     B, K1, V = target_logits.shape
-    if temperature.shape != (B,):
-        raise ValueError(f"temperature must be [B] = {(B,)}, got {tuple(temperature.shape)}")
     if draft_probs is not None and draft_probs.shape != (B, K1 - 1, V):
         raise ValueError(f"draft_probs must be [B, K, V] = {(B, K1 - 1, V)}, got {tuple(draft_probs.shape)}")
-    if noise is None:
-        noise = draw_noise(B, K1 - 1, V, target_logits.device, generator)
+    noise = checked_noise(target_logits, temperature, noise, generator)
     if use_triton(impl, target_logits.device):
         return verify_sampling_triton(target_logits, draft_ids, num_draft, draft_probs, temperature, noise)
     return verify_sampling_ref(target_logits, draft_ids, num_draft, draft_probs, temperature, noise)

@@ -17,7 +17,7 @@ the root and of ``path_nodes`` (row 1 + i for node i, when the tree forward puts
 Because a parent comes before its children, the walk is one scan over the nodes in order: node i is accepted iff
 its parent is the current node when the scan reaches it and its test passes, since the children of an accepted node
 all come after it and the current node's earlier children were all rejected. The Triton path runs two kernels:
-``verify_greedy``'s ``_argmax_kernel`` reduces each live position (0..num_nodes[b]) to its argmax, and
+``_common.position_stats_kernel`` reduces each live position (0..num_nodes[b]) to its argmax, and
 ``_tree_greedy_walk_kernel`` runs the scan for a block of rows at once, reading ids only. Node i is always tested
 at its parent's position, whichever node is current, so the kernel gathers every node's test before the scan and
 the scan itself reads no memory.
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._common import column, empty_result, launch_position_stats, store_out_ids, unit_stride
 from .dispatch import TreeVerifyResult, check_tree_inputs, jit, launch_shape, tl, triton, use_triton
-from .verify_greedy import _argmax_kernel, _store_out_ids
 
 
 @dataclass
@@ -88,23 +88,24 @@ def verify_tree_greedy_ref(
 
 
 @jit
-def _column(tile, nodes, node):
-    """Column ``node`` of a [R, BLOCK_N] register tile, as [R]."""
-    return tl.sum(tl.where(nodes[None, :] == node, tile, 0), axis=1)
+def _load_tree(tree_ids_ptr, parents_ptr, num_nodes_ptr, target_ids_ptr, b, in_batch, nodes, N):
+    """[R, BLOCK_N] tiles of the rows' node tokens (int64) and parents (int32), whether each parent is an
+    earlier node or the root, so that its position 1 + parent can be read, and each node's greedy test (its token
+    is the target's argmax at its parent). Padding nodes get parent -2, which is never the current node, so the
+    walk needs no other mask.
 
-
-@jit
-def _load_tree(tree_ids_ptr, parents_ptr, num_nodes_ptr, b, in_batch, nodes, N):
-    """[R, BLOCK_N] tiles of the rows' node tokens (int64) and parents (int32), and whether each parent is an
-    earlier node or the root, so that its position 1 + parent can be read. Padding nodes get parent -2, which is
-    never the current node, so the walk needs no other mask."""
+    Each node is tested at its parent's position, whichever node is current: gathering every test up front
+    leaves the scan over the nodes only moving registers."""
     n = tl.load(num_nodes_ptr + b, mask=in_batch, other=0)
     in_tree = in_batch[:, None] & (nodes[None, :] < n[:, None])
     at = b[:, None].to(tl.int64) * N + nodes[None, :]
     tokens = tl.load(tree_ids_ptr + at, mask=in_tree, other=-1).to(tl.int64)
     parents = tl.load(parents_ptr + at, mask=in_tree, other=-2).to(tl.int32)
     has_parent = in_tree & (parents >= -1) & (parents < nodes[None, :])
-    return tokens, tl.where(has_parent, parents, -2), has_parent
+    parents = tl.where(has_parent, parents, -2)
+    target_at_parent = tl.load(target_ids_ptr + b[:, None].to(tl.int64) * (N + 1) + parents + 1, mask=has_parent,
+                               other=-1)
+    return tokens, parents, has_parent, (tokens == target_at_parent).to(tl.int32)
 
 
 @jit
@@ -115,6 +116,15 @@ def _walk_step(take, node, token, current, num_accepted, path, out, depths):
     path = tl.where(at, node, path)
     out = tl.where(at, token[:, None], out)
     return tl.where(take, node, current), num_accepted + take.to(tl.int32), path, out
+
+
+@jit
+def _store_walk(out_ids_ptr, path_nodes_ptr, num_accepted_ptr, b, in_batch, nodes, path, out, num_accepted, next_id,
+                N):
+    """The walk's results: out_ids (the path's tokens, then ``next_id``), path_nodes and num_accepted."""
+    store_out_ids(out_ids_ptr, num_accepted_ptr, b, in_batch, nodes, out, num_accepted, next_id, N)
+    at = b[:, None].to(tl.int64) * N + nodes[None, :]
+    tl.store(path_nodes_ptr + at, path, mask=in_batch[:, None] & (nodes < N)[None, :])
 
 
 @jit
@@ -135,23 +145,19 @@ def _tree_greedy_walk_kernel(
     in_batch = b < B
     b64 = b.to(tl.int64)
     nodes = tl.arange(0, BLOCK_N)  # node indices, and depths along the path
-    tokens, parents, has_parent = _load_tree(tree_ids_ptr, parents_ptr, num_nodes_ptr, b, in_batch, nodes, N)
-    # Each node is tested at its parent's position, whichever node is current: gather every test up front,
-    # so the scan below only moves registers.
-    target_at_parent = tl.load(target_ids_ptr + b64[:, None] * (N + 1) + parents + 1, mask=has_parent, other=-1)
-    matches = (tokens == target_at_parent).to(tl.int32)
+    tokens, parents, _, matches = _load_tree(tree_ids_ptr, parents_ptr, num_nodes_ptr, target_ids_ptr, b, in_batch,
+                                             nodes, N)
 
     current = tl.full([BLOCK_B], -1, tl.int32)
     num_accepted = tl.zeros([BLOCK_B], tl.int32)
     path = tl.full([BLOCK_B, BLOCK_N], -1, tl.int32)
     out = tl.full([BLOCK_B, BLOCK_N], -1, tl.int64)
     for node in range(0, N):
-        take = (_column(parents, nodes, node) == current) & (_column(matches, nodes, node) != 0)
-        token = _column(tokens, nodes, node)
+        take = (column(parents, nodes, node) == current) & (column(matches, nodes, node) != 0)
+        token = column(tokens, nodes, node)
         current, num_accepted, path, out = _walk_step(take, node, token, current, num_accepted, path, out, nodes)
     next_id = tl.load(target_ids_ptr + b64 * (N + 1) + current + 1, mask=in_batch, other=-1)
-    _store_out_ids(out_ids_ptr, num_accepted_ptr, b, in_batch, nodes, out, num_accepted, next_id, N)
-    tl.store(path_nodes_ptr + b64[:, None] * N + nodes[None, :], path, mask=in_batch[:, None] & (nodes < N)[None, :])
+    _store_walk(out_ids_ptr, path_nodes_ptr, num_accepted_ptr, b, in_batch, nodes, path, out, num_accepted, next_id, N)
 
 
 def tree_walk_shape(B: int, N: int, device: torch.device) -> tuple[int, int, int]:
@@ -169,27 +175,17 @@ def verify_tree_greedy_triton(
     B, N1, V = target_logits.shape
     N = N1 - 1
     device = target_logits.device
-    if target_logits.stride(-1) != 1:
-        target_logits = target_logits.contiguous()
+    target_logits = unit_stride(target_logits)
     tree_ids, parents, num_nodes = tree_ids.contiguous(), parents.contiguous(), num_nodes.contiguous()
-    target_ids = torch.empty(B, N1, dtype=torch.long, device=device)
-    out_ids = torch.empty(B, N1, dtype=torch.long, device=device)
-    path_nodes = torch.empty(B, N, dtype=torch.long, device=device)
-    num_accepted = torch.empty(B, dtype=torch.long, device=device)
+    result = empty_result(B, N1, device, tree=True)
     if B == 0:
-        return TreeVerifyResult(out_ids, path_nodes, num_accepted)
-
-    BLOCK_R, BLOCK_V, num_warps = launch_shape(B * N1, V, device)
-    _argmax_kernel[(triton.cdiv(B * N1, BLOCK_R),)](
-        target_logits, num_nodes, target_ids, B * N1, N1, V, target_logits.stride(0), target_logits.stride(1),
-        BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=num_warps,
-    )
+        return result
+    target_ids = launch_position_stats(target_logits, num_nodes).target_ids
     BLOCK_B, BLOCK_N, num_warps = tree_walk_shape(B, N, device)
     _tree_greedy_walk_kernel[(triton.cdiv(B, BLOCK_B),)](
-        target_ids, tree_ids, parents, num_nodes, out_ids, path_nodes, num_accepted, B, N,
-        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, num_warps=num_warps,
+        target_ids, tree_ids, parents, num_nodes, *result, B, N, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, num_warps=num_warps,
     )
-    return TreeVerifyResult(out_ids, path_nodes, num_accepted)
+    return result
 
 
 def verify_tree_greedy(

@@ -17,19 +17,19 @@ same ids. Noise is verify_sampling's ``SamplingNoise``: one uniform per node (a 
 one row of exponentials per row (a row emits one sample: the exponential race over r, unnormalised).
 Rows with T <= 0 walk greedily, as in verify_tree_greedy.
 
-The Triton path runs two kernels. ``_tree_stats_kernel`` reads each live position once (verify_sampling's
-``_softmax_stats``): argmax, max and log sum-exp. ``_tree_sampling_kernel`` gathers each node's log p at its
+The Triton path runs two kernels. ``_common.position_stats_kernel`` reads each live position once: argmax, max and
+log sum-exp. ``_tree_sampling_kernel`` gathers each node's log p at its
 parent's position, walks the tree of a block of rows in registers, and then reads one logits row per row, at the
-path's last node: the exponential race over r (p without the rejected tokens) and over p, tile by tile.
+path's last node: ``_common.race_sample``, the exponential race over r (p without the rejected tokens) and over p.
 """
 from __future__ import annotations
 
 import torch
 
+from ._common import column, empty_result, float32_inputs, launch_position_stats, log_prob, race_sample, unit_stride
 from .dispatch import TreeVerifyResult, check_tree_inputs, jit, launch_shape, tl, triton, use_triton
-from .verify_greedy import _store_out_ids
-from .verify_sampling import SamplingNoise, _log_prob, _race_update, _softmax_stats, draw_noise
-from .verify_tree_greedy import TreeWalk, _column, _load_tree, _walk_step, tree_walk_shape
+from .verify_sampling import SamplingNoise, checked_noise, race_sample_ref, target_log_probs
+from .verify_tree_greedy import TreeWalk, _load_tree, _store_walk, _walk_step, tree_walk_shape
 
 # 1 - p(S) is clamped here, not at 0, so that its log stays finite when rounding makes p(S) reach 1.
 _MIN_REMAINING = 1e-30
@@ -46,11 +46,7 @@ def verify_tree_sampling_ref(
     B, N1, V = target_logits.shape
     N = N1 - 1
     device = target_logits.device
-    logits = target_logits.float()
-    greedy_row = temperature <= 0  # [B]
-    safe_t = torch.where(greedy_row, torch.ones_like(temperature), temperature).float()
-    log_p = torch.log_softmax(logits / safe_t[:, None, None], dim=-1)  # [B, N+1, V]
-    target_ids = logits.argmax(dim=-1)  # [B, N+1]
+    log_p, target_ids, greedy_row = target_log_probs(target_logits, temperature)  # [B, N+1, V], [B, N+1], [B]
     rows = torch.arange(B, device=device)
     node_ids = torch.arange(N, device=device)
     in_tree = node_ids[None, :] < num_nodes[:, None].long()  # [B, N]
@@ -82,47 +78,13 @@ def verify_tree_sampling_ref(
     rejected_children = (parents == last[:, None]) & in_tree & in_vocab
     excluded = torch.zeros(B, V, device=device).scatter_add_(1, safe_ids, rejected_children.float()) > 0
     residual = p_last.masked_fill(excluded, 0.0)
-    # p(S) = 1 up to rounding leaves an empty residual: fall back to p, as verify_sampling does.
-    use_residual = rejected_children.any(dim=1) & (residual.amax(dim=1) > 0)
-    weights = torch.where(use_residual[:, None], residual, p_last)
-    sampled = (weights / noise.exponentials).argmax(dim=1)  # [B]
+    sampled = race_sample_ref(p_last, residual, rejected_children.any(dim=1), noise.exponentials)
     return walk.finish(torch.where(greedy_row, target_ids[rows, last + 1], sampled))
 
 
 def _log_remaining(rejected_mass: torch.Tensor) -> torch.Tensor:
     """log(1 - p(S)): dividing r(c) = p(c) / (1 - p(S)) renormalises the residual (0 when S is empty)."""
     return torch.clamp(1.0 - rejected_mass, min=_MIN_REMAINING).log()
-
-
-@jit
-def _tree_stats_kernel(
-    logits_ptr,  # [B, N+1, V] fp32 / bf16 / fp16, unit stride over V
-    num_nodes_ptr,  # [B] int32 / int64
-    temperature_ptr,  # [B] fp32
-    target_ids_ptr,  # [B, N+1] int64 out: argmax of the raw logits (greedy rows)
-    row_max_ptr,  # [B, N+1] fp32 out: max_v x/T
-    log_sum_ptr,  # [B, N+1] fp32 out: log sum_v exp(x/T - max)
-    num_rows,  # B * (N+1)
-    N1,  # N + 1
-    V,
-    stride_b,  # logits strides, in elements
-    stride_k,
-    BLOCK_R: tl.constexpr,  # (row, position) pairs per program
-    BLOCK_V: tl.constexpr,  # vocabulary tile
-):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, position)
-    in_batch = rows < num_rows
-    b = rows // N1
-    k = rows % N1
-    n = tl.load(num_nodes_ptr + b, mask=in_batch, other=-1)
-    live = in_batch & (k <= n)  # positions of padding nodes are never read
-    temperature = tl.load(temperature_ptr + b, mask=in_batch, other=1.0)
-    safe_t = tl.where(temperature <= 0, 1.0, temperature)
-    row_ptr = logits_ptr + b.to(tl.int64) * stride_b + k.to(tl.int64) * stride_k  # [BLOCK_R]
-    best_idx, row_max, log_sum = _softmax_stats(row_ptr, live, safe_t, V, BLOCK_R, BLOCK_V)
-    tl.store(target_ids_ptr + rows, best_idx, mask=live)
-    tl.store(row_max_ptr + rows, row_max, mask=live)
-    tl.store(log_sum_ptr + rows, log_sum, mask=live)
 
 
 @jit
@@ -160,16 +122,15 @@ def _tree_sampling_kernel(
     sampling = in_batch & ~greedy
 
     # Every node is tested at its parent's position, whichever node is current: gather the tests up front.
-    tokens, parents, has_parent = _load_tree(tree_ids_ptr, parents_ptr, num_nodes_ptr, b, in_batch, nodes, N)
+    tokens, parents, has_parent, matches = _load_tree(tree_ids_ptr, parents_ptr, num_nodes_ptr, target_ids_ptr, b,
+                                                      in_batch, nodes, N)
     parent_at = b64[:, None] * (N + 1) + parents + 1  # flat (b, position) of each node's parent
-    target_at_parent = tl.load(target_ids_ptr + parent_at, mask=has_parent, other=-1)
-    matches = (tokens == target_at_parent).to(tl.int32)  # greedy rows' test
     in_vocab = has_parent & sampling[:, None] & (tokens >= 0) & (tokens < V)
     x = tl.load(logits_ptr + b64[:, None] * stride_b + (parents + 1).to(tl.int64) * stride_k + tokens,
                 mask=in_vocab, other=float("-inf")).to(tl.float32)
     row_max = tl.load(row_max_ptr + parent_at, mask=in_vocab, other=0.0)
     log_sum = tl.load(log_sum_ptr + parent_at, mask=in_vocab, other=0.0)
-    log_p = _log_prob(x, safe_t[:, None], row_max, log_sum)  # [BLOCK_B, BLOCK_N] log p(token) at the parent
+    log_p = log_prob(x, safe_t[:, None], row_max, log_sum)  # [BLOCK_B, BLOCK_N] log p(token) at the parent
     u = tl.load(uniforms_ptr + b64[:, None] * N + nodes[None, :], mask=in_vocab, other=0.5)
     log_u = tl.log(u)
     in_vocab = in_vocab.to(tl.int32)
@@ -182,15 +143,15 @@ def _tree_sampling_kernel(
     num_rejected = tl.zeros([BLOCK_B], tl.int32)  # |S| ...
     rejected_ids = tl.full([BLOCK_B, BLOCK_N], -1, tl.int64)  # ... and S, in its first num_rejected slots
     for node in range(0, N):
-        token = _column(tokens, nodes, node)
-        is_child = _column(parents, nodes, node) == current
+        token = column(tokens, nodes, node)
+        is_child = column(parents, nodes, node) == current
         earlier_child = (nodes[None, :] < node) & (parents == current[:, None])
         duplicate = tl.max((earlier_child & (tokens == token[:, None])).to(tl.int32), axis=1) > 0
-        fresh = is_child & (_column(in_vocab, nodes, node) != 0) & ~duplicate
-        log_p_token = _column(log_p, nodes, node)
+        fresh = is_child & (column(in_vocab, nodes, node) != 0) & ~duplicate
+        log_p_token = column(log_p, nodes, node)
         log_remaining = tl.log(tl.maximum(1.0 - rejected_mass, MIN_REMAINING))
-        accept = fresh & (_column(log_u, nodes, node) < log_p_token - log_remaining)
-        take = tl.where(greedy, is_child & (_column(matches, nodes, node) != 0), accept)
+        accept = fresh & (column(log_u, nodes, node) < log_p_token - log_remaining)
+        take = tl.where(greedy, is_child & (column(matches, nodes, node) != 0), accept)
         rejected = fresh & ~accept
         rejected_mass = tl.where(take, 0.0, rejected_mass + tl.where(rejected, tl.exp(log_p_token), 0.0))
         slot = rejected[:, None] & (nodes[None, :] == num_rejected[:, None])
@@ -198,39 +159,16 @@ def _tree_sampling_kernel(
         num_rejected = tl.where(take, 0, num_rejected + rejected.to(tl.int32))
         current, num_accepted, path, out = _walk_step(take, node, token, current, num_accepted, path, out, nodes)
 
-    # One sample per row at the path's last node: races over r = p without S and over p, in one pass over V.
+    # One sample per row at the path's last node: r = p without S (the rejected children), or p at a leaf.
     last_at = b64 * (N + 1) + current + 1
     target_id = tl.load(target_ids_ptr + last_at, mask=in_batch, other=0)
     last_max = tl.load(row_max_ptr + last_at, mask=sampling, other=0.0)
     last_log_sum = tl.load(log_sum_ptr + last_at, mask=sampling, other=0.0)
     row_ptr = logits_ptr + b64 * stride_b + (current + 1).to(tl.int64) * stride_k
-    max_rejected = tl.max(num_rejected, axis=0)
-    best_residual = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    residual_id = tl.zeros([BLOCK_B], tl.int64)
-    best_p = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    p_id = tl.zeros([BLOCK_B], tl.int64)
-    residual_max = tl.zeros([BLOCK_B], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_vocab_tile = cols < V
-        mask = sampling[:, None] & in_vocab_tile[None, :]
-        x_tile = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        p = tl.exp(_log_prob(x_tile, safe_t[:, None], last_max[:, None], last_log_sum[:, None]))
-        excluded = tl.zeros([BLOCK_B, BLOCK_V], tl.int32)
-        for rejected_slot in range(0, max_rejected):  # |S| is small: usually a few children
-            rejected_id = _column(rejected_ids, nodes, rejected_slot)
-            hit = (cols[None, :].to(tl.int64) == rejected_id[:, None]) & (rejected_slot < num_rejected)[:, None]
-            excluded = excluded | hit.to(tl.int32)
-        residual = tl.where(excluded != 0, 0.0, p)
-        exponentials = tl.load(exponentials_ptr + b64[:, None] * V + cols[None, :], mask=mask, other=1.0)
-        best_residual, residual_id, best_p, p_id, residual_max = _race_update(
-            p, residual, exponentials, mask, cols, in_vocab_tile, best_residual, residual_id, best_p, p_id,
-            residual_max)
-    # p(S) = 1 up to rounding leaves an empty residual: fall back to p, as the reference does.
-    sampled_id = tl.where((num_rejected > 0) & (residual_max > 0), residual_id, p_id)
+    sampled_id = race_sample(row_ptr, row_ptr, exponentials_ptr, b64, sampling, num_rejected > 0, safe_t, last_max,
+                             last_log_sum, rejected_ids, num_rejected, nodes, V, False, BLOCK_B, BLOCK_V)
     next_id = tl.where(greedy, target_id, sampled_id)
-    _store_out_ids(out_ids_ptr, num_accepted_ptr, b, in_batch, nodes, out, num_accepted, next_id, N)
-    tl.store(path_nodes_ptr + b64[:, None] * N + nodes[None, :], path, mask=in_batch[:, None] & (nodes < N)[None, :])
+    _store_walk(out_ids_ptr, path_nodes_ptr, num_accepted_ptr, b, in_batch, nodes, path, out, num_accepted, next_id, N)
 
 
 def verify_tree_sampling_triton(
@@ -245,37 +183,22 @@ def verify_tree_sampling_triton(
     B, N1, V = target_logits.shape
     N = N1 - 1
     device = target_logits.device
-    if target_logits.stride(-1) != 1:
-        target_logits = target_logits.contiguous()
+    target_logits = unit_stride(target_logits)
     tree_ids, parents, num_nodes = tree_ids.contiguous(), parents.contiguous(), num_nodes.contiguous()
-    temperature = temperature.to(device=device, dtype=torch.float32).contiguous()
-    uniforms = noise.uniforms.to(torch.float32).contiguous()
-    exponentials = noise.exponentials.to(torch.float32).contiguous()
-
-    target_ids = torch.empty(B, N1, dtype=torch.long, device=device)
-    row_max = torch.empty(B, N1, dtype=torch.float32, device=device)
-    log_sum = torch.empty(B, N1, dtype=torch.float32, device=device)
-    out_ids = torch.empty(B, N1, dtype=torch.long, device=device)
-    path_nodes = torch.empty(B, N, dtype=torch.long, device=device)
-    num_accepted = torch.empty(B, dtype=torch.long, device=device)
+    temperature, uniforms, exponentials = float32_inputs(temperature, *noise, device=device)
+    result = empty_result(B, N1, device, tree=True)
     if B == 0:
-        return TreeVerifyResult(out_ids, path_nodes, num_accepted)
-    strides = (target_logits.stride(0), target_logits.stride(1))
-
-    BLOCK_R, BLOCK_V, num_warps = launch_shape(B * N1, V, device)
-    _tree_stats_kernel[(triton.cdiv(B * N1, BLOCK_R),)](
-        target_logits, num_nodes, temperature, target_ids, row_max, log_sum, B * N1, N1, V, *strides,
-        BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=num_warps,
-    )
+        return result
+    stats = launch_position_stats(target_logits, num_nodes, temperature)
     BLOCK_B, BLOCK_V, num_warps = launch_shape(B, V, device)
     BLOCK_B = min(BLOCK_B, tree_walk_shape(B, N, device)[0])  # the walk's tiles hold BLOCK_N values per row
     _tree_sampling_kernel[(triton.cdiv(B, BLOCK_B),)](
         target_logits, tree_ids, parents, num_nodes, temperature, uniforms, exponentials,
-        target_ids, row_max, log_sum, out_ids, path_nodes, num_accepted, B, N, V, *strides,
+        *stats, *result, B, N, V, target_logits.stride(0), target_logits.stride(1),
         MIN_REMAINING=_MIN_REMAINING, BLOCK_B=BLOCK_B, BLOCK_N=triton.next_power_of_2(N1), BLOCK_V=BLOCK_V,
         num_warps=num_warps,
     )
-    return TreeVerifyResult(out_ids, path_nodes, num_accepted)
+    return result
 
 
 def verify_tree_sampling(
@@ -296,13 +219,7 @@ def verify_tree_sampling(
     must lie in [0, N]; nodes past it are ignored. Rows with ``temperature[b] <= 0`` are verified greedily.
     """
     check_tree_inputs(target_logits, tree_ids, parents, num_nodes)
-    B, N1, V = target_logits.shape
-    if temperature.shape != (B,):
-        raise ValueError(f"temperature must be [B] = {(B,)}, got {tuple(temperature.shape)}")
-    if noise is None:
-        noise = draw_noise(B, N1 - 1, V, target_logits.device, generator)
-    if noise.uniforms.shape != (B, N1 - 1) or noise.exponentials.shape != (B, V):
-        raise ValueError(f"noise must hold uniforms [B, N] = {(B, N1 - 1)} and exponentials [B, V] = {(B, V)}")
+    noise = checked_noise(target_logits, temperature, noise, generator, length="N")
     if use_triton(impl, target_logits.device):
         return verify_tree_sampling_triton(target_logits, tree_ids, parents, num_nodes, temperature, noise)
     return verify_tree_sampling_ref(target_logits, tree_ids, parents, num_nodes, temperature, noise)

@@ -14,7 +14,8 @@ T = TypeVar("T")
 
 def read_prompts(path: str | os.PathLike) -> list[dict]:
     """Prompt rows ``{"id", "domain", "prompt"}``: each line needs a non-empty ``prompt`` (or ``text``) string;
-    ``id`` (default: the row number) and ``domain`` (default ``all``) are optional. Ids must be unique
+    ``id`` (default: the row number) and ``domain`` (default ``all``) are optional; a row with both ``prompt`` and
+    ``text`` (``make-data``'s rows) keeps ``text`` as its ``answer``. Ids must be unique
     strings or integers, because results and splits are keyed by them."""
     rows = read_jsonl(path)
     out, seen = [], {}
@@ -30,7 +31,11 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
             raise CtxdraftError(f"{where}: duplicate id {row_id!r} (first in row {seen[row_id] + 1}); ids must be unique")
         seen[row_id] = i
         domain = row.get("domain", "all")
-        out.append({"id": row_id, "domain": str(domain) if domain is not None else "all", "prompt": prompt})
+        entry = {"id": row_id, "domain": str(domain) if domain is not None else "all", "prompt": prompt}
+        if isinstance(row.get("prompt"), str) and isinstance(row.get("text"), str):
+            entry["answer"] = row["text"]  # make-data rows: the target's own answer to the prompt
+            entry["answer_ended"] = row.get("ended") is True  # ... and whether the target ended it (EOS)
+        out.append(entry)
     return out
 
 

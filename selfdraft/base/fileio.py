@@ -6,6 +6,7 @@ temporaries behind; ``remove_stale_temps`` removes those whose pid is no longer 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -255,3 +256,27 @@ def display_path(path: str | os.PathLike | None) -> str | None:
         return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
     except ValueError:
         return str(path)
+
+
+def append_lines(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Append ``rows`` as JSON lines in one ``os.write`` on an ``O_APPEND`` descriptor under an exclusive ``flock``:
+    a reader (or a resumed run) sees all of them or none; a short or failed write is taken back under the lock."""
+    if not rows:
+        return
+    data = "".join(json.dumps(row, separators=(",", ":"), allow_nan=False, ensure_ascii=False) + "\n"
+                   for row in rows).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        start = os.fstat(fd).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.ftruncate(fd, start)
+            raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 BUNDLE_FILE = "bundle.json"  # target identity, the pool, exits, features, policy, cost profile: the commit point
 EXITS_FILE = "exits.safetensors"  # exit-head weights (+ reduced-vocab ids)
+SUCCESSORS_FILE = "successors.safetensors"  # the successor table [V, k] a successor / merged arm starts from
 POLICY_FILE = "policy.onnx"  # the routing policy, for onnxruntime anywhere
 POLICY_WEIGHTS_FILE = "policy.safetensors"  # the same policy's torch weights (export-policy redoes the ONNX file)
 REWARDS_FILE = "rewards.jsonl"  # what `train-policy --data` collects into
@@ -14,11 +15,14 @@ COLLECT_REPORT = "reports/collect.json"
 POLICY_REPORT = "reports/train_policy.json"
 UPDATE_REPORT = "reports/update_policy.json"
 UPDATE_REPORT_MD = "reports/update_policy.md"
-FIXED_FILES = (BUNDLE_FILE, EXITS_FILE, POLICY_FILE, POLICY_WEIGHTS_FILE, REWARDS_FILE, TRAJECTORIES_FILE,
-               EXITS_REPORT, COLLECT_REPORT, POLICY_REPORT, UPDATE_REPORT, UPDATE_REPORT_MD)
+DATASTORE_FILE = "datastore.safetensors"  # the suffix draft's earlier outputs, indexed (datastore.py)
+DATASTORE_LOG = "datastore.log.jsonl"  # outputs appended since, one line per logged request
+FIXED_FILES = (BUNDLE_FILE, EXITS_FILE, SUCCESSORS_FILE, POLICY_FILE, POLICY_WEIGHTS_FILE, REWARDS_FILE,
+               TRAJECTORIES_FILE, EXITS_REPORT, COLLECT_REPORT, POLICY_REPORT, UPDATE_REPORT, UPDATE_REPORT_MD,
+               DATASTORE_FILE, DATASTORE_LOG)
 _REPORT = re.compile(r"^reports/[A-Za-z0-9_.@:+-]+\.(json|md)$")  # the commands' reports (and their Markdown)
 # The only file each bundle.json field may name (a crafted name cannot point a write at another file).
-NAMED_BY_FIELD = {"arms[].settings.weights": EXITS_FILE, "policy": POLICY_FILE,
+NAMED_BY_FIELD = {"arms[].settings.weights": EXITS_FILE, "arms[].settings.table": SUCCESSORS_FILE, "policy": POLICY_FILE,
                   "policy_model.weights": POLICY_WEIGHTS_FILE}
 
 

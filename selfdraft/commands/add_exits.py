@@ -32,7 +32,7 @@ from ..drafting.feature_draft import FeatureDraft, FeatureSettings, feature_arm
 from ..drafting.feature_head import FeatureHead, save_feature_head
 from ..drafting.pool import build_draft, cost_key, exit_arm
 from ..learning.costs import context_ids, max_positions, measure_profile
-from ..learning.exit_train import ExitTrainConfig, agreement, train_head
+from ..learning.exit_train import ExitTrainConfig, agreement, steps_for_budget, train_head
 from ..learning.feature_train import acceptance_per_position, train_feature_head
 from ..learning.head_data import build_examples, reduced_vocab
 from ..learning.trajectories import replay
@@ -52,7 +52,9 @@ def _data_key(target, rows: list[dict], config: ExitTrainConfig) -> str:
     h.update(target.content_hash.encode())
     h.update(json.dumps([r["prompt"] for r in rows]).encode())
     relevant = {k: getattr(config, k) for k in ("self_distill_tokens", "max_prompt_tokens", "max_prompts",
-                                                "eval_frac", "seed", "teacher_topk", "sample_temperature")}
+                                                "eval_frac", "seed", "teacher_topk", "sample_temperature", "use_answers")}
+    if config.use_answers:
+        h.update(json.dumps([r.get("answer") for r in rows]).encode())
     relevant["layers"] = sorted(config.layers)
     relevant["extend"] = max(config.draft_lens)
     h.update(json.dumps(relevant, sort_keys=True).encode())
@@ -172,7 +174,8 @@ def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, c
     t0 = time.perf_counter()
     examples = build_examples(target, rows, layers, max_prompt_tokens=config.max_prompt_tokens,
                               new_tokens=config.self_distill_tokens, topk=min(config.teacher_topk, target.vocab_size),
-                              extend=max(config.draft_lens), work=work, progress=progress, group=group)
+                              extend=max(config.draft_lens), work=work, progress=progress, group=group,
+                              use_answers=config.use_answers)
     train_ex, held_ex = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
     for s in range(config.samples):  # sampled continuations of the training prompts: training text only
         train_ex += build_examples(target, [rows[i] for i in train_idx], layers, max_prompt_tokens=config.max_prompt_tokens,
@@ -181,6 +184,8 @@ def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, c
                                    temperature=config.sample_temperature, seed=config.seed)
     data_s = time.perf_counter() - t0
 
+    if config.train_tokens is not None:
+        config.steps = steps_for_budget(config, train_ex)
     vocab_ids = reduced_vocab(target, train_ex, config.draft_vocab) if config.draft_vocab else None
     train = _train_feature if config.head == "feature" else _train_exits
     trained = train(target, layers, vocab_ids, train_ex, held_ex, config, work, progress, group)
@@ -279,7 +284,7 @@ def _choose_and_write(target, target_spec, bundle, rows, train_idx, held_idx, tr
         "data": {"num_prompts": len(rows), "num_train": len(train_idx), "num_heldout": len(held_idx),
                  "num_train_texts": len(train_ex),
                  "heldout_ids": [rows[i]["id"] for i in held_idx],
-                 "train_positions": sum(ex.num_positions for ex in train_ex),
+                 "train_positions": sum(ex.num_positions for ex in train_ex), "train_tokens_budget": config.train_tokens,
                  "heldout_positions": sum(ex.num_positions for ex in held_ex), "build_s": round(data_s, 1)},
         "costs": {"target_step_s": profile.target_step_s[1], "context_tokens": profile.context_tokens},
         "speedup": "mean over held-out prompts of the modelled speed-up over plain decoding (costs.CostProfile.speedup)",

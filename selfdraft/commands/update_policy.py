@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..base import checks
+from ..base.datastore import datastore_lock
 from ..base.errors import CtxdraftError
 from ..base.fileio import (
     check_sealed,
@@ -51,6 +53,7 @@ from ..serving.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from ..serving.bundle_info import bundle_hash
 from ..serving.calibration import calibrations_dir, copy_policy, store_calibration
 from ..serving.profiles import profile_for
+from ..serving.suffix_store import datastore_path, merge_bundle_datastore, suffix_arms
 from ..serving.traffic import read_traffic
 from .train_policy import save_policy
 
@@ -237,6 +240,8 @@ def update_policy(bundle, logs, out: str | os.PathLike | None = None, force: boo
     learned = learn_from_feedback(offline, feedback, PolicyConfig.from_dict(meta["config"], epochs=config.epochs), _old_choices(bundle, feedback, offline.arm_names),
                                   config.folds, config.seed, force, progress)
     comparison, model = learned.comparison, learned.model
+    # the served outputs logged into the suffix datastore since the last update join its index (oldest evicted)
+    merged = merge_bundle_datastore(bundle) if suffix_arms(bundle.info) else None
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "logs": traffic.files, "skipped_lines": traffic.skipped, "skipped_rows": skipped_rows,
@@ -251,6 +256,7 @@ def update_policy(bundle, logs, out: str | os.PathLike | None = None, force: boo
         "mean_logged_speedup": round(float(feedback.rewards.mean()), 6),
         "estimate": comparison.to_dict(), "folds": min(config.folds, len(feedback)),
         "replaced": learned.replace, "forced": bool(force and comparison.gain.value < -TIE),
+        "datastore": None if merged is None else {"tokens": merged.num_tokens, "documents": len(merged.documents())},
     }
     if not learned.replace:
         report["total_s"] = round(time.perf_counter() - t0, 1)
@@ -261,7 +267,9 @@ def update_policy(bundle, logs, out: str | os.PathLike | None = None, force: boo
               "logged_requests": len(feedback), "from_bundles": report["from_bundles"], "estimate": report["estimate"],
               "forced": report["forced"]}
     info = dict(bundle.info, online={"lineage": sorted(hashes), "updates": online.get("updates", []) + [record]})
-    _write_bundle(bundle, final, info, policy, meta, offline.arm_names, report, calibration, profile)
+    # in place, appends to the datastore log wait for the swap and then go to the new bundle's log
+    with datastore_lock(datastore_path(bundle)) if merged is not None and final == bundle.path else nullcontext():
+        _write_bundle(bundle, final, info, policy, meta, offline.arm_names, report, calibration, profile)
     return UpdateResult(True, final, report)
 
 

@@ -88,7 +88,7 @@ class BatchDecoder:
         if token_budget is not None and token_budget < max_batch:
             raise CtxdraftError(f"token_budget ({token_budget}) must allow one token for each of max_batch ({max_batch}) rows")
         self.stack, self.max_batch, self.token_budget, self.max_context = stack, max_batch, token_budget, max_context
-        self.cache = BatchCache(stack.num_layers)
+        self.cache = BatchCache(stack.num_layers, max_batch)
         self.queue: deque[tuple[int, BatchRequest]] = deque()
         self.active: list[_Active] = []  # in slot order
         self._next_id = 0
@@ -169,6 +169,9 @@ class BatchDecoder:
             t0 = time.perf_counter()
             try:
                 self._check(request)
+                # A row's cache holds its prompt, its output and at most one forward's draft past it (a wider
+                # forward only regrows the buffers once).
+                self.cache.reserve(len(request.prompt_ids) + request.config.max_new_tokens + 32)
                 slot = self.cache.add_row()
             except CtxdraftError as e:
                 out.finished[row_id] = RowOutcome([], GenerationStats(), error=str(e))
@@ -212,8 +215,13 @@ class BatchDecoder:
                 positions[b, :n] = stack.tree_positions(tree, pending)
                 ancestors[b, :n, :n] = tree_ancestors(tree)
         capture = dict.fromkeys(layers) if layers else None
-        hidden = stack.run(stack.embed(input_ids), 0, stack.num_layers, self.cache.view(), positions, capture, ancestors)
-        logits = stack.logits(hidden)  # [B, T, V]
+        num_new = [1 + len(p.ids) for _, p in batch]
+        hidden = stack.run(stack.embed(input_ids), 0, stack.num_layers, self.cache.view(), positions, capture, ancestors,
+                           num_new)
+        # The LM head only on the rows' real positions (it is a fifth of the model's weights; padding stays zero).
+        real = torch.arange(T)[None, :] < torch.tensor(num_new)[:, None]  # [B, T]
+        real_logits = stack.logits(hidden[real][None])[0]  # [N, V]
+        logits = real_logits.new_zeros(B, T, real_logits.shape[-1]).index_put_((real,), real_logits)  # [B, T, V]
         results = verify_rows(logits, [p for _, p in batch], [e.row for e, _ in batch])
         for b, (entry, proposal) in enumerate(batch):
             n = 1 + len(proposal.ids)

@@ -34,6 +34,9 @@ class DraftOutput:
     # A token tree: the parent of each node (-1: the root, the pending token), parents before children. None: a
     # chain. A tree's nodes are fixed candidates (no ``probs``; verify_tree_sampling's rule).
     parents: list[int] | None = None
+    # A tree: each node's estimated chance that its whole path is accepted (the product of the draft's probabilities
+    # along the path, or of a source's measured hit rates); None: the draft does not say.
+    node_probs: list[float] | None = None
     # Exit drafts: layer-E residual states of the first K input positions (pending token, d1..d_{K-1}),
     # so verification only runs layers [E, L) for them; K+1 positions (d_K too) when the draft stopped on
     # confidence after running [0, E) for d_K as well.

@@ -94,13 +94,18 @@ class FeatureDraft(Draft):
                 self.fed, self.last = stop, new[-1:]
         self.buffer = [(f, s) for f, s in self.buffer if f + s.shape[0] > self.fed]
 
-    @torch.inference_mode()
-    def propose(self, state: DecodeState, max_len: int) -> DraftOutput:
+    def _catch_up(self, state: DecodeState) -> int:
+        """Feed what is committed; the base (the last position in the head's cache: ``self.last`` is its state)."""
         self._absorb(state.tokens)
         base = self.fed - 1
         if base != len(state.tokens) - 2 or self.last is None:
             raise CtxdraftError(f"arm {self.name!r}: the head's cache ({self.fed} positions) is out of step with the "
                                 f"sequence ({len(state.tokens) - 1} committed)")
+        return base
+
+    @torch.inference_mode()
+    def propose(self, state: DecodeState, max_len: int) -> DraftOutput:
+        base = self._catch_up(state)
         head = self.head
         choice = HeadChoice(head, state, self.settings.threshold)
         current = self.last

@@ -206,6 +206,16 @@ class FeatureHead(nn.Module):
         K, V = self._repeat(cache.k), self._repeat(cache.v)
         return self._finish(r, F.scaled_dot_product_attention(q[None], K[None], V[None])[0])
 
+    def expand(self, cache: FeatureCache, states: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
+               visible: torch.Tensor) -> torch.Tensor:
+        """One depth of a token tree in one call (``step`` for F nodes at once): each node's parent state [F, D], its
+        token [F] and position [F] are appended to the cache; ``visible`` [F, cache length after appending] (bool) says
+        what each node attends to: the context, its ancestors' entries and its own. Returns the nodes' states [F, D]."""
+        q, k, v, r = self._qkv(states, self.embed(token_ids), positions)
+        cache.append(k, v)
+        K, V = self._repeat(cache.k), self._repeat(cache.v)
+        return self._finish(r, F.scaled_dot_product_attention(q[None], K[None], V[None], attn_mask=visible[None, None])[0])
+
 
 def save_feature_head(path, name: str, head: FeatureHead) -> None:
     """Write (or replace) the head ``name`` in the weights file shared with the exit heads (``exit_head.save_head``)."""

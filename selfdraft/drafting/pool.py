@@ -13,13 +13,19 @@ from pathlib import Path
 from typing import Callable
 
 from ..base import checks
+from ..base.datastore import read_datastore
 from ..base.errors import CtxdraftError
+from ..base.layout import DATASTORE_FILE, SUCCESSORS_FILE
 from .draft import Draft
 from .drafts import LookupDraft, LookupSettings, ModelDraft, ModelDraftSettings, NoneDraft
 from .exit_draft import ExitDraft, ExitSettings, exit_arm
 from .exit_head import load_head
 from .feature_draft import FeatureDraft, FeatureSettings, feature_arm
 from .feature_head import load_feature_head
+from .feature_tree import FeatureTreeDraft, FeatureTreeSettings, feature_tree_arm
+from .merged_draft import MergedDraft, MergedSettings
+from .successor_table import load_successor_table
+from .suffix_draft import SuffixDraft, SuffixSettings
 from .tree_drafts import LookupTreeDraft, LookupTreeSettings, SuccessorDraft, SuccessorSettings
 
 # Prompt lookup with different draft lengths behaves very differently per prompt (short drafts are cheap
@@ -68,6 +74,40 @@ def successor_arm(draft_len: int = 6, max_nodes: int | str = 16, top_k: int = 4,
             "settings": {"draft_len": settings.draft_len, "max_nodes": settings.max_nodes, "top_k": settings.top_k}}
 
 
+def suffix_arm(draft_len: int = 8, max_nodes: int | str = 16, factor: float = 1.0, offset: float = 1.0,
+               min_prob: float = 0.1, name: str | None = None) -> dict:
+    """Suffix decoding over the request and the bundle's datastore of earlier outputs."""
+    settings = SuffixSettings(draft_len, max_nodes, factor, offset, min_prob)  # validates
+    return {"name": name or f"suffix-{_nodes_name(settings.max_nodes)}", "kind": "suffix",
+            "settings": {"draft_len": settings.draft_len, "max_nodes": settings.max_nodes, "factor": settings.factor,
+                         "offset": settings.offset, "min_prob": settings.min_prob}}
+
+
+def merged_arm(draft_len: int = 6, max_nodes: int = 24, lookup: dict | None = None, successor: dict | None = None,
+               feature: dict | None = None, model: dict | None = None, name: str | None = None) -> dict:
+    """One tree per step merged from several sources; each given source's settings are those of its own arm
+    (lookup: lookup-tree's, successor: successor's, e.g. ``{"table": SUCCESSORS_FILE}``, feature: a feature-tree
+    arm's, model: a model arm's ``{"path", "draft_len"}``). No source given: lookup and successor with defaults."""
+    given = {"lookup": lookup, "successor": successor, "feature": feature, "model": model}
+    sources = {source: dict(settings) for source, settings in given.items() if settings is not None}
+    settings = MergedSettings(draft_len, max_nodes, sources or {"lookup": {}, "successor": {}})  # validates
+    return {"name": name or f"merged-n{max_nodes}", "kind": "merged",
+            "settings": {"draft_len": settings.draft_len, "max_nodes": settings.max_nodes, "sources": settings.sources}}
+
+
+def merged_arm_for(arms: list[dict], draft_len: int = 6, max_nodes: int = 24, table: str | None = None,
+                   name: str | None = None) -> dict:
+    """The merged arm of a pool: lookup and successor (from ``table`` when given), plus the first feature head of
+    ``arms`` (as a tree) and its first draft model, when it has them."""
+    feature = next((a["settings"] for a in arms if a.get("kind") in ("feature", "feature-tree")), None)
+    model = next((a["settings"] for a in arms if a.get("kind") == "model"), None)
+    if feature is not None:
+        keep = ("name", "layers", "draft_vocab", "weights")
+        feature = {key: value for key, value in feature.items() if key in keep}
+    return merged_arm(draft_len, max_nodes, lookup={}, successor={} if table is None else {"table": table},
+                      feature=feature, model=model, name=name)
+
+
 def none_arm(name: str = "none") -> dict:
     return {"name": name, "kind": "none", "settings": {}}
 
@@ -85,7 +125,32 @@ def _build_lookup_tree(spec, target, bundle_dir, shared):
 
 
 def _build_successor(spec, target, bundle_dir, shared):
-    return SuccessorDraft(spec["name"], SuccessorSettings(**spec.get("settings", {})))
+    settings = SuccessorSettings(**spec.get("settings", {}))
+    draft = SuccessorDraft(spec["name"], settings)
+    if settings.table is not None:
+        if not isinstance(settings.table, str) or not settings.table:
+            raise CtxdraftError(f"arm {spec['name']!r}: table must name a file in the bundle (e.g. {SUCCESSORS_FILE!r}), "
+                                f"got {settings.table!r}")
+        if bundle_dir is None:
+            raise CtxdraftError(f"arm {spec['name']!r} needs the bundle directory that holds its successor table")
+        path = Path(bundle_dir) / settings.table
+        key = ("successors", str(path), settings.top_k)
+        if key not in shared:
+            shared[key] = load_successor_table(path, target.vocab_size, settings.top_k)
+        draft.seed = shared[key]  # each generation starts from a copy of it (SuccessorDraft.start)
+    return draft
+
+
+def _build_suffix(spec, target, bundle_dir, shared):
+    settings = SuffixSettings(**spec.get("settings", {}))
+    store = None
+    if settings.use_datastore and bundle_dir is not None:
+        path = Path(bundle_dir) / DATASTORE_FILE
+        key = ("datastore", str(path))
+        if key not in shared:  # every suffix arm of a bundle reads (and records into) one datastore
+            shared[key] = read_datastore(path, target.content_hash or None, target.vocab_size)
+        store = shared[key]
+    return SuffixDraft(spec["name"], settings, store)
 
 
 def _build_model(spec, target, bundle_dir, shared):
@@ -113,6 +178,10 @@ def _build_exit(spec, target, bundle_dir, shared):
 # share (a loaded draft model) for as long as the caller keeps it.
 def _build_feature(spec, target, bundle_dir, shared):
     settings = FeatureSettings(**spec.get("settings", {}))
+    return FeatureDraft(spec["name"], _feature_head(spec, settings, target, bundle_dir, shared), settings)
+
+
+def _feature_head(spec, settings: FeatureSettings, target, bundle_dir, shared):
     if bundle_dir is None:
         raise CtxdraftError(f"arm {spec['name']!r} needs the bundle directory that holds its weights")
     if max(settings.layers) > target.num_layers:
@@ -120,7 +189,25 @@ def _build_feature(spec, target, bundle_dir, shared):
     key = ("feature", settings.name, str(Path(bundle_dir) / settings.weights))
     if key not in shared:  # arms of one head (other draft lengths) share it
         shared[key] = load_feature_head(target.model, Path(bundle_dir) / settings.weights, settings.name, settings.layers)
-    return FeatureDraft(spec["name"], shared[key], settings)
+    return shared[key]
+
+
+def _build_feature_tree(spec, target, bundle_dir, shared):
+    settings = FeatureTreeSettings(**spec.get("settings", {}))
+    return FeatureTreeDraft(spec["name"], _feature_head(spec, settings, target, bundle_dir, shared), settings)
+
+
+# a merged arm's source -> the kind its settings build
+MERGED_SOURCE_KINDS = {"lookup": "lookup-tree", "successor": "successor", "feature": "feature-tree", "model": "model"}
+
+
+def _build_merged(spec, target, bundle_dir, shared):
+    settings = MergedSettings(**spec.get("settings", {}))
+    sources = {}
+    for source in sorted(settings.sources, key=list(MERGED_SOURCE_KINDS).index):
+        sub = {"name": f"{spec['name']}/{source}", "kind": MERGED_SOURCE_KINDS[source], "settings": settings.sources[source]}
+        sources[source] = DRAFT_KINDS[sub["kind"]](sub, target, bundle_dir, shared)
+    return MergedDraft(spec["name"], sources, settings)
 
 
 DRAFT_KINDS: dict[str, Callable[[dict, object, Path | None, dict], Draft]] = {
@@ -128,10 +215,34 @@ DRAFT_KINDS: dict[str, Callable[[dict, object, Path | None, dict], Draft]] = {
     "lookup": _build_lookup,
     "lookup-tree": _build_lookup_tree,
     "successor": _build_successor,
+    "suffix": _build_suffix,
     "model": _build_model,
     "exit": _build_exit,
     "feature": _build_feature,
+    "feature-tree": _build_feature_tree,
+    "merged": _build_merged,
 }
+
+
+def arm_feature_layers(spec: dict) -> list[int]:
+    """The target layers an arm's feature head reads (a feature or feature-tree arm, a merged arm's feature source):
+    the prefill keeps them for it."""
+    settings = spec.get("settings") or {}
+    if spec.get("kind") == "merged":
+        settings = (settings.get("sources") or {}).get("feature") or {}
+        return list(settings.get("layers", []))
+    return list(settings.get("layers", [])) if spec.get("kind") in ("feature", "feature-tree") else []
+
+
+def arm_table(spec: dict) -> str | None:
+    """The bundle file holding the successor table an arm starts from (a successor arm's, a merged arm's successor
+    source's), or None."""
+    settings = spec.get("settings") or {}
+    if spec.get("kind") == "merged":
+        settings = (settings.get("sources") or {}).get("successor") or {}
+    elif spec.get("kind") != "successor":
+        return None
+    return settings.get("table")
 
 
 def cost_key(spec: dict) -> str:
@@ -142,8 +253,8 @@ def cost_key(spec: dict) -> str:
         return f"exit@{settings.get('exit_layer')}:{settings.get('head', 'linear')}:{settings.get('draft_vocab') or 'full'}"
     if kind == "model":
         return f"model:{settings.get('path')}"
-    if kind == "feature":
-        return f"feature:{settings.get('name')}:{settings.get('draft_vocab') or 'full'}"
+    if kind in ("feature", "feature-tree"):
+        return f"{kind}:{settings.get('name')}:{settings.get('draft_vocab') or 'full'}"
     return str(kind)
 
 
@@ -181,5 +292,6 @@ def pool_key(arms: list[dict]) -> str:
     return hashlib.sha256(json.dumps(arms, sort_keys=True).encode()).hexdigest()[:12]
 
 
-__all__ = ["BASE_ARMS", "DRAFT_KINDS", "base_arms", "build_draft", "build_drafts", "cost_key", "exit_arm", "feature_arm",
-           "lookup_arm", "lookup_tree_arm", "model_arm", "none_arm", "pool_key", "successor_arm", "with_draft_len"]
+__all__ = ["BASE_ARMS", "DRAFT_KINDS", "arm_feature_layers", "arm_table", "base_arms", "build_draft", "build_drafts",
+           "cost_key", "exit_arm", "feature_arm", "feature_tree_arm", "lookup_arm", "lookup_tree_arm", "merged_arm",
+           "merged_arm_for", "model_arm", "none_arm", "pool_key", "successor_arm", "suffix_arm", "with_draft_len"]

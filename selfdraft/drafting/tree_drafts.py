@@ -224,10 +224,14 @@ class SuccessorSettings:
     draft_len: int = 6  # the deepest node
     max_nodes: int | str = 16  # or "auto": the budget from the machine's costs
     top_k: int = 4  # successors kept per token
+    table: str | None = None  # the bundle file of the seeded table it starts from (successor_table.py); None: empty
 
     def __post_init__(self):
         self.draft_len, self.max_nodes = _check_tree_size("successor", self.draft_len, self.max_nodes)
         self.top_k = checks.integer("successor top_k", self.top_k, minimum=1, maximum=64)
+        if isinstance(self.max_nodes, int) and self.top_k > self.max_nodes:
+            raise CtxdraftError(f"successor top_k {self.top_k} makes a tree wider than its budget of max_nodes "
+                                f"{self.max_nodes} nodes; give top_k <= max_nodes")
 
 
 class SuccessorDraft(TreeDraft):

@@ -55,6 +55,10 @@ class ExitTrainConfig:
     # more training text: this many sampled continuations of every training prompt (at sample_temperature)
     samples: int = 0
     sample_temperature: float = 0.8
+    # a training budget in tokens instead of --steps (steps_for_budget), and the data file's own answers (rows with
+    # both 'prompt' and 'text', as make-data writes them) as the continuations instead of generating them again
+    train_tokens: int | None = None
+    use_answers: bool = False
 
     def validate(self, num_layers: int, vocab_size: int) -> None:
         """Every field checked through ``base/checks.py`` (bools, NaN and out-of-range values refused)."""
@@ -82,6 +86,9 @@ class ExitTrainConfig:
         if self.draft_vocab is not None:
             checks.integer("--draft-vocab", self.draft_vocab, minimum=1, maximum=vocab_size)
         checks.integer("--steps", self.steps, minimum=0)
+        if self.train_tokens is not None:
+            checks.integer("--train-tokens", self.train_tokens, minimum=1)
+        checks.flag("--use-answers", self.use_answers)
         checks.integer("batch_size", self.batch_size, minimum=1)
         if self.lr is not None:
             checks.number("lr", self.lr, above=0.0)
@@ -107,6 +114,16 @@ class ExitTrainConfig:
             checks.number("--thresholds (a confidence stop)", t, minimum=0.0, below=1.0)
         checks.integer("timing_reps", self.timing_reps, minimum=1)
         checks.flag("--resume", self.resume)
+
+
+def steps_for_budget(config: ExitTrainConfig, examples: list[Example]) -> int:
+    """The optimizer steps that train on about ``config.train_tokens`` tokens: an exit head's step takes
+    ``batch_size`` positions, a feature head's ``seqs_per_step`` whole sequences (of the training texts' mean
+    length). A function of the data and the settings only, so a resumed run trains the same number of steps."""
+    if config.head != "feature":
+        return math.ceil(config.train_tokens / config.batch_size)
+    mean_len = sum(ex.num_positions for ex in examples) / max(len(examples), 1)
+    return max(1, math.ceil(config.train_tokens / (config.seqs_per_step * max(mean_len, 1.0))))
 
 
 def distill_loss(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor,

@@ -81,7 +81,7 @@ def _load(path: Path, row: dict) -> Example:
 def build_examples(target, rows: list[dict], layers: list[int], *, max_prompt_tokens: int, new_tokens: int,
                    topk: int, extend: int, work: Path | None = None, progress: Progress | None = None,
                    group: Group | None = None, sample: int | None = None, temperature: float = 0.8,
-                   seed: int = 0) -> list[Example]:
+                   seed: int = 0, use_answers: bool = False) -> list[Example]:
     """The target's greedy continuation of each row (``new_tokens``) and one teacher pass over it, keeping the
     states after ``layers``, the LM head's input and the top-``topk`` log-probabilities. Each finished prompt
     is saved under ``work`` and read back from there when present.
@@ -89,6 +89,10 @@ def build_examples(target, rows: list[dict], layers: list[int], *, max_prompt_to
     ``sample``: build the ``sample``-th *sampled* continuation of each row instead (at ``temperature``, seeded by
     ``seed``, the row and the sample number): more training text of the target's own, for diversity. The teacher
     is still the target's distribution at every position.
+
+    ``use_answers``: a row's own ``answer`` (make-data's rows), cut to ``new_tokens``, is the continuation instead of
+    a new greedy one (rows without one are generated as before); an answer shorter than ``new_tokens`` that its
+    writer cut (not ended by EOS) is continued greedily, so replays never run past the known tokens.
 
     Under torchrun each rank builds its share of the prompts (``group.shard``) and then reads the others' from
     ``work``, which must be a directory every rank sees."""
@@ -111,6 +115,12 @@ def build_examples(target, rows: list[dict], layers: list[int], *, max_prompt_to
                 prompt_ids = encode_prompt(target, row["prompt"], max_prompt_tokens)
                 if new_tokens <= 0:
                     new_ids, ended = [], False
+                elif use_answers and sample is None and isinstance(row.get("answer"), str):
+                    new_ids = target.tokenizer(row["answer"], add_special_tokens=False)["input_ids"][:new_tokens]
+                    ended = row.get("answer_ended") is True and len(new_ids) < new_tokens
+                    if not ended and len(new_ids) < new_tokens:  # a shorter answer cut by its writer: go on greedily
+                        run = greedy_continuation(stack, prompt_ids + new_ids, new_tokens - len(new_ids), target.eos_ids)
+                        new_ids, ended = new_ids + run.new_ids, run.ended_on_eos
                 elif sample is None:
                     run = greedy_continuation(stack, prompt_ids, new_tokens, target.eos_ids)
                     new_ids, ended = run.new_ids, run.ended_on_eos

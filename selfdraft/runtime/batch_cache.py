@@ -19,11 +19,18 @@ import torch
 
 
 class BatchCache:
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, max_rows: int = 1):
         self.num_layers = num_layers
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # [R', H, C, Dh], R' >= num_rows
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = torch.zeros(num_layers, 0, dtype=torch.long)  # [L, R]
+        self.max_rows = max_rows  # row slots allocated at once (a batch's width): adding a row copies nothing
+        self.min_width = 16  # positions allocated at once (``reserve``): a known length never regrows the buffers
+
+    def reserve(self, width: int) -> None:
+        """Allocate room for ``width`` positions per row when the buffers are next made or grown (a decoder knows
+        its rows' prompt + max_new_tokens): growing copies every row's history, so it should happen rarely."""
+        self.min_width = max(self.min_width, width)
 
     @property
     def num_rows(self) -> int:
@@ -55,12 +62,15 @@ class BatchCache:
         return BatchView(self, slot, slot + 1)
 
     def _reserve(self, layer_idx: int, like: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-        """The layer's key buffer with room for ``rows`` rows and ``width`` positions (grown by doubling)."""
+        """The layer's key buffer with room for ``rows`` rows and ``width`` positions. Rows and width grow
+        independently (rows to ``max_rows``, width to ``min_width`` or by doubling): growing one must not double the
+        other, or a batch admitted one row at a time multiplies the width by 2 per row."""
         buf = self.keys[layer_idx]
         _, H, _, Dh = like.shape
         if buf is None or buf.shape[0] < rows or buf.shape[2] < width:
             old_rows, old_width = (0, 0) if buf is None else (buf.shape[0], buf.shape[2])
-            new_rows, new_width = max(rows, old_rows), max(width, 2 * old_width, 16)
+            new_rows = max(rows, self.max_rows, old_rows)
+            new_width = old_width if width <= old_width else max(width, 2 * old_width, self.min_width)
             for buffers in (self.keys, self.values):
                 grown = like.new_zeros(new_rows, H, new_width, Dh)
                 if buffers[layer_idx] is not None:
@@ -72,8 +82,14 @@ class BatchCache:
 class BatchView:
     """Rows [start, stop) of a ``BatchCache``: the cache one forward or one draft works on."""
 
-    def __init__(self, cache: BatchCache, start: int, stop: int):
+    def __init__(self, cache: BatchCache, start: int, stop: int, packed: list[int] | None = None):
         self.cache, self.start, self.stop = cache, start, stop
+        # A packed forward (``LayerStack.run`` with row attention): its new K/V come as one sequence [1, H, N, Dh],
+        # ``packed[b]`` positions of row b after those of the rows before it; no row computes padding.
+        self.packed = packed
+
+    def packed_view(self, num_new: list[int]) -> "BatchView":
+        return BatchView(self.cache, self.start, self.stop, list(num_new))
 
     @property
     def num_rows(self) -> int:
@@ -93,14 +109,27 @@ class BatchView:
         cache = self.cache
         B, H, T, Dh = key_states.shape
         starts = self.lengths(layer_idx).clone()
-        width = int(starts.max()) + T
+        if self.packed is not None:  # one sequence of N = sum(packed) positions: row b's run after row b-1's
+            num_new = torch.tensor(self.packed)
+            rows = torch.repeat_interleave(torch.arange(len(self.packed)), num_new)  # [N] the row of each position
+            offsets = torch.cumsum(num_new, 0) - num_new
+            slots = starts[rows] + torch.arange(T) - offsets[rows]  # [N]
+            new_k, new_v = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)  # [N, H, Dh]
+            grown = num_new
+        else:
+            rows = torch.arange(B)[:, None]  # [B, 1]
+            slots = starts[:, None] + torch.arange(T)  # [B, T]
+            new_k, new_v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [B, T, H, Dh]
+            grown = T
+        width = int((starts + grown).max())
         cache._reserve(layer_idx, key_states, cache.num_rows, width)
-        index = (starts[:, None] + torch.arange(T))[:, None, :, None].expand(B, H, T, Dh).to(key_states.device)
         keys = cache.keys[layer_idx][self.start : self.stop]
         values = cache.values[layer_idx][self.start : self.stop]
-        keys.scatter_(2, index, key_states.to(keys.dtype))
-        values.scatter_(2, index, value_states.to(values.dtype))
-        cache.lengths[layer_idx, self.start : self.stop] += T
+        # index_put_ writes only the new slots (scatter_ on a bf16 CPU tensor copies the whole buffer).
+        rows, slots = rows.to(keys.device), slots.to(keys.device)
+        keys[rows, :, slots] = new_k.to(keys.dtype)
+        values[rows, :, slots] = new_v.to(values.dtype)
+        cache.lengths[layer_idx, self.start : self.stop] += grown
         return keys[:, :, :width], values[:, :, :width]
 
     def crop(self, length: int, start: int = 0, stop: int | None = None) -> None:

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .batch_cache import BatchView, chain_ancestors
+from .row_attention import RowSpan, use_row_attention
 from .sampling import softcap
 
 
@@ -38,6 +39,7 @@ class LayerStack:
         rotary_params = inspect.signature(self.backbone.rotary_emb.forward).parameters
         self._rotary_per_type = "layer_type" in rotary_params
         self.logit_softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.row_attention = use_row_attention(model)  # batched forwards attend per row (``row_attention.py``)
 
     # -- cache ---------------------------------------------------------------------------------
     def new_cache(self) -> DynamicCache:
@@ -106,15 +108,18 @@ class LayerStack:
         positions: torch.Tensor,  # [T] absolute positions of the T new tokens ([B, T] with a BatchView)
         capture: dict[int, torch.Tensor] | None = None,
         tree: list[int] | torch.Tensor | None = None,
+        num_new: list[int] | None = None,
     ) -> torch.Tensor:  # [B, T, D], the residual stream after layer stop-1 (not normed)
         """``cache``: a ``DynamicCache``, or a ``BatchView`` of a batch cache (rows of different lengths: positions are
         then per row, [B, T] or [T] for all, and ``tree`` may be per-row ancestors [B, T, T], see ``batch_cache``).
         ``capture``: a dict whose keys are layer counts l in (start, stop]; each gets the residual stream after
         layer l-1 (entering layer l), the states a feature head reads, at no extra cost. ``tree``: the parent of each
         new position (see the module docstring; ``positions`` must then be ``tree_positions(tree, prefix length)``);
-        None is the causal chain."""
+        None is the causal chain. ``num_new``: a batch's real new positions per row (the rest of T is padding)."""
         if isinstance(cache, BatchView):
-            return self._run_batch(hidden, start, stop, cache, positions, capture, tree)
+            if self.row_attention and num_new is not None and hidden.shape[0] > 1 and cache.packed is None:
+                return self._run_packed(hidden, start, stop, cache, positions, capture, tree, num_new)
+            return self._run_batch(hidden, start, stop, cache, positions, capture, tree, num_new)
         position_ids = positions[None, :]
         ancestors = _ancestors(tree, hidden.device) if tree is not None else None
         rotary = {}
@@ -148,10 +153,16 @@ class LayerStack:
                 capture[i + 1] = hidden
         return hidden
 
-    def _run_batch(self, hidden, start, stop, cache: BatchView, positions, capture, tree) -> torch.Tensor:
-        """``run`` over a batch cache: each row writes at its own length and has its own mask (``attention_mask``)."""
+    def _run_batch(self, hidden, start, stop, cache: BatchView, positions, capture, tree, num_new,
+                   packed: "_PackedSpans | None" = None, row_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``run`` over a batch cache: each row writes at its own length and has its own mask (``attention_mask``);
+        with row attention each row attends to its own keys only, as it would alone (``row_attention.py``).
+        ``packed``: the rows come packed into one sequence (``_run_packed``); ``row_positions`` [B, T] padded."""
         B, T, _ = hidden.shape
+        num_new = [T] * B if num_new is None else num_new
         position_ids = (positions if positions.dim() == 2 else positions[None, :]).expand(B, T).to(hidden.device)
+        if packed is not None:  # masks and spans are per row: sized by the padded rows
+            B, T = row_positions.shape
         if tree is None:
             ancestors = chain_ancestors(B, T)
         elif isinstance(tree, torch.Tensor):
@@ -160,20 +171,45 @@ class LayerStack:
             ancestors = _ancestors(tree, torch.device("cpu"))[None].expand(B, T, T)
         ancestors = ancestors.to(hidden.device)
         additive = self.config._attn_implementation == "eager"
-        rotary, masks = {}, {}
+        causal = chain_ancestors(1, T)[0]
+        is_chain = [tree is None or bool((ancestors[b, :n, :n] == causal[:n, :n]).all()) for b, n in enumerate(num_new)]
+        rotary, masks, spans = {}, {}, {}
         for i in range(start, stop):
             layer_type = self.layer_types[i]
             if layer_type not in rotary:
                 rotary[layer_type] = self.rotary(hidden, position_ids, layer_type)
-            mask_key = (layer_type, tuple(cache.lengths(i).tolist()))
+            prefix = tuple(cache.lengths(i).tolist())
+            mask_key = (layer_type, prefix)
             if mask_key not in masks:
                 window = self.config.sliding_window if layer_type == "sliding_attention" else None
-                masks[mask_key] = cache.attention_mask(i, position_ids, ancestors, window, hidden.dtype, additive)
+                spans[mask_key] = [RowSpan(n, p + n, not _unmasked(n, p, chain, window),
+                                           None if packed is None else packed.offsets[b])
+                                   for b, (n, p, chain) in enumerate(zip(num_new, prefix, is_chain))]
+                masks[mask_key] = None  # row attention of rows that all attend unmasked (decode steps): no mask
+                if not self.row_attention or any(span.masked for span in spans[mask_key]):
+                    mask_positions = position_ids if packed is None else row_positions.to(hidden.device)
+                    masks[mask_key] = cache.attention_mask(i, mask_positions, ancestors, window, hidden.dtype, additive)
+            rows = {"row_spans": spans[mask_key]} if self.row_attention else {}
             hidden = self.layers[i](hidden, attention_mask=masks[mask_key], position_embeddings=rotary[layer_type],
-                                    position_ids=position_ids, cache=cache, use_cache=True)
+                                    position_ids=position_ids, cache=cache, use_cache=True, **rows)
             if capture is not None and i + 1 in capture:
                 capture[i + 1] = hidden
         return hidden
+
+    def _run_packed(self, hidden, start, stop, cache: BatchView, positions, capture, tree, num_new) -> torch.Tensor:
+        """``_run_batch`` with the rows' real positions packed into one sequence [1, N, D] (N = sum(num_new)): the
+        projections and MLPs compute no padding (a batch of drafts of different lengths pads every row to the
+        longest), attention runs per row at its offset. Returns [B, T, D] again (padding zero)."""
+        B, T, D = hidden.shape
+        position_ids = (positions if positions.dim() == 2 else positions[None, :]).expand(B, T)
+        real = torch.arange(T)[None, :] < torch.tensor(num_new)[:, None]  # [B, T]
+        packed_capture = dict.fromkeys(capture) if capture is not None else None
+        spans = _PackedSpans(num_new)
+        out = self._run_batch(hidden[real][None], start, stop, cache.packed_view(num_new), position_ids[real][None],
+                              packed_capture, tree, num_new, spans, position_ids)
+        for layer, states in (packed_capture or {}).items():
+            capture[layer] = hidden.new_zeros(B, T, D).index_put_((real,), states[0])
+        return hidden.new_zeros(B, T, D).index_put_((real,), out[0])
 
     def tree_mask(self, hidden: torch.Tensor, cache: DynamicCache, layer_idx: int, positions: torch.Tensor,
                   ancestors: torch.Tensor) -> torch.Tensor:  # [B, 1, T, kv_len]
@@ -209,6 +245,18 @@ class LayerStack:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, V]
         """The model's own final norm + LM head (+ logit soft-capping where the model has it)."""
         return softcap(self.model.lm_head(self.backbone.norm(hidden)), self.logit_softcap)
+
+
+class _PackedSpans:
+    """Where each row's positions start in a packed forward."""
+
+    def __init__(self, num_new: list[int]):
+        self.offsets = [sum(num_new[:b]) for b in range(len(num_new))]
+
+
+def _unmasked(num_new: int, prefix: int, chain: bool, window: int | None) -> bool:
+    """Whether the single loop attends without a mask: a chain's one new token or prefill, within the window."""
+    return chain and (num_new == 1 or prefix == 0) and (window is None or prefix + num_new <= window)
 
 
 def _ancestors(parents: list[int], device: torch.device) -> torch.Tensor:  # [T, T] bool

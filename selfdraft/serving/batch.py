@@ -23,10 +23,10 @@ from ..drafting.batch_decoding import BatchDecoder, BatchRequest, RowOutcome
 from ..drafting.decoding import GenerationConfig, GenerationStats, Prefill
 from ..drafting.pool import build_draft
 from ..learning.offpolicy import Choice, choose_arm
-from . import traffic
+from . import suffix_store, traffic
 from .bundle import Bundle, GenerationResult, cut_at_stop, stop_checker
 
-ROW_KEYS = ("prompt", "draft", "max_new_tokens", "temperature", "top_p", "seed", "stop", "chat")
+ROW_KEYS = ("prompt", "draft", "max_new_tokens", "temperature", "top_p", "seed", "stop", "chat", "escape_special")
 
 
 @dataclass
@@ -72,7 +72,8 @@ def prepare_row(bundle: Bundle, settings: dict) -> tuple[BatchRow, BatchRequest 
         if draft != "auto":
             bundle.arm_spec(draft)  # unknown arm: this row fails before any model work
         target = bundle.target
-        row.prompt_ids = target.encode(settings["prompt"], chat=checks.flag("chat", settings["chat"]))
+        row.prompt_ids = target.encode(settings["prompt"], chat=checks.flag("chat", settings["chat"]),
+                                       escape_special=checks.flag("escape_special", settings.get("escape_special", False)))
         row.router = bundle.router() if draft == "auto" else None
         if bundle.log is not None and draft == "auto" and row.router is None:
             raise CtxdraftError(f"bundle {display_path(bundle.path)} has no policy, so no request is routed and there "
@@ -119,6 +120,8 @@ def row_result(row: BatchRow) -> GenerationResult:
     new_ids, stats, config = row.outcome.token_ids, row.outcome.stats, row.config
     text = cut_at_stop(row.bundle.target.tokenizer.decode(new_ids, skip_special_tokens=True), config.stop)
     stats.route_s = row.route_s
+    if row.bundle.log is not None:  # served outputs grow the suffix datastore, as in ``Bundle.generate``
+        suffix_store.record_output(row.bundle, new_ids)
     if row.recorder is not None:
         traffic.log_request(row.bundle, traffic.RequestLog(
             row.features, row.router.features, row.prompt_ids, row.choice, row.bundle.explore,
@@ -151,10 +154,11 @@ def decode_batch(bundle: Bundle, prompts: list, defaults: dict, max_batch: int =
 
 def generate_batch(bundle: Bundle, prompts: list, draft: str = "auto", max_new_tokens: int = 128,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, chat: bool = True,
-                   stop: list[str] | None = None, max_batch: int = 8) -> list[GenerationResult]:
+                   stop: list[str] | None = None, escape_special: bool = False,
+                   max_batch: int = 8) -> list[GenerationResult]:
     """``Bundle.generate`` for several prompts decoded together (one target forward per step for all rows, up to
     ``max_batch`` at once): one result per prompt, in order, each row routed on its own. A prompt may be a dict
     overriding these settings for its row; a row with bad input gets its ``error``."""
     defaults = dict(draft=draft, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    chat=chat, stop=stop)
+                    chat=chat, stop=stop, escape_special=escape_special)
     return [row_result(row) for row in decode_batch(bundle, prompts, defaults, max_batch)]

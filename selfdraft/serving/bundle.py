@@ -23,15 +23,13 @@ from ..base.fileio import check_sealed, display_path, read_json, write_json_atom
 from ..base.layout import BUNDLE_FILE, TRAJECTORIES_FILE
 from ..drafting.decoding import GenerationConfig, GenerationStats, prefill, speculative_decode
 from ..drafting.draft import Draft
-from ..drafting.exit_draft import ExitSettings
-from ..drafting.exit_head import read_head_tensors, read_tensors
-from ..drafting.feature_draft import FeatureSettings
-from ..drafting.pool import build_draft, model_arm
+from ..drafting.pool import arm_feature_layers, build_draft, model_arm
 from ..learning.offpolicy import choose_arm
 from ..runtime.layers import LayerStack
 from ..runtime.machine import resolve_dtype
 from ..runtime.target import DEFAULT_TARGET, Target, load_target
-from . import traffic
+from . import suffix_store, traffic
+from .bundle_files import check_files
 from .bundle_info import new_bundle_info, validate_info
 from .calibration import auto_calibrate_default, calibrate, find_calibration
 from .profiles import profile_for
@@ -245,6 +243,8 @@ class Bundle:
         stats.route_s = route_s
         stats.wall_s += route_s
         text = cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), config.stop)
+        if self.log is not None:  # served outputs grow the suffix datastore
+            suffix_store.record_output(self, new_ids)
         if recorder is not None:
             traffic.log_request(self, traffic.RequestLog(
                 features, router.features, prompt_ids, choice, self.explore, recorder.trajectory(len(new_ids)),
@@ -254,7 +254,7 @@ class Bundle:
     def _state_layers(self, draft: str) -> set[int]:
         """The target layers the prefill keeps for the arm(s) that may draft: feature heads read them."""
         specs = self.info["arms"] if draft == "auto" else [self.arm_spec(draft)]
-        return {layer for spec in specs if spec["kind"] == "feature" for layer in spec["settings"]["layers"]}
+        return {layer for spec in specs for layer in arm_feature_layers(spec)}
 
 
 def stop_checker(tokenizer, stops: list[str]):
@@ -341,21 +341,6 @@ def add_arm(bundle_dir: str | Path, spec: dict, target: str | None = None) -> Bu
     return bundle
 
 
-def _check_files(path: Path, info: dict) -> None:
-    """What can be checked of the bundle's other files without the model: every exit arm's weights are readable
-    and hold that exit, and the policy bundle.json names exists. Each failure is one error line."""
-    for arm in info["arms"]:
-        if arm["kind"] == "exit":
-            settings = ExitSettings(**arm.get("settings", {}))
-            read_head_tensors(path / settings.weights, settings.exit_layer)
-        elif arm["kind"] == "feature":
-            settings = FeatureSettings(**arm.get("settings", {}))
-            read_tensors(path / settings.weights, f"feature-{settings.name}.", f"the feature head {settings.name!r}")
-    if info.get("policy") and not (path / info["policy"]).is_file():
-        raise CtxdraftError(f"{display_path(path / info['policy'])}, the policy bundle.json names, is missing; "
-                            "run `ctxdraft export-policy` (or `train-policy`) again")
-
-
 def load_bundle(path: str | Path | None = None, target: str | None = None, dtype: str | torch.dtype = "auto",
                 calibrate: bool | None = None, log: str | Path | None = None, log_features_only: bool = False,
                 explore: float = 0.0) -> Bundle:
@@ -383,7 +368,7 @@ def load_bundle(path: str | Path | None = None, target: str | None = None, dtype
         raise CtxdraftError(f"bundle not found: {display_path(path)} (make one with `ctxdraft add-exits ... --out {path}`)")
     check_sealed(path)
     info = validate_info(read_json(path / BUNDLE_FILE, "bundle file"), display_path(path / BUNDLE_FILE))
-    _check_files(path, info)
+    check_files(path, info)
     bundle = Bundle(path, info, dtype=dtype, calibrate=calibrate, **serving)
     if target is not None:
         t = load_target(target, dtype=dtype)

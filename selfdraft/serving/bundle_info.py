@@ -46,6 +46,7 @@ _NAME = {"type": "string", "minLength": 1}
 # A file field names the one fixed file of that field (layout.NAMED_BY_FIELD): a crafted name cannot make a
 # command read or overwrite another file of the bundle, or one outside it.
 _EXITS = {"const": NAMED_BY_FIELD["arms[].settings.weights"]}
+_SUCCESSORS = {"const": NAMED_BY_FIELD["arms[].settings.table"]}
 _POLICY = {"const": NAMED_BY_FIELD["policy"]}
 _POLICY_WEIGHTS = {"const": NAMED_BY_FIELD["policy_model.weights"]}
 
@@ -53,7 +54,9 @@ _POLICY_WEIGHTS = {"const": NAMED_BY_FIELD["policy_model.weights"]}
 _TREE_SIZE = {"draft_len": {"type": "integer", "minimum": 1, "maximum": 64},
               "max_nodes": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1024}, {"const": "auto"}]}}
 # Tree settings any tree arm may carry (the feature head's expansion, the merged arm): checked by the arm's builder.
-_TREE = {"type": "object", "properties": {**_TREE_SIZE, "top_k": {"type": "integer", "minimum": 1, "maximum": 64}}}
+_TOP_K = {"type": "integer", "minimum": 1, "maximum": 64}
+_TREE = {"type": "object", "properties": {**_TREE_SIZE, "top_k": _TOP_K}}
+_MAX_NODES = {"type": "integer", "minimum": 1, "maximum": 1024}  # the trees whose size is not "auto" yet
 
 ARM_SETTINGS = {
     "none": {"type": "object", "additionalProperties": False, "properties": {}},
@@ -62,7 +65,13 @@ ARM_SETTINGS = {
     "lookup-tree": {"type": "object", "additionalProperties": False,
                     "properties": {**_TREE_SIZE, "ngram_sizes": {"type": "array", "minItems": 1, "items": _POS_INT}}},
     "successor": {"type": "object", "additionalProperties": False,
-                  "properties": {**_TREE_SIZE, "top_k": {"type": "integer", "minimum": 1, "maximum": 64}}},
+                  "properties": {**_TREE_SIZE, "top_k": _TOP_K, "table": _SUCCESSORS}},
+    "suffix": {"type": "object", "additionalProperties": False,
+               "properties": {**_TREE_SIZE, "factor": {"type": "number", "minimum": 0, "maximum": 64},
+                              "offset": {"type": "number", "minimum": -64, "maximum": 64},
+                              "min_prob": {"type": "number", "minimum": 0, "maximum": 1},
+                              "max_match": {"type": "integer", "minimum": 1, "maximum": 256},
+                              "use_datastore": {"type": "boolean"}}},
     "model": {"type": "object", "additionalProperties": False, "required": ["path"],
               "properties": {"path": _NAME, "draft_len": _POS_INT}},
     "exit": {"type": "object", "additionalProperties": False, "required": ["exit_layer"],
@@ -76,6 +85,18 @@ ARM_SETTINGS = {
                                "draft_vocab": {"type": ["integer", "null"], "minimum": 1}, "weights": _EXITS,
                                "tree": _TREE}},
 }
+# The feature head's EAGLE-2 tree: the feature arm's settings with the tree's size (feature_tree.py).
+ARM_SETTINGS["feature-tree"] = {
+    "type": "object", "additionalProperties": False, "required": ["name", "layers"],
+    "properties": {**{k: v for k, v in ARM_SETTINGS["feature"]["properties"].items() if k != "tree"},
+                   "draft_len": _TREE_SIZE["draft_len"], "max_nodes": _MAX_NODES, "top_k": _TOP_K}}
+# One tree per step from several sources, each with its own arm's settings (merged_draft.py).
+_MERGED_SOURCES = {"lookup": "lookup-tree", "successor": "successor", "feature": "feature-tree", "model": "model"}
+ARM_SETTINGS["merged"] = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"draft_len": _TREE_SIZE["draft_len"], "max_nodes": _MAX_NODES,
+                   "sources": {"type": "object", "minProperties": 1, "additionalProperties": False,
+                               "properties": {source: ARM_SETTINGS[kind] for source, kind in _MERGED_SOURCES.items()}}}}
 
 # The one declared schema of bundle.json (JSON Schema, checked with the jsonschema library on every read).
 SCHEMA = {

@@ -224,6 +224,7 @@ def request_row(bundle, request: RequestLog, features_only: bool) -> dict:
             "wall_s": round(stats.wall_s, 6), "prefill_s": round(stats.prefill_s, 6), "route_s": round(stats.route_s, 6),
             "decode_s": round(stats.wall_s - stats.prefill_s - stats.route_s, 6),
             "dtype": dtype_name(dtype), "machine": machine_fingerprint(dtype),
+            **({"suffix_hits": dict(draft.hits)} if getattr(draft, "hits", None) is not None else {}),
         },
         "reward": reward,
     }

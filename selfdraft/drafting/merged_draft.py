@@ -1,0 +1,165 @@
+"""The ``merged`` arm: one token tree per step from several drafts at once, verified in one target forward.
+
+Each source proposes its own tree (or chain) under the pending token: ``lookup`` (the lookup-tree trie), ``successor``
+(the successor table), ``feature`` (the feature head's EAGLE-2 tree) and ``model`` (a draft model's chain). Their
+nodes are merged into one trie (a path two sources share is one node) and scored by the chance that the whole path
+is accepted: the source's cumulative draft probability when it gives one (``DraftOutput.node_probs``), else the
+product along the path of the source's measured hit rate for a node at that depth and sibling rank. A node scores
+the best of its sources; the best ``max_nodes`` are proposed (a child never scores above its parent).
+
+Hit rates are counted from what the target emitted after each step (the accepted tokens and the bonus token): a
+source's node was *tried* when its parent path was emitted (or it hangs from the root) and the target emitted a token
+at its depth, and *hit* when that token is the node's, whether or not the node made it into the merged tree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..base import checks
+from ..base.errors import CtxdraftError
+from .draft import DecodeState, Draft, DraftOutput, TeacherForced, TeacherPass
+from .feature_tree import best_subtree
+from .live_replay import LiveReplay
+
+SOURCES = ("lookup", "successor", "feature", "model")  # the order sources are merged in (ties: the earlier one)
+MAX_RANK = 3  # sibling ranks at or past this share one hit rate
+
+
+@dataclass
+class MergedSettings:
+    draft_len: int = 6  # the deepest node
+    max_nodes: int = 24
+    # The sources and their own arm settings (lookup: lookup-tree's, successor: successor's, feature: feature-tree's,
+    # model: model's); a source left out is not used.
+    sources: dict = field(default_factory=lambda: {"lookup": {}, "successor": {}})
+
+    def __post_init__(self):
+        self.draft_len = checks.integer("merged draft_len (the tree's depth)", self.draft_len, minimum=1, maximum=64)
+        self.max_nodes = checks.integer("merged max_nodes", self.max_nodes, minimum=1, maximum=1024)
+        if not isinstance(self.sources, dict) or not self.sources:
+            raise CtxdraftError(f"merged sources must name at least one of {', '.join(SOURCES)}, got {self.sources!r}")
+        for source, settings in self.sources.items():
+            if source not in SOURCES:
+                raise CtxdraftError(f"merged source {source!r} is unknown (known: {', '.join(SOURCES)})")
+            if not isinstance(settings, dict):
+                raise CtxdraftError(f"merged source {source!r} needs its settings as a mapping, got {settings!r}")
+
+
+class HitRates:
+    """Per (depth, sibling rank): how often a source's node was tried and hit; the rate has a prior of one hit in two."""
+
+    def __init__(self):
+        self.tried: dict[tuple[int, int], int] = {}
+        self.hit: dict[tuple[int, int], int] = {}
+
+    def rate(self, slot: tuple[int, int]) -> float:
+        return (self.hit.get(slot, 0) + 1) / (self.tried.get(slot, 0) + 2)
+
+    def scores(self, parents: list[int]) -> list[float]:
+        """The product of the rates along each node's path."""
+        scores: list[float] = []
+        for node, slot in enumerate(_slots(parents)):
+            scores.append(self.rate(slot) * (scores[parents[node]] if parents[node] >= 0 else 1.0))
+        return scores
+
+    def count(self, ids: list[int], parents: list[int], emitted: list[int]) -> None:
+        """Count a source's tree against what the target emitted after its root."""
+        on_path: list[bool] = []
+        for node, (depth, rank) in enumerate(_slots(parents)):
+            reached = parents[node] < 0 or on_path[parents[node]]
+            tried = reached and depth <= len(emitted)
+            on_path.append(tried and emitted[depth - 1] == ids[node])
+            if tried:
+                self.tried[depth, rank] = self.tried.get((depth, rank), 0) + 1
+                self.hit[depth, rank] = self.hit.get((depth, rank), 0) + on_path[-1]
+
+
+def _slots(parents: list[int]) -> list[tuple[int, int]]:
+    """(depth, sibling rank capped at MAX_RANK) of every node, parents before children."""
+    depths: list[int] = []
+    siblings: dict[int, int] = {}
+    slots = []
+    for parent in parents:
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+        rank = siblings.get(parent, 0)
+        siblings[parent] = rank + 1
+        slots.append((depths[-1], min(rank, MAX_RANK)))
+    return slots
+
+
+def _tree_of(out: DraftOutput) -> tuple[list[int], list[int]]:
+    """A proposal's nodes and parents (a chain's parents are -1, 0, 1, ...)."""
+    parents = out.parents if out.parents is not None else list(range(-1, len(out.ids) - 1))
+    return list(out.ids), list(parents)
+
+
+class MergedDraft(Draft):
+    """Several drafts' trees merged into one per step (see the module docstring)."""
+
+    kind = "merged"
+
+    def __init__(self, name: str, sources: dict[str, Draft], settings: MergedSettings):
+        super().__init__(name)
+        if not sources:
+            raise CtxdraftError(f"arm {name!r}: a merged arm needs at least one source")
+        self.sources = sources
+        self.settings = settings
+        self.draft_len = settings.draft_len
+        self.state_layers = tuple(sorted({layer for draft in sources.values() for layer in draft.state_layers}))
+        self.observe_top_k = max(draft.observe_top_k for draft in sources.values())
+        self.rates = {source: HitRates() for source in sources}
+        self.last_trees: dict[str, tuple[list[int], list[int]]] = {}
+        self.last_root = 0  # len(state.tokens) when the last trees were proposed
+
+    def max_verified(self) -> int:
+        return self.settings.max_nodes
+
+    def start(self, state: DecodeState) -> None:
+        for draft in self.sources.values():
+            draft.start(state)
+        self.last_trees = {}
+
+    def observe(self, state, token_ids, topk_ids) -> None:
+        for draft in self.sources.values():
+            if draft.observe_top_k:
+                draft.observe(state, token_ids, topk_ids[:, : draft.observe_top_k])
+
+    def accept(self, state: DecodeState, committed_len: int) -> None:
+        for draft in self.sources.values():
+            draft.accept(state, committed_len)
+
+    def propose(self, state: DecodeState, max_len: int) -> DraftOutput:
+        emitted = state.tokens[self.last_root :]
+        for source, (ids, parents) in self.last_trees.items():
+            self.rates[source].count(ids, parents, emitted)
+        self.last_root, self.last_trees = len(state.tokens), {}
+        max_depth = min(max_len, self.settings.draft_len)
+        ids: list[int] = []
+        parents: list[int] = []
+        scores: list[float] = []
+        children: dict[tuple[int, int], int] = {}
+        evaluations = 0
+        for source, draft in self.sources.items():
+            out = draft.propose(state, max_depth)  # every source runs every step: it keeps its own state in step
+            evaluations += out.evaluations or 0
+            tree = self.last_trees[source] = _tree_of(out)
+            source_scores = out.node_probs or self.rates[source].scores(tree[1])
+            merged: list[int] = []  # the merged node of each of the source's nodes
+            for token, parent, score in zip(tree[0], tree[1], source_scores):
+                under = merged[parent] if parent >= 0 else -1
+                node = children.get((under, token))
+                if node is None:
+                    node = children[under, token] = len(ids)
+                    ids.append(token)
+                    parents.append(under)
+                    scores.append(score)
+                scores[node] = max(scores[node], score)
+                merged.append(node)
+        out = best_subtree(ids, parents, scores, self.settings.max_nodes)
+        out.evaluations, out.stopped = evaluations, False
+        return out
+
+    def teacher_forced(self, tp: TeacherPass, vocab_size: int) -> TeacherForced:
+        """The merged trees along the target's sequence, from this draft and its sources themselves (their hit rates and
+        successor table follow the committed steps as in decoding; exact: ``live_replay.py``)."""
+        return LiveReplay(self, tp, vocab_size)
