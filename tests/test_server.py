@@ -365,6 +365,58 @@ def test_a_cancelled_row_frees_its_slot_while_the_others_finish(trained_bundle):
         assert scheduler.stop(TIMEOUT)
 
 
+def test_a_streaming_client_that_disconnects_cancels_its_row(bundle_dir, tmp_path):
+    """Catches a disconnect that leaves the row decoding to its end: it would hold its slot and be logged."""
+    log = tmp_path / "traffic.jsonl"
+    with server(load_bundle(bundle_dir, calibrate=False, log=log), max_batch=2) as (url, scheduler):
+        # A plain (unlogged) row that slows every step down, so the streamed row cannot end before it is cancelled.
+        pacer = scheduler.submit(_long_request(), on_event=lambda event: time.sleep(0.05))
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=TIMEOUT,
+                          json={"prompt": "ab", "max_tokens": 240, "temperature": 1.0, "seed": 1, "stream": True}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+            assert scheduler.batch_width == 2
+        deadline = time.monotonic() + TIMEOUT
+        while scheduler.batch_width > 1:
+            assert time.monotonic() < deadline, "the disconnected client's row is still decoding"
+            time.sleep(0.02)
+        assert not pacer.done
+        pacer.cancel()
+        with pytest.raises(Cancelled):
+            pacer.result(timeout=TIMEOUT)
+    assert not log.exists() or read_traffic([log]).rows == []  # cancelled rows are not logged
+
+
+def test_a_row_in_flight_finishes_on_the_policy_it_started_with(bundle_dir, tmp_path):
+    """Catches a reload that swaps the policy (and so the bundle its log line names) under a row already decoding,
+    and one that never reaches the rows admitted after it."""
+    log = tmp_path / "traffic.jsonl"
+    scheduler = Scheduler(load_bundle(bundle_dir, calibrate=False, log=log), watch_s=None)
+    try:
+        old = scheduler.bundle
+        info = json.loads((bundle_dir / "bundle.json").read_text())
+        info["online"] = {"lineage": [], "updates": []}  # a new bundle hash, read at the reload below
+        (bundle_dir / "bundle.json").write_text(json.dumps(info))
+        reloads_seen: list[int] = []
+
+        def on_event(event):  # on the worker: ask for a reload at the row's first text, then watch it land
+            if event.kind == "text":
+                if not reloads_seen:
+                    scheduler.reload_policy(wait=False)
+                reloads_seen.append(scheduler.reloads)
+
+        first = scheduler.submit(Request(prompt=PROMPT, chat=False, draft="auto", max_new_tokens=40), on_event)
+        assert first.result(timeout=TIMEOUT).routed
+        assert reloads_seen[0] == 0 and reloads_seen[-1] == 1  # the new bundle came in while this row decoded
+        assert scheduler.bundle is not old
+        assert scheduler.submit(Request(prompt=PROMPT, chat=False, max_new_tokens=4)).result(timeout=TIMEOUT).routed
+    finally:
+        assert scheduler.stop(TIMEOUT)
+    rows = read_traffic([log]).rows
+    assert len(rows) == 2
+    assert rows[0]["bundle"] == old._log_identity["bundle"] != rows[1]["bundle"]
+
+
 def test_stop_drains_what_is_in_flight_then_admits_nothing(trained_bundle):
     from ctxdraft.selfdraft.serving.requests import NotAdmitting
 

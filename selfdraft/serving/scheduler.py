@@ -35,6 +35,7 @@ from ..base.errors import CtxdraftError
 from ..base.layout import BUNDLE_FILE
 from ..drafting.batch_decoding import BatchDecoder
 from ..drafting.decoding import GenerationConfig
+from . import traffic
 from .batch import BatchRow, prepare_row, row_result
 from .bundle import Bundle, load_bundle, text_streamer
 from .requests import Cancelled, Event, Handle, NotAdmitting, QueueFull, Request, RequestError
@@ -81,6 +82,14 @@ def reopen_bundle(bundle: Bundle) -> Bundle:
     return fresh
 
 
+def pin_log_identity(bundle: Bundle) -> None:
+    """Hash a logging bundle's files now, while they are the ones it loaded: computed at its first log line, the
+    hash would name an in-place update written meanwhile (rows in flight are logged with the bundle they started
+    on)."""
+    if bundle.log is not None:
+        traffic.log_identity(bundle)
+
+
 class Scheduler:
     """Admits requests into a bounded queue and decodes them as rows of one continuous batch on one worker thread
     (see the module docstring). ``max_batch``: the most requests decoded together; ``max_queue``: the most waiting
@@ -94,6 +103,7 @@ class Scheduler:
             checks.number("watch_s", watch_s, above=0.0)
         self.watch_s = watch_s
         self.bundle = bundle
+        pin_log_identity(bundle)
         # Admission checks tokenize on the server's thread while the worker decodes: a fast tokenizer used from two
         # threads at once can fail ("Already borrowed"), so they get a copy of their own (the model is shared).
         self._admission = dataclasses.replace(bundle.target, tokenizer=copy.deepcopy(bundle.target.tokenizer))
@@ -205,6 +215,7 @@ class Scheduler:
         try:
             fresh = reopen_bundle(self.bundle)
             fresh.router()  # load the new policy now, not in the next request
+            pin_log_identity(fresh)
         except Exception as e:  # a half-written update: keep serving on the old policy, try again on the next change
             log.warning("could not reload the bundle's policy (%s); still routing with the previous one", e)
             with self._reloaded:
@@ -252,10 +263,11 @@ class Scheduler:
             wait = False
             if handle is None:  # a wake-up (a reload, a stop)
                 continue
-            with self._lock:
+            with self._lock:  # queued -> in flight at once: admission never sees a free slot that is being filled
                 self._queued -= 1
+                self._in_flight.append(handle)
             if handle.cancelled:
-                handle._emit(Event("error", error=Cancelled(f"request {handle.id} was cancelled")))
+                self._fail(handle, Cancelled(f"request {handle.id} was cancelled"))
                 continue
             handle.started_at = time.perf_counter()
             bundle, request = self.bundle, handle.request  # this row keeps this bundle's policy to its end
@@ -266,16 +278,14 @@ class Scheduler:
                                 chat=request.chat and request.messages is None)
                 row, batch_request = prepare_row(bundle, settings)
             except CtxdraftError as e:
-                handle._emit(Event("error", error=e))
+                self._fail(handle, e)
                 continue
             if batch_request is None:
-                handle._emit(Event("error", error=RequestError(row.error)))
+                self._fail(handle, RequestError(row.error))
                 continue
             on_tokens = text_streamer(bundle.target.tokenizer, lambda piece, h=handle: self._text(h, piece),
                                       row.config.stop)
             rows[decoder.add(batch_request)] = _InFlight(handle, row, on_tokens)
-            with self._lock:
-                self._in_flight.append(handle)
 
     @staticmethod
     def _text(handle: Handle, piece: str) -> None:
@@ -314,6 +324,12 @@ class Scheduler:
         with self._lock:
             self._in_flight.remove(entry.handle)
         entry.handle._emit(event)
+
+    def _fail(self, handle: Handle, error: Exception) -> None:
+        """End a request taken from the queue before it became a row."""
+        with self._lock:
+            self._in_flight.remove(handle)
+        handle._emit(Event("error", error=error))
 
     # -- stopping ----------------------------------------------------------------------------------
     def stop(self, grace_s: float = 30.0) -> bool:
