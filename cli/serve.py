@@ -13,7 +13,7 @@ from .common import dtype_option, no_calibrate_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port (0: any free one, printed when listening).")
 @click.option("--max-batch", default=8, show_default=True, type=int,
-              help="Most requests decoded together (requests run one at a time until batched decoding lands).")
+              help="Most requests decoded together: rows of one continuous batch (1: one at a time).")
 @click.option("--max-queue", default=64, show_default=True, type=int, help="Most requests waiting; more get 429.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False),
               help="Append every routed request to this traffic log (JSONL) for `ctxdraft update-policy`.")

@@ -1,4 +1,4 @@
-"""``Bundle.generate_batch`` and ``ctxdraft generate --batch``: one result per prompt, equal to its own request,
+"""``batch.generate_batch`` and ``ctxdraft generate --batch``: one result per prompt, equal to its own request,
 bad rows failing alone with their error."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from cli_helpers import assert_clean_error
 from click.testing import CliRunner
 
 from ctxdraft.cli.main import main
+from ctxdraft.selfdraft.serving.batch import generate_batch
 from ctxdraft.selfdraft.serving.bundle import load_bundle
 
 PROMPTS = ["the cat sat on the mat, the cat sat", "hi", {"prompt": "abc abc abc abc", "draft": "none", "max_new_tokens": 9},
@@ -18,7 +19,7 @@ PROMPTS = ["the cat sat on the mat, the cat sat", "hi", {"prompt": "abc abc abc 
 def test_each_result_equals_its_own_generate(tiny_model_dir):
     """Catches a row routed, configured or decoded as another row, a stop string not applied, results out of order."""
     bundle = load_bundle(target=str(tiny_model_dir))
-    results = bundle.generate_batch(PROMPTS, draft="lookup", max_new_tokens=14, max_batch=3)
+    results = generate_batch(bundle, PROMPTS, draft="lookup", max_new_tokens=14, max_batch=3)
     assert len(results) == len(PROMPTS)
     for prompt, result in zip(PROMPTS, results):
         settings = {"draft": "lookup", "max_new_tokens": 14} | ({"prompt": prompt} if isinstance(prompt, str) else prompt)
@@ -26,14 +27,14 @@ def test_each_result_equals_its_own_generate(tiny_model_dir):
         assert result.error is None
         assert (result.token_ids, result.text, result.arm) == (alone.token_ids, alone.text, alone.arm)
         assert result.stats.new_tokens == len(result.token_ids)
-    assert bundle.generate_batch([]) == []
+    assert generate_batch(bundle, []) == []
 
 
 def test_bad_rows_fail_alone(tiny_model_dir):
     bundle = load_bundle(target=str(tiny_model_dir))
     prompts = ["abc abc", {"prompt": "abc", "draft": "nope"}, "x" * 300, {"prompt": "abc", "temperature": -1},
                {"text": "no prompt key"}, 7, "abd abd"]
-    results = bundle.generate_batch(prompts, draft="lookup", max_new_tokens=10)
+    results = generate_batch(bundle, prompts, draft="lookup", max_new_tokens=10)
     errors = [r.error for r in results]
     assert errors[0] is None and errors[-1] is None
     assert "unknown arm 'nope'" in errors[1]

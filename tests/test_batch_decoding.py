@@ -156,6 +156,24 @@ def test_batched_sampling_row_keeps_the_target_distribution():
     assert_follows(torch.tensor([float(counts[k]) for k in keys]), torch.tensor([exact[k] for k in keys]), num)
 
 
+def test_a_cancelled_row_frees_its_cache_row_and_the_moved_row_decodes_on(model):
+    """Catches a cancel that leaves the row in the batch cache (a long-running server's cache would keep every
+    cancelled row) and a row moved into the freed slot that then reads another row's keys."""
+    stack = LayerStack(model)
+    decoder = BatchDecoder(stack, max_batch=3)
+    config = GenerationConfig(max_new_tokens=10)
+    row_ids = [decoder.add(BatchRequest(prompt, LookupDraft(), config)) for prompt in PROMPTS[:3]]
+    first = decoder.step()
+    assert decoder.cache.num_rows == 3
+    decoder.cancel(row_ids[0])  # the first slot: the last row moves into it
+    assert decoder.cache.num_rows == len(decoder.active) == 2
+    outcomes = {**first.finished, **decoder.run()}
+    assert outcomes[row_ids[0]].cancelled
+    for row_id, prompt in zip(row_ids[1:], PROMPTS[1:3]):
+        assert outcomes[row_id].token_ids == single(model, prompt, LookupDraft(), config)
+    assert decoder.cache.num_rows == 0
+
+
 def test_bad_rows_fail_alone(model):
     """An empty prompt, a prompt too long for the model, a draft that cannot be made (an unknown arm): each row gets
     its error; the others decode as if alone. A cancelled row is reported as such."""

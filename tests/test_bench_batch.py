@@ -11,7 +11,6 @@ from ctxdraft.cli.main import main
 from ctxdraft.selfdraft.base.fileio import write_json_atomic
 from ctxdraft.selfdraft.drafting.ties import Divergence
 from ctxdraft.selfdraft.runtime.target import load_target
-from ctxdraft.selfdraft.serving.bundle import Bundle
 from ctxdraft.selfdraft.serving.bundle_info import new_bundle_info
 
 ROWS = [
@@ -64,7 +63,7 @@ def test_cli_bench_batch_exits_1_on_a_mismatch(bundle_dir, data_file, tmp_path, 
     """A batch row that leaves its single-request output (not at a tie) fails the command, naming arm and prompt."""
     import ctxdraft.selfdraft.commands.bench_batch as bench_batch_module
 
-    generate_batch = Bundle.generate_batch
+    generate_batch = bench_batch_module.generate_batch
 
     def off_by_one(self, prompts, **kwargs):
         results = generate_batch(self, prompts, **kwargs)
@@ -73,7 +72,7 @@ def test_cli_bench_batch_exits_1_on_a_mismatch(bundle_dir, data_file, tmp_path, 
             row.token_ids = [(row.token_ids[0] + 1) % self.target.vocab_size] + row.token_ids[1:]
         return results
 
-    monkeypatch.setattr(Bundle, "generate_batch", off_by_one)
+    monkeypatch.setattr(bench_batch_module, "generate_batch", off_by_one)
     out = tmp_path / "out"
     r = invoke(bundle_dir, data_file, out, "--batch", "3", "--arms", "none", "--tie-tolerance", "0")
     assert r.exit_code == 1, r.output

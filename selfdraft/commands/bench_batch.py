@@ -4,7 +4,7 @@ The prompts are cut into groups of B (the last group may be smaller). For every 
 order (so drift on a shared machine hits every method alike), each method decodes the whole group:
 
 - ``hf-generate-batch``: ``model.generate`` on the group as one left-padded batch (greedy), the reference;
-- ``<arm> batch``: ``Bundle.generate_batch`` (one target forward per step for every row, ``batch_decoding.py``);
+- ``<arm> batch``: ``batch.generate_batch`` (one target forward per step for every row, ``batch_decoding.py``);
 - ``<arm> one by one``: ``Bundle.generate`` on each prompt of the group, one after another.
 
 *Aggregate tokens/s* = new tokens of all rows / seconds for the whole group (prefills included). Every row of
@@ -31,6 +31,7 @@ from ..base.fileio import write_json_atomic
 from ..drafting.decoding import num_before_eos
 from ..drafting.ties import compare_greedy
 from ..runtime.machine import dtype_name
+from ..serving.batch import generate_batch
 from ..serving.bundle import Bundle, load_bundle
 from .bench import Progress, select_prompts
 from .bench_runs import BenchConfig
@@ -182,8 +183,8 @@ def hf_generate_batch(bundle: Bundle, group: list[list[int]], max_new_tokens: in
 
 def _arm_methods(bundle: Bundle, arm: str, prompts: list[str], config: BenchConfig, batch: int):
     def batched(group: list[int]):
-        results = bundle.generate_batch([prompts[i] for i in group], draft=arm, max_new_tokens=config.max_new_tokens,
-                                        max_batch=batch)
+        results = generate_batch(bundle, [prompts[i] for i in group], draft=arm, max_new_tokens=config.max_new_tokens,
+                                 max_batch=batch)
         errors = [r.error for r in results if r.error]
         if errors:
             raise CtxdraftError(f"{arm} batch: a row failed: {errors[0]}")

@@ -6,6 +6,7 @@ from typing import Callable
 
 from ..base.errors import CtxdraftError
 from ..base.fileio import read_jsonl
+from ..serving import batch
 from ..serving.bundle import GenerationResult, load_bundle
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -36,12 +37,12 @@ def generate_batch(path: str | Path, *, bundle_dir: str | Path | None = None, ta
                    dtype: str = "auto", calibrate: bool | None = None, progress: Progress | None = None,
                    max_batch: int = 8, **generation) -> list[dict]:
     """What ``ctxdraft generate --batch FILE.jsonl`` does: every line of the file (``{"prompt": ..., "id"?}`` plus
-    optional per-row settings, see ``serving/batch.py``) decoded together by ``Bundle.generate_batch``; one dict per
+    optional per-row settings, see ``serving/batch.py``) decoded together by ``batch.generate_batch``; one dict per
     line, in order (its ``id`` first when the line has one; ``error`` for a row that failed)."""
     rows = read_jsonl(path, "batch file")
     bundle = load_bundle(bundle_dir, target=target, dtype=dtype, calibrate=calibrate)
     bundle.progress = progress
-    results = bundle.generate_batch(rows, max_batch=max_batch, **generation)
+    results = batch.generate_batch(bundle, rows, max_batch=max_batch, **generation)
     return [({"id": row["id"]} if "id" in row else {}) | result.to_dict() for row, result in zip(rows, results)]
 
 

@@ -104,6 +104,7 @@ class BatchDecoder:
         self.queue.append((row_id, request))
         return row_id
 
+    @torch.inference_mode()  # freeing an active row moves the last row's cache (inference tensors) into its slot
     def cancel(self, row_id: int) -> None:
         """Drop a queued or active row; it is reported finished (``cancelled``) by the next step."""
         for i, (queued_id, _) in enumerate(self.queue):

@@ -3,7 +3,7 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as server-sent events ending
 in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). Request parsing and the
 wire format are ``protocol.py``; admission, queueing, decoding, cancellation and policy reloads are the
-scheduler's (which does not batch yet: one request is decoded at a time).
+scheduler's (continuous batching: one ``BatchDecoder`` of up to ``--max-batch`` rows).
 
 Signals: SIGHUP reloads the bundle's policy (so does a change of its files on disk); SIGTERM or SIGINT stop
 admitting (new connections are refused, new requests get 503), let requests in flight finish within the grace

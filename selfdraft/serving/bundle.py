@@ -28,7 +28,7 @@ from ..learning.offpolicy import choose_arm
 from ..runtime.layers import LayerStack
 from ..runtime.machine import resolve_dtype
 from ..runtime.target import DEFAULT_TARGET, Target, load_target
-from . import batch, suffix_store, traffic
+from . import suffix_store, traffic
 from .bundle_files import check_files
 from .bundle_info import new_bundle_info, validate_info
 from .calibration import auto_calibrate_default, calibrate, find_calibration
@@ -47,7 +47,7 @@ class GenerationResult:
     arm: str
     stats: GenerationStats
     routed: bool = False  # the arm was chosen by the policy
-    error: str | None = None  # a batch row that failed (``generate_batch``): why; the other fields are empty
+    error: str | None = None  # a batch row that failed (``batch.generate_batch``): why; the other fields are empty
 
     def to_dict(self) -> dict:
         d = {
@@ -235,17 +235,14 @@ class Bundle:
             arm = draft
         route_s = time.perf_counter() - t0
         tokenizer = target.tokenizer
-        stop_check = _stop_checker(tokenizer, config.stop) if config.stop else None
-        on_tokens = _streamer(tokenizer, on_text) if on_text is not None else None
+        stop_check = stop_checker(tokenizer, config.stop) if config.stop else None
+        on_tokens = text_streamer(tokenizer, on_text, config.stop) if on_text is not None else None
         recorder = traffic.StepRecorder(self.draft(arm)) if routed and self.log is not None else None
         new_ids, stats = speculative_decode(self.stack, pre, recorder or self.draft(arm), config, target.eos_ids,
                                             on_tokens, stop_check)
         stats.route_s = route_s
         stats.wall_s += route_s
-        text = tokenizer.decode(new_ids, skip_special_tokens=True)
-        for s in config.stop:
-            if s in text:
-                text = text[: text.index(s)]
+        text = cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), config.stop)
         if self.log is not None:  # served outputs grow the suffix datastore
             suffix_store.record_output(self, new_ids)
         if recorder is not None:
@@ -254,25 +251,14 @@ class Bundle:
                 max_new_tokens, config.temperature, len(new_ids) < max_new_tokens, stats))
         return GenerationResult(prompt_ids, new_ids, text, arm, stats, routed)
 
-    def generate_batch(self, prompts: list, draft: str = "auto", max_new_tokens: int = 128, temperature: float = 0.0,
-                       top_p: float = 1.0, seed: int | None = None, chat: bool = True, stop: list[str] | None = None,
-                       escape_special: bool = False, max_batch: int = 8) -> list[GenerationResult]:
-        """``generate`` for several prompts decoded together (one target forward per step for all rows, up to
-        ``max_batch`` at once): one result per prompt, in order, each row routed on its own. A prompt may be a dict
-        overriding these settings for its row (``batch.py``); a row with bad input gets its ``error``."""
-        defaults = dict(draft=draft, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        chat=chat, stop=stop, escape_special=escape_special)
-        rows = batch.decode_batch(self, prompts, defaults, lambda stops: _stop_checker(self.target.tokenizer, stops),
-                                  max_batch)
-        return [GenerationResult(r.prompt_ids, r.token_ids, r.text, r.arm or "", r.stats, r.routed, r.error) for r in rows]
-
     def _state_layers(self, draft: str) -> set[int]:
         """The target layers the prefill keeps for the arm(s) that may draft: feature heads read them."""
         specs = self.info["arms"] if draft == "auto" else [self.arm_spec(draft)]
         return {layer for spec in specs for layer in arm_feature_layers(spec)}
 
 
-def _stop_checker(tokenizer, stops: list[str]):
+def stop_checker(tokenizer, stops: list[str]):
+    """``stop_check`` of the decoding loop for stop strings ``stops``: the token count at which to cut, or None."""
     def check(new_ids: list[int]) -> int | None:
         text = tokenizer.decode(new_ids, skip_special_tokens=True)
         if not any(s in text for s in stops):
@@ -287,8 +273,17 @@ def _stop_checker(tokenizer, stops: list[str]):
     return check
 
 
-def _streamer(tokenizer, on_text):
-    """Call ``on_text`` with each new piece of text (decoding the whole so far keeps multi-byte tokens whole)."""
+def cut_at_stop(text: str, stops) -> str:
+    """``text`` cut before the first of ``stops`` it contains (each stop string in turn)."""
+    for s in stops:
+        if s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+def text_streamer(tokenizer, on_text, stops=()):
+    """``on_tokens`` of the decoding loop calling ``on_text`` with each new piece of text (decoding the whole so far
+    keeps multi-byte tokens whole; the text is cut at ``stops``, so the pieces add up to the result's text)."""
     seen = {"ids": [], "text": ""}
 
     def on_tokens(ids: list[int]) -> None:
@@ -296,6 +291,7 @@ def _streamer(tokenizer, on_text):
         text = tokenizer.decode(seen["ids"], skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return
+        text = cut_at_stop(text, stops)
         on_text(text[len(seen["text"]) :])
         seen["text"] = text
 

@@ -1,20 +1,22 @@
-"""The scheduler a server talks to: admission, a bounded queue, a worker thread, streamed deltas, cancellation,
-a graceful stop and policy reloads. No HTTP here (``entrypoints/`` parses requests and speaks the protocol).
+"""The scheduler a server talks to: admission, a bounded queue, one worker thread driving a continuous batch,
+streamed deltas, cancellation, a graceful stop and policy reloads. No HTTP here (``entrypoints/`` parses requests
+and speaks the protocol).
 
-It does **not batch yet**: the worker runs admitted requests one at a time through ``Bundle.generate``, so the
-batch width is at most 1 whatever ``max_batch`` says. The interface (``submit -> Handle``, ``Handle.cancel``,
-``result``, ``stop``, ``reload_policy``) is what a continuous-batching loop (``add(request) -> row``,
-``cancel(row)``, ``step()``) needs too: only ``Scheduler._execute`` is meant to change when it replaces the
-one-at-a-time execution.
+The worker owns one ``BatchDecoder`` (``drafting/batch_decoding.py``, up to ``max_batch`` rows): at each step
+boundary it admits queued requests into free rows (FIFO; each row built by ``batch.prepare_row``, so routed,
+encoded and stop-checked as ``Bundle.generate`` does), runs one ``step()`` (one target forward for every row),
+streams each row's new tokens to its ``Handle`` as text deltas, and turns finished rows into
+``GenerationResult``s (``batch.row_result``: stop strings cut, routed rows appended to the traffic log).
 
-Requests, handles and admission errors are ``requests.py``. Terms. *Queued*: admitted, waiting for the worker (at most ``max_queue``; one more is ``QueueFull``). *In flight*:
-being decoded. *Cancelled*: the client went away; a queued request is dropped, one in flight stops at the next
-token boundary (its cache is local to the decoding call and freed with it) and is not logged.
+Requests, handles and admission errors are ``requests.py``. Terms. *Queued*: admitted, waiting for a row (at most
+``max_queue`` beyond the free rows; one more is ``QueueFull``). *In flight*: a row of the batch. *Cancelled*: the
+client went away; a queued request is dropped, a row in flight is cancelled at the next step boundary
+(``BatchDecoder.cancel`` frees its slot and cache) and is not logged.
 
 Policy reloads: ``reload_policy()`` (a server calls it on SIGHUP) and a changed ``bundle.json`` or policy file on
-disk (polled between requests, e.g. after ``ctxdraft update-policy --in-place``) open the bundle anew, sharing the
-loaded model and drafts, and swap it in between requests: a request keeps the bundle (and so the policy) it
-started with.
+disk (polled between steps, e.g. after ``ctxdraft update-policy --in-place``) open the bundle anew, sharing the
+loaded model and drafts, and swap it in between steps: a row keeps the bundle (and so the policy) it was admitted
+with, new rows get the new one.
 """
 from __future__ import annotations
 
@@ -24,21 +26,31 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from itertools import count
 from typing import Callable
 
 from ..base import checks
 from ..base.errors import CtxdraftError
 from ..base.layout import BUNDLE_FILE
+from ..drafting.batch_decoding import BatchDecoder
 from ..drafting.decoding import GenerationConfig
-from .bundle import Bundle, load_bundle
+from . import traffic
+from .batch import BatchRow, prepare_row, row_result
+from .bundle import Bundle, load_bundle, text_streamer
 from .requests import Cancelled, Event, Handle, NotAdmitting, QueueFull, Request, RequestError
 
 log = logging.getLogger(__name__)
 
 
-class _Stop(Exception):
-    """Raised inside the decoding loop (from the text callback) to end a cancelled request at a token boundary."""
+@dataclass
+class _InFlight:
+    """A request decoded as a row of the batch: its handle, row and text streamer."""
+
+    handle: Handle
+    row: BatchRow
+    on_tokens: Callable[[list[int]], None]
+    cancelling: bool = False
 
 
 def policy_stamp(bundle: Bundle) -> tuple:
@@ -70,11 +82,19 @@ def reopen_bundle(bundle: Bundle) -> Bundle:
     return fresh
 
 
+def pin_log_identity(bundle: Bundle) -> None:
+    """Hash a logging bundle's files now, while they are the ones it loaded: computed at its first log line, the
+    hash would name an in-place update written meanwhile (rows in flight are logged with the bundle they started
+    on)."""
+    if bundle.log is not None:
+        traffic.log_identity(bundle)
+
+
 class Scheduler:
-    """Admits requests into a bounded queue and runs them on one worker thread (see the module docstring: no
-    batching yet). ``max_batch``: the most requests decoded together (1 today, whatever is asked);
-    ``max_queue``: the most waiting; ``watch_s``: how often an idle worker checks the bundle's policy on disk
-    (None: never; ``reload_policy`` still works)."""
+    """Admits requests into a bounded queue and decodes them as rows of one continuous batch on one worker thread
+    (see the module docstring). ``max_batch``: the most requests decoded together; ``max_queue``: the most waiting
+    beyond the free rows; ``watch_s``: how often the worker checks the bundle's policy on disk (None: never;
+    ``reload_policy`` still works)."""
 
     def __init__(self, bundle: Bundle, max_batch: int = 8, max_queue: int = 64, watch_s: float | None = 1.0):
         self.max_batch = checks.integer("max_batch", max_batch, minimum=1)
@@ -83,6 +103,7 @@ class Scheduler:
             checks.number("watch_s", watch_s, above=0.0)
         self.watch_s = watch_s
         self.bundle = bundle
+        pin_log_identity(bundle)
         # Admission checks tokenize on the server's thread while the worker decodes: a fast tokenizer used from two
         # threads at once can fail ("Already borrowed"), so they get a copy of their own (the model is shared).
         self._admission = dataclasses.replace(bundle.target, tokenizer=copy.deepcopy(bundle.target.tokenizer))
@@ -92,7 +113,7 @@ class Scheduler:
         self._queued = 0
         self._in_flight: list[Handle] = []
         self._ids = count(1)
-        self._width = 1  # requests decoded together today (no batching yet); a batched loop makes it max_batch
+        self.max_width = 0  # the most rows decoded together so far
         self._admitting = True
         self._reload = threading.Event()
         self._reloaded = threading.Condition()
@@ -109,7 +130,7 @@ class Scheduler:
 
     @property
     def batch_width(self) -> int:
-        """Requests being decoded now (at most 1 until a batched loop replaces ``_execute``)."""
+        """Requests being decoded now: the rows of the batch."""
         return len(self._in_flight)
 
     @property
@@ -162,9 +183,9 @@ class Scheduler:
         with self._lock:
             if not self._admitting:
                 raise NotAdmitting("the server is shutting down and admits no new requests")
-            if self._queued >= self.max_queue + self._width - len(self._in_flight):
+            if self._queued >= self.max_queue + self.max_batch - len(self._in_flight):
                 raise QueueFull(f"{self._queued} requests are queued (the limit is {self.max_queue}); retry later",
-                                retry_after_s=max(1.0, self.mean_request_s * (self._queued + 1) / self._width))
+                                retry_after_s=max(1.0, self.mean_request_s * (self._queued + 1) / self.max_batch))
             handle = Handle(next(self._ids), request, on_event)
             self._queued += 1
             self._queue.put(handle)  # under the lock: never behind the sentinel stop() puts
@@ -172,7 +193,7 @@ class Scheduler:
 
     # -- policy ------------------------------------------------------------------------------------
     def reload_policy(self, wait: bool = True, timeout: float | None = 60.0) -> bool:
-        """Re-open the bundle between requests (the worker does it, after the request in flight). ``wait``: block
+        """Re-open the bundle between steps (the worker does it; rows in flight keep the old one). ``wait``: block
         until done and return whether a new bundle was swapped in (False: it could not be read; the old one
         stays, and ``reload_errors`` says why)."""
         with self._reloaded:
@@ -194,6 +215,7 @@ class Scheduler:
         try:
             fresh = reopen_bundle(self.bundle)
             fresh.router()  # load the new policy now, not in the next request
+            pin_log_identity(fresh)
         except Exception as e:  # a half-written update: keep serving on the old policy, try again on the next change
             log.warning("could not reload the bundle's policy (%s); still routing with the previous one", e)
             with self._reloaded:
@@ -208,57 +230,106 @@ class Scheduler:
 
     # -- the worker --------------------------------------------------------------------------------
     def _run(self) -> None:
+        bundle = self.bundle
+        decoder = BatchDecoder(bundle.stack, max_batch=self.max_batch, max_context=bundle.target.max_context)
+        rows: dict[int, _InFlight] = {}
+        last_watch = 0.0
         while True:
-            self._maybe_reload()
-            try:
-                handle = self._queue.get(timeout=self.watch_s)
-            except queue.Empty:
-                continue
-            if handle is None:
+            if self._reload.is_set() or self.watch_s is not None and time.monotonic() - last_watch >= self.watch_s:
+                last_watch = time.monotonic()
+                self._maybe_reload()
+            self._admit(decoder, rows, wait=not rows)
+            if not rows:
                 if not self._admitting and self._queue.empty():
                     return
                 continue
-            with self._lock:
+            try:
+                self._step(decoder, rows)
+            except Exception as e:  # a bug must fail its requests, not the server; the batch starts afresh
+                log.exception("a decoding step failed; failing its %d request(s)", len(rows))
+                for entry in rows.values():
+                    self._end(entry, Event("error", error=e))
+                rows.clear()
+                decoder = BatchDecoder(bundle.stack, max_batch=self.max_batch, max_context=bundle.target.max_context)
+
+    def _admit(self, decoder: BatchDecoder, rows: dict[int, _InFlight], wait: bool) -> None:
+        """Move queued requests into free rows (FIFO), each routed by the bundle in use now; ``wait``: block for the
+        first one (up to ``watch_s``)."""
+        while len(rows) < self.max_batch:
+            try:
+                handle = self._queue.get(timeout=self.watch_s) if wait else self._queue.get_nowait()
+            except queue.Empty:
+                return
+            wait = False
+            if handle is None:  # a wake-up (a reload, a stop)
+                continue
+            with self._lock:  # queued -> in flight at once: admission never sees a free slot that is being filled
                 self._queued -= 1
                 self._in_flight.append(handle)
-            try:
-                self._execute(handle)
-            finally:
-                with self._lock:
-                    self._in_flight.remove(handle)
-
-    def _execute(self, handle: Handle) -> None:
-        """Run one request to its end on the bundle in use now (the seam a batched loop replaces)."""
-        if handle.cancelled:
-            handle._emit(Event("error", error=Cancelled(f"request {handle.id} was cancelled")))
-            return
-        handle.started_at = time.perf_counter()
-        bundle, request = self.bundle, handle.request  # this request keeps this bundle's policy to its end
-
-        def on_text(piece: str) -> None:
             if handle.cancelled:
-                raise _Stop
-            if piece:
-                handle._emit(Event("text", text=piece))
+                self._fail(handle, Cancelled(f"request {handle.id} was cancelled"))
+                continue
+            handle.started_at = time.perf_counter()
+            bundle, request = self.bundle, handle.request  # this row keeps this bundle's policy to its end
+            try:
+                settings = dict(prompt=self.prompt_text(request, bundle.target), draft=request.draft,
+                                max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+                                top_p=request.top_p, seed=request.seed, stop=list(request.stop),
+                                chat=request.chat and request.messages is None)
+                row, batch_request = prepare_row(bundle, settings)
+            except CtxdraftError as e:
+                self._fail(handle, e)
+                continue
+            if batch_request is None:
+                self._fail(handle, RequestError(row.error))
+                continue
+            on_tokens = text_streamer(bundle.target.tokenizer, lambda piece, h=handle: self._text(h, piece),
+                                      row.config.stop)
+            rows[decoder.add(batch_request)] = _InFlight(handle, row, on_tokens)
 
-        try:
-            result = bundle.generate(self.prompt_text(request, bundle.target), draft=request.draft,
-                                     max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-                                     top_p=request.top_p, seed=request.seed, chat=request.chat and request.messages is None,
-                                     stop=list(request.stop), on_text=on_text)
-        except _Stop:
-            handle._emit(Event("error", error=Cancelled(f"request {handle.id} was cancelled")))
-            return
-        except CtxdraftError as e:
-            handle._emit(Event("error", error=e))
-            return
-        except Exception as e:  # a bug must fail its request, not the server
-            log.exception("request %d failed", handle.id)
-            handle._emit(Event("error", error=e))
-            return
-        elapsed = time.perf_counter() - handle.started_at
-        self.mean_request_s = 0.8 * self.mean_request_s + 0.2 * elapsed
-        handle._emit(Event("done", result=result))
+    @staticmethod
+    def _text(handle: Handle, piece: str) -> None:
+        if piece and not handle.cancelled:
+            handle._emit(Event("text", text=piece))
+
+    def _step(self, decoder: BatchDecoder, rows: dict[int, _InFlight]) -> None:
+        """Cancel the rows whose client went away, run one step, stream its tokens, finish the rows that ended."""
+        for row_id, entry in rows.items():
+            if entry.handle.cancelled and not entry.cancelling:
+                entry.cancelling = True
+                decoder.cancel(row_id)
+        self.max_width = max(self.max_width, sum(not entry.cancelling for entry in rows.values()))
+        out = decoder.step()
+        for row_id, new_ids in out.new_tokens.items():
+            rows[row_id].on_tokens(new_ids)
+        for row_id, outcome in out.finished.items():
+            entry = rows.pop(row_id)
+            if outcome.cancelled or entry.handle.cancelled:
+                self._end(entry, Event("error", error=Cancelled(f"request {entry.handle.id} was cancelled")))
+                continue
+            entry.row.outcome, entry.row.error = outcome, outcome.error
+            if outcome.error is not None:
+                self._end(entry, Event("error", error=RequestError(outcome.error)))
+                continue
+            try:
+                result = row_result(entry.row)
+            except Exception as e:  # a bug must fail its request, not the others
+                log.exception("request %d failed", entry.handle.id)
+                self._end(entry, Event("error", error=e))
+                continue
+            self.mean_request_s = 0.8 * self.mean_request_s + 0.2 * (time.perf_counter() - entry.handle.started_at)
+            self._end(entry, Event("done", result=result))
+
+    def _end(self, entry: _InFlight, event: Event) -> None:
+        with self._lock:
+            self._in_flight.remove(entry.handle)
+        entry.handle._emit(event)
+
+    def _fail(self, handle: Handle, error: Exception) -> None:
+        """End a request taken from the queue before it became a row."""
+        with self._lock:
+            self._in_flight.remove(handle)
+        handle._emit(Event("error", error=error))
 
     # -- stopping ----------------------------------------------------------------------------------
     def stop(self, grace_s: float = 30.0) -> bool:
