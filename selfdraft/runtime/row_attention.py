@@ -59,7 +59,10 @@ def use_row_attention(model: torch.nn.Module) -> bool:
     AttentionInterface.register(ROW_SDPA, row_sdpa)
     AttentionMaskInterface.register(ROW_SDPA, sdpa_mask)
     model.config._attn_implementation = ROW_SDPA
-    for sub in model.modules():  # some blocks keep a reference to their own config object
+    # Some blocks keep a reference to their own config object. An exit head's one-layer stack is a namespace
+    # around the target's layer, not a module: walk its layers.
+    subs = model.modules() if isinstance(model, torch.nn.Module) else (m for layer in model.model.layers for m in layer.modules())
+    for sub in subs:
         config = getattr(sub, "config", None)
         if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
             config._attn_implementation = ROW_SDPA
