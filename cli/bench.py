@@ -67,25 +67,22 @@ def bench_cmd(bundle_dir, data, per_domain, max_new_tokens, arms, baselines, rep
     with progress_bar(as_json) as bar:
         run = bench(data, config, bundle_dir=bundle_dir, split=split, per_domain=per_domain, out_dir=out_dir, dtype=dtype,
                     calibrate=False if no_calibrate else None, progress=bar)
-    report = run.report
-    if as_json:
-        echo_json(report.to_dict())
-    else:
-        click.echo(bench_markdown(report))
-        click.echo(f"wrote {', '.join(display_path(p) for p in run.written.values())}")
-    if not report.ok:
-        click.echo(report.status_line(), err=True)
-        raise SystemExit(1)
+    _show(run.report, bench_markdown, run.written, as_json)
 
 
 def _bench_batch(config, batch, data, bundle_dir, split, per_domain, out_dir, dtype, no_calibrate, as_json):
     with progress_bar(as_json) as bar:
         report, written = bench_batch(data, config, batch, bundle_dir=bundle_dir, split=split, per_domain=per_domain,
                                       out_dir=out_dir, dtype=dtype, calibrate=False if no_calibrate else None, progress=bar)
+    _show(report, batch_markdown, written, as_json)
+
+
+def _show(report, markdown, written: dict, as_json: bool) -> None:
+    """Print a bench report (JSON or its Markdown and the files written); a MISMATCH exits 1."""
     if as_json:
         echo_json(report.to_dict())
     else:
-        click.echo(batch_markdown(report))
+        click.echo(markdown(report))
         click.echo(f"wrote {', '.join(display_path(p) for p in written.values())}")
     if not report.ok:
         click.echo(report.status_line(), err=True)
