@@ -15,6 +15,7 @@ from pathlib import Path
 from ..base import checks
 from ..base.data import read_prompts
 from ..base.errors import CtxdraftError
+from ..base.fileio import atomic_path
 from ..base.layout import BUNDLE_FILE, SUCCESSORS_FILE
 from ..drafting.feature_tree import FeatureTreeSettings, feature_tree_arm
 from ..drafting.pool import lookup_arm, lookup_tree_arm, merged_arm_for, model_arm, none_arm, successor_arm, suffix_arm
@@ -159,5 +160,6 @@ def add_arm_from_options(bundle_dir: str | Path, kind: str, draft_len: int, *, m
         if old is None:
             path.unlink()
         else:
-            path.write_bytes(old)
+            with atomic_path(path) as tmp:  # the old table back whole, as save_successor_table wrote the new one
+                tmp.write_bytes(old)
         raise
