@@ -5,6 +5,7 @@ throughput, p50/p95 latency, time to first token and errors.
     python benchmarks/serve_load.py --requests 64 --concurrency 8 --max-tokens 128 [--data prompts.jsonl]
     python benchmarks/serve_load.py --draft none ...   # the same load with every request on plain decoding
     python benchmarks/serve_load.py --rounds 3 --server-pid $(pgrep -f 'ctxdraft serve')   # memory across rounds
+    python benchmarks/serve_load.py --out served.jsonl ...; python benchmarks/serve_check.py served.jsonl  # outputs
 
 Every request is bounded by --timeout; the run by --requests. Prompts: the "prompt" field of a JSONL file
 (cycled), or a few built-in ones. Greedy (temperature 0) unless --temperature says otherwise.
@@ -70,10 +71,11 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, args) -> dict:
     if error:
         return {"error": error}
     end = time.perf_counter()
-    return {"latency_s": end - t0, "ttft_s": (first or end) - t0, "tokens": tokens, "text": "".join(text), "arm": arm}
+    return {"latency_s": end - t0, "ttft_s": (first or end) - t0, "tokens": tokens, "text": "".join(text), "arm": arm,
+            "prompt": prompt}
 
 
-async def run(args) -> dict:
+async def run(args) -> tuple[dict, list[dict]]:
     prompts = read_prompts(args.data)
     semaphore = asyncio.Semaphore(args.concurrency)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -104,7 +106,7 @@ async def run(args) -> dict:
         "latency_p50_s": pct(latencies, 0.5), "latency_p95_s": pct(latencies, 0.95),
         "ttft_p50_s": pct(ttfts, 0.5), "ttft_p95_s": pct(ttfts, 0.95),
         "ttft_mean_s": round(statistics.fmean(ttfts), 3) if ttfts else None, "arms": arms,
-    }
+    }, ok
 
 
 def rss_mib(pid: int | None) -> float | None:
@@ -130,6 +132,8 @@ def main() -> None:
     p.add_argument("--api-key")
     p.add_argument("--rounds", type=int, default=1, help="Run the same load this many times (a report each)")
     p.add_argument("--server-pid", type=int, help="Report this process's resident memory after each round")
+    p.add_argument("--out", help="Write every finished request (prompt, text, arm, round) to this JSONL file, "
+                                 "for benchmarks/serve_check.py")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if urlparse(args.url).hostname not in LOCAL_HOSTS:
@@ -138,15 +142,22 @@ def main() -> None:
         raise SystemExit("need 1 <= --concurrency <= --requests <= 100000")
     if not 1 <= args.rounds <= 100:
         raise SystemExit("need 1 <= --rounds <= 100")
-    errors = 0
+    errors, served = 0, []
     for round_ in range(1, args.rounds + 1):
-        report = {"round": round_, **asyncio.run(run(args)), "server_rss_mib": rss_mib(args.server_pid)}
+        summary, ok = asyncio.run(run(args))
+        served += [{"round": round_, "prompt": r["prompt"], "text": r["text"], "arm": r["arm"],
+                    "max_tokens": args.max_tokens} for r in ok]
+        report = {"round": round_, **summary, "server_rss_mib": rss_mib(args.server_pid)}
         errors += report["errors"]
         if args.json:
             print(json.dumps(report, indent=2), flush=True)
         else:
             for key, value in report.items():
                 print(f"{key:>16}: {value}", flush=True)
+    if args.out:
+        tmp = Path(f"{args.out}.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in served))
+        tmp.replace(args.out)
     sys.exit(1 if errors else 0)
 
 
