@@ -106,6 +106,32 @@ def test_token_budget_shortens_drafts_not_outputs(model):
         assert max(len(outcomes[row_id].stats.drafted_per_position), 0) <= 6 // 4 - 1 + 1
 
 
+def test_the_cost_curve_sizes_chain_drafts_by_batch_width(model):
+    """A steep cost curve (each extra position costs a whole step) leaves every chain row undrafted, a flat one lets
+    each draft its full length, a curve in between lets a wide batch draft less per row than a narrow one; outputs
+    never change. Catches the curve ignored, applied per row instead of per batch, or a row's draft cut into its
+    output."""
+    stack = LayerStack(model)
+    config = GenerationConfig(max_new_tokens=16)
+    lookup = lambda: LookupDraft("lookup", LookupSettings(draft_len=4))  # noqa: E731
+    expected = single(model, PROMPTS[0], lookup(), config)
+
+    def drafted_per_step(step_s, rows):  # every row the same prompt, so widths compare
+        decoder = BatchDecoder(stack, max_batch=rows, step_s=step_s)
+        for _ in range(rows):
+            decoder.add(BatchRequest(PROMPTS[0], lookup(), config))
+        outcomes = decoder.run().values()
+        assert all(o.token_ids == expected for o in outcomes)
+        return sum(o.stats.nodes_verified for o in outcomes) / sum(o.stats.target_forwards for o in outcomes)
+
+    assert drafted_per_step([0.0] + [float(m) for m in range(1, 40)], 4) == 0  # a position costs a whole step
+    assert drafted_per_step([0.0] + [1.0] * 40, 4) == drafted_per_step(None, 4) > 0  # free positions: as alone
+    # One more position costs 0.3 of a plain step: alone a fresh row's prior (0.5) is worth it (threshold 0.23), in a
+    # batch of four not (0.55), so four rows draft less each than one.
+    middle = [0.0] + [1.0 + 0.3 * m for m in range(1, 40)]
+    assert drafted_per_step(middle, 4) < drafted_per_step(middle, 1)
+
+
 def test_seeded_sampling_row_reproduces_its_single_request(model):
     """The row draws its noise (and a draft model its tokens) from its own generator, in the single loop's order."""
     stack = LayerStack(model)

@@ -105,6 +105,22 @@ def test_a_tree_step_costs_the_step_over_its_nodes_plus_one():
         TREE_PROFILE.step_curve(40)
 
 
+def test_a_tree_arm_is_costed_on_the_tree_curve_and_a_chain_on_the_chain_curve():
+    """Catches tree steps costed as chain steps of as many positions (a tree forward's 4D mask and path gather cost
+    more on a CPU: a chain-shaped profile over-values big trees) and chain arms costed as trees."""
+    profile = CostProfile(context_tokens=100, target_step_s={1: 1.0, 2: 1.2, 3: 1.5, 4: 2.0},
+                          tree_step_s={2: 1.5, 3: 2.0, 4: 3.0},
+                          drafts={"t": {"evaluation_s": 0.0, "tree": True}, "c": {"evaluation_s": 0.0}})
+    steps = Trajectory([Step(1, 3, 1, nodes=3), Step(0, 0, 0)], new_tokens=3)
+    assert profile.seconds(steps, "t") == pytest.approx(3.0 + 1.0)  # an empty tree is a plain step
+    assert profile.seconds(Trajectory([Step(3, 3, 1)], 2), "c") == pytest.approx(2.0)
+    assert profile.step_curve(4, tree=True) == [0.0, 1.0, 1.5, 2.0, 3.0]
+    assert profile.step_curve(4) == [0.0, 1.0, 1.2, 1.5, 2.0]
+    assert CostProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+    old = CostProfile.from_dict({**profile.to_dict(), "tree_step_s": None})  # measured before trees were timed
+    assert old is not None and old.step_curve(4, tree=True) == old.step_curve(4)
+
+
 def test_trajectory_rows_keep_nodes_and_old_rows_read_as_chains():
     old = Trajectory.from_dict({"new_tokens": 4, "steps": [[1, 3, 2, 0], [2, 1, 0, 1]]})
     assert [s.nodes for s in old.steps] == [3, 1] and old.nodes_per_step == 2.0
@@ -126,9 +142,13 @@ def test_measure_profile_covers_the_tree_sizes_in_use(tiny_model_dir):
     profile = measure_profile(stack, drafts, target.encode("abc abc abc") * 3, target.vocab_size, reps=1)
     assert max_positions(drafts) == 41
     assert sorted(profile.target_step_s) == list(range(1, 18)) + [25, 33, 41]
-    assert profile.fits(drafts, None) and len(profile.step_curve(41)) == 42
+    assert sorted(profile.tree_step_s) == list(range(2, 18)) + [25, 33, 41]  # the tree arm's steps, timed as trees
+    assert profile.drafts[drafts["t"].cost_key].get("tree") and not profile.drafts["none"].get("tree")
+    assert profile.fits(drafts, None) and len(profile.step_curve(41, tree=True)) == 42
     smaller = CostProfile.from_dict({**profile.to_dict(), "target_step_s": {str(m): 1.0 for m in range(1, 18)}})
     assert smaller is not None and not smaller.fits(drafts, None)  # an old profile: readable, too small for the tree
+    chain_shaped = CostProfile.from_dict({**profile.to_dict(), "tree_step_s": {}})
+    assert chain_shaped is not None and not chain_shaped.fits(drafts, None)  # trees not timed as trees: measure again
 
 
 def test_add_exits_speedup_is_collects_reward_on_the_same_prompts(tmp_path):

@@ -12,6 +12,12 @@ seeded generator in the single loop's order (the same seed gives the same sample
 forward). ``BatchDecoder`` is pure and step-driven (no threads, no I/O): a server's scheduler calls ``add``,
 ``cancel`` and ``step``.
 
+Draft lengths from the machine's costs: with a cost curve (``step_s``, the cost profile's steps over 1.. positions,
+``Bundle.batch_decoder``), a chain row drafts at position d only while the whole batch gains from it
+(``tree_budget.worth_adding`` with B rows: a wider batch is more compute-bound, so each row drafts less), best
+estimated acceptance first; a row's estimate at d is its own running share of steps that accepted d drafted tokens
+of those that proposed them. Tree rows size their trees with their own node budget.
+
 An exit draft's early layers are run again by the batched forward (its proposal's layer-E states are not reused in
 a batch): verification stays exact, the exit arm only saves less than in the single loop.
 """
@@ -33,6 +39,7 @@ from ..runtime.layers import LayerStack
 from ..runtime.sampling import top_p_filter
 from .decoding import GenerationConfig, GenerationStats, Prefill, Row, commit, prefill, row_done, start_row
 from .draft import Draft, DraftOutput
+from .tree_budget import worth_adding
 
 
 @dataclass
@@ -79,15 +86,19 @@ class BatchDecoder:
     """Continuous batching over one target: ``add`` queues a request (admitted at the next step, FIFO), ``step``
     runs one forward for every active row, ``cancel`` drops a row. ``token_budget``: the most positions one decode
     forward verifies (drafts are shortened to fit; each row always gets its pending token). ``max_context``: a
-    prompt plus its max_new_tokens beyond it fails that row."""
+    prompt plus its max_new_tokens beyond it fails that row. ``step_s``: the cost curve chain rows' draft lengths are
+    chosen with (see the module docstring; None: every row drafts its arm's full length)."""
 
     def __init__(self, stack: LayerStack, max_batch: int = 8, token_budget: int | None = None,
-                 max_context: int | None = None):
+                 max_context: int | None = None, step_s: list[float] | None = None):
         if max_batch < 1:
             raise CtxdraftError(f"max_batch must be at least 1, got {max_batch}")
         if token_budget is not None and token_budget < max_batch:
             raise CtxdraftError(f"token_budget ({token_budget}) must allow one token for each of max_batch ({max_batch}) rows")
+        if step_s is not None and (len(step_s) < 2 or any(s <= 0 for s in step_s[1:])):
+            raise CtxdraftError("a batch decoder's step costs must be positive for 1.. positions")
         self.stack, self.max_batch, self.token_budget, self.max_context = stack, max_batch, token_budget, max_context
+        self.step_s = step_s
         self.cache = BatchCache(stack.num_layers, max_batch)
         self.queue: deque[tuple[int, BatchRequest]] = deque()
         self.active: list[_Active] = []  # in slot order
@@ -130,8 +141,9 @@ class BatchDecoder:
         groups: dict[type, list[_Active]] = {}
         for entry in self.active:
             groups.setdefault(type(entry.row.draft), []).append(entry)
+        draft_lens = self._draft_lens(share)
         for kind, entries in groups.items():
-            max_lens = {e.row_id: self._max_len(e.row, share) for e in entries}
+            max_lens = {e.row_id: draft_lens[e.row_id] for e in entries}
             proposals.update({e.row_id: DraftOutput([]) for e in entries if max_lens[e.row_id] == 0})
             entries = [e for e in entries if max_lens[e.row_id] > 0]  # as the single loop: no draft call at all
             try:
@@ -162,6 +174,28 @@ class BatchDecoder:
     def _max_len(self, row: Row, share: int | None) -> int:
         budget = row.config.max_new_tokens - len(row.new_ids) - 1  # as next_proposal: the verify step adds one
         return max(budget if share is None else min(budget, share), 0)
+
+    def _draft_lens(self, share: int | None) -> dict[int, int]:
+        """Each active row's draft length this step: its cap (``_max_len``), and for a chain row with a cost curve
+        only the positions the batch gains from, best estimated acceptance first (module docstring)."""
+        lens = {e.row_id: min(self._max_len(e.row, share), e.row.draft.draft_len) for e in self.active}
+        if self.step_s is None:
+            return lens
+        candidates = []  # (-estimated acceptance, depth, row id): a row's depths in order, its estimates non-increasing
+        for entry in self.active:
+            if entry.row.draft.proposes_trees:
+                continue
+            for depth, estimate in enumerate(acceptance_estimates(entry.row.stats, lens[entry.row_id]), 1):
+                candidates.append((-estimate, depth, entry.row_id))
+            lens[entry.row_id] = 0
+        rows = len(self.active)
+        positions, expected = rows, 0.0
+        for neg_estimate, depth, row_id in sorted(candidates):
+            if not worth_adding(self.step_s, positions, expected, -neg_estimate, rows):
+                break
+            lens[row_id] = depth
+            positions, expected = positions + 1, expected - neg_estimate
+        return lens
 
     def _admit(self, out: StepOutput) -> None:
         while self.queue and len(self.active) < self.max_batch:
@@ -256,6 +290,19 @@ class BatchDecoder:
                 self.active[index] = last
         else:
             self.active.pop(index)
+
+
+def acceptance_estimates(stats: GenerationStats, depth: int) -> list[float]:
+    """A row's estimated chance that its draft positions 1..depth are all accepted: the share of its steps that
+    accepted d drafted tokens among those that proposed d, with one hit and one miss as prior (0.5 before any step),
+    made non-increasing."""
+    estimates, lowest = [], 1.0
+    for d in range(depth):
+        drafted = stats.drafted_per_position[d] if d < len(stats.drafted_per_position) else 0
+        accepted = stats.accepted_per_position[d] if d < len(stats.accepted_per_position) else 0
+        lowest = min(lowest, (accepted + 1) / (drafted + 2))
+        estimates.append(lowest)
+    return estimates
 
 
 def tree_ancestors(parents: list[int]) -> torch.Tensor:  # [T, T] bool

@@ -187,6 +187,8 @@ class Draft:
     # The batch loop asks every row's draft through ``propose_batch`` of the draft's class, once per class and step:
     # a class that batches natively overrides it (one draft forward for its rows); the default proposes row by row.
     batches_natively = False
+    # Its steps verify token trees (``DraftOutput.parents``): the cost model times them as tree steps.
+    proposes_trees = False
 
     def __init__(self, name: str = "none"):
         self.name = name

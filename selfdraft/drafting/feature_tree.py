@@ -126,6 +126,7 @@ class FeatureTreeDraft(FeatureDraft):
     """The feature head's EAGLE-2 tree (see the module docstring)."""
 
     kind = "feature-tree"
+    proposes_trees = True
 
     def max_verified(self) -> int:
         return self.settings.max_nodes

@@ -97,6 +97,7 @@ class MergedDraft(Draft):
     """Several drafts' trees merged into one per step (see the module docstring)."""
 
     kind = "merged"
+    proposes_trees = True
 
     def __init__(self, name: str, sources: dict[str, Draft], settings: MergedSettings):
         super().__init__(name)

@@ -7,7 +7,9 @@ acceptance a lowers the time per token, ``step_s[N + 1] / (1 + S)``, exactly whe
 
     a > (1 + S) * (step_s[N + 2] - step_s[N + 1]) / step_s[N + 1]
 
-which is the rule ``NodeBudget.allows`` applies. The draft's main chain (its first-ranked path, what a chain draft of
+which is the rule ``NodeBudget.allows`` applies (``worth_adding``). A batch of B rows is the same sum with B tokens
+from the pending positions instead of one: ``a > (B + S) * (step_s[P + 1] - step_s[P]) / step_s[P]`` over its P
+verified positions, which ``batch_decoding.BatchDecoder`` applies to its chain rows' draft lengths. The draft's main chain (its first-ranked path, what a chain draft of
 the same source would propose) is always kept, so a steep cost curve shrinks the tree to that chain and a flat one
 grows it to the cap. A node's acceptance is the product along its path of the source's measured hit rate for each
 (depth, sibling rank): P(accepted | parent accepted), counted online over the current generation with a uniform
@@ -20,6 +22,17 @@ from ..base import checks
 from ..base.errors import CtxdraftError
 
 AUTO_MAX_NODES = 64  # the cap of max_nodes="auto" (65 verified positions, the largest tree the profile measures)
+
+
+def worth_adding(step_s: list[float], positions: int, expected: float, acceptance: float, rows: int = 1) -> bool:
+    """Whether one more verified position of estimated ``acceptance`` lowers the time per token of a step that
+    verifies ``positions`` positions (``step_s[m]``: seconds of a step over m) for ``rows`` rows expecting
+    ``expected`` accepted draft tokens in all: ``(rows + expected + acceptance) / step_s[positions + 1]`` beats
+    ``(rows + expected) / step_s[positions]``. False past the curve."""
+    if positions + 1 >= len(step_s):
+        return False
+    now, more = step_s[positions], step_s[positions + 1]
+    return acceptance > (rows + expected) * (more - now) / now
 
 
 def check_max_nodes(kind: str, max_nodes) -> tuple[int, bool]:
@@ -58,10 +71,7 @@ class NodeBudget:
         of estimated ``acceptance``."""
         if not self.auto or self.step_s is None:
             return True
-        if num_nodes + 2 >= len(self.step_s):
-            return False
-        now, more = self.step_s[num_nodes + 1], self.step_s[num_nodes + 2]
-        return acceptance > (1 + expected) * (more - now) / now
+        return worth_adding(self.step_s, num_nodes + 1, expected, acceptance)
 
     def learn(self, ids: list[int], parents: list[int], ranks: list[int], continuation: list[int]) -> None:
         """Count the hits of the last tree (node tokens, parents, sibling ranks) against the target's continuation:

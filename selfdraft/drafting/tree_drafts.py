@@ -113,6 +113,8 @@ def _check_tree_size(kind: str, draft_len, max_nodes) -> tuple[int, int | str]:
 class TreeDraft(Draft):
     """What the tree drafts share: the node cap and budget (``max_nodes``, ``set_costs``)."""
 
+    proposes_trees = True
+
     def __init__(self, name: str, settings):
         super().__init__(name)
         self.settings = settings

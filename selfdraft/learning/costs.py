@@ -2,12 +2,17 @@
 
 A *cost profile* (hardware- and dtype-dependent, measured here, medians of interleaved repetitions at one
 context length) holds:
-- ``target_step_s[m]``: one loop step's target forward over m = K + 1 positions + verification + cache crop, a
-  chain's K drafted tokens or a tree's K nodes (a tree costs what a chain of as many positions costs); measured at
-  every m up to 17 and at a few larger sizes above (``profile_sizes``), linearly interpolated in between
-  (``step_seconds``);
+- ``target_step_s[m]``: one loop step's target forward over m = K + 1 positions + verification + cache crop of a
+  chain of K drafted tokens; measured at every m up to 17 and at a few larger sizes above (``profile_sizes``),
+  linearly interpolated in between (``step_seconds``);
+- ``tree_step_s[m]``: the same for a token tree of m - 1 nodes (a tree attention mask instead of the causal one,
+  tree verification, the accepted path's K/V rows moved into place): measured at the same sizes when the pool
+  has a tree draft (``Draft.proposes_trees``), since on a CPU a tree step costs more than a chain step over as many
+  positions (measured 1.1-1.4x here) and a chain-shaped profile over-values big trees;
 - per draft (keyed by ``Draft.cost_key``, so arms that differ only in draft length or threshold share one
-  measurement): ``evaluation_s``, one draft evaluation (``Draft.propose`` of one token + roll-back), and for
+  measurement): ``evaluation_s``, one draft evaluation (a chain draft: ``Draft.propose`` of one token + roll-back;
+  a tree draft: one whole proposal at its full depth divided by the evaluations it reports, since its per-step
+  work, the trie, merge and budget, grows with the tree and not only with its head calls), and for
   exit drafts ``verify_s[k]`` / ``verify_stopped_s[k]``, the step's verification with k drafted tokens reusing
   the layer-E states the draft computed (without / with a confidence stop: then [0, E) already ran for all
   k + 1 positions).
@@ -32,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from ctxdraft.triton_kernels import verify_greedy
+from ctxdraft.triton_kernels import verify_greedy, verify_tree_greedy
 
 from ..base.errors import CtxdraftError
 from ..drafting.decoding import target_forward
@@ -42,22 +47,27 @@ from ..runtime.machine import machine_fingerprint
 from .trajectories import Step, Trajectory
 
 PROFILE_VERSION = 2
+# The widest step a calibration times: a batch's forward covers every row's pending token and draft (8 rows of
+# 8-token chains: 72 positions); past it ``step_seconds(..., extrapolate=True)`` continues the last line.
+BATCH_POSITIONS = 97
 
 
 @dataclass
 class CostProfile:
     context_tokens: int
-    target_step_s: dict[int, float]  # m positions -> seconds
+    target_step_s: dict[int, float]  # m positions -> seconds (a chain)
     drafts: dict[str, dict] = field(default_factory=dict)  # cost key -> {"evaluation_s", ["verify_s", "verify_stopped_s"]}
     target_hash: str | None = None
     machine: dict = field(default_factory=dict)
     reps: int = 0
     measured_at: str = ""
     version: int = PROFILE_VERSION
+    tree_step_s: dict[int, float] = field(default_factory=dict)  # m positions -> seconds (a tree of m - 1 nodes)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target_step_s"] = {str(m): s for m, s in self.target_step_s.items()}
+        d["tree_step_s"] = {str(m): s for m, s in self.tree_step_s.items()}
         for entry in d["drafts"].values():
             for key in ("verify_s", "verify_stopped_s"):
                 if key in entry:
@@ -73,11 +83,14 @@ class CostProfile:
             drafts = {}
             for key, entry in d["drafts"].items():
                 drafts[key] = {"evaluation_s": float(entry["evaluation_s"])}
+                if entry.get("tree"):
+                    drafts[key]["tree"] = True
                 for name in ("verify_s", "verify_stopped_s"):
                     if name in entry:
                         drafts[key][name] = {int(k): float(s) for k, s in entry[name].items()}
             return cls(int(d["context_tokens"]), {int(m): float(s) for m, s in d["target_step_s"].items()}, drafts,
-                       d.get("target_hash"), dict(d.get("machine") or {}), int(d.get("reps", 0)), str(d.get("measured_at", "")))
+                       d.get("target_hash"), dict(d.get("machine") or {}), int(d.get("reps", 0)), str(d.get("measured_at", "")),
+                       tree_step_s={int(m): float(s) for m, s in (d.get("tree_step_s") or {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
 
@@ -87,31 +100,40 @@ class CostProfile:
             return False
         if max(self.target_step_s, default=0) < max_positions(drafts) or 1 not in self.target_step_s:
             return False
+        trees = [d for d in drafts.values() if d.proposes_trees]
+        if trees and max(self.tree_step_s, default=0) < max(d.max_verified() for d in trees) + 1:
+            return False  # a profile from before tree steps were timed as trees
         for draft in drafts.values():
             entry = self.drafts.get(draft.cost_key)
-            if entry is None:
+            if entry is None or bool(entry.get("tree")) != draft.proposes_trees:
                 return False
             if draft.kind == "exit" and any(k not in entry.get(name, {}) for k in range(draft.draft_len + 1)
                                             for name in ("verify_s", "verify_stopped_s")):
                 return False
         return True
 
-    def step_seconds(self, num_positions: int) -> float | None:
-        """One loop step over ``num_positions`` positions: measured, or interpolated linearly between the nearest
-        measured sizes (None past the largest)."""
-        if num_positions in self.target_step_s:
-            return self.target_step_s[num_positions]
-        below = max((m for m in self.target_step_s if m < num_positions), default=None)
-        above = min((m for m in self.target_step_s if m > num_positions), default=None)
+    def step_seconds(self, num_positions: int, tree: bool = False, extrapolate: bool = False) -> float | None:
+        """One loop step over ``num_positions`` positions (``tree``: a token tree of ``num_positions - 1`` nodes; one
+        position is a plain step either way; a profile measured before tree steps were timed has the chain's only):
+        measured, or interpolated linearly between the nearest measured sizes; past the largest None, or with
+        ``extrapolate`` the line through the two largest (a batch's steps: a forward that wide is compute-bound,
+        its cost linear in positions)."""
+        steps = self.tree_step_s if tree and num_positions > 1 and self.tree_step_s else self.target_step_s
+        if num_positions in steps:
+            return steps[num_positions]
+        below = max((m for m in steps if m < num_positions), default=None)
+        above = min((m for m in steps if m > num_positions), default=None)
+        if above is None and extrapolate and len(steps) >= 2:
+            below, above = sorted(steps)[-2:]  # the line through the two largest, past the largest
         if below is None or above is None:
             return None
-        low, high = self.target_step_s[below], self.target_step_s[above]
+        low, high = steps[below], steps[above]
         return low + (high - low) * (num_positions - below) / (above - below)
 
-    def step_curve(self, max_positions: int) -> list[float]:
-        """``[m] -> step_seconds(m)`` for m = 1..max_positions (index 0 unused): what a tree draft's node budget reads
-        (``Draft.set_costs``)."""
-        curve = [0.0] + [self.step_seconds(m) for m in range(1, max_positions + 1)]
+    def step_curve(self, max_positions: int, tree: bool = False, extrapolate: bool = False) -> list[float]:
+        """``[m] -> step_seconds(m, tree, extrapolate)`` for m = 1..max_positions (index 0 unused): what a tree
+        draft's node budget reads (``Draft.set_costs``) and a batch decoder's draft lengths."""
+        curve = [0.0] + [self.step_seconds(m, tree, extrapolate) for m in range(1, max_positions + 1)]
         if any(s is None for s in curve):
             raise CtxdraftError(f"the cost profile has no timing for steps of up to {max_positions} positions; "
                                 "measure it again (collect --reprofile, or ctxdraft calibrate)")
@@ -123,7 +145,7 @@ class CostProfile:
         if "verify_s" in entry:  # an exit draft: verification reuses the layer-E states the draft computed
             value = entry["verify_stopped_s" if stopped else "verify_s"].get(nodes)
         else:
-            value = self.step_seconds(nodes + 1)
+            value = self.step_seconds(nodes + 1, tree=bool(entry.get("tree")))
         if value is None:
             raise CtxdraftError(f"the cost profile has no timing for verifying {nodes} drafted token(s) of {cost_key!r}; "
                                 "measure it again (collect --reprofile, or ctxdraft calibrate)")
@@ -190,7 +212,7 @@ def profile_sizes(max_positions: int) -> list[int]:
 def set_costs(drafts: dict[str, Draft], profile: "CostProfile") -> None:
     """Hand every draft the profile's step costs (a tree draft sizes its trees with them)."""
     for draft in drafts.values():
-        draft.set_costs(profile.step_curve(draft.max_verified() + 1))
+        draft.set_costs(profile.step_curve(draft.max_verified() + 1, draft.proposes_trees))
 
 
 def context_ids(token_lists: list[list[int]], max_new_tokens: int, max_context: int, positions: int) -> list[int]:
@@ -223,8 +245,9 @@ def machine_info(dtype: torch.dtype) -> dict:
 
 @torch.inference_mode()
 def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[int], vocab_size: int, reps: int = 7,
-                    target_hash: str | None = None) -> CostProfile:
-    """Measure the profile ``drafts`` (arm name -> Draft) need at a context of ``len(context)`` tokens."""
+                    target_hash: str | None = None, widest: int = 0) -> CostProfile:
+    """Measure the profile ``drafts`` (arm name -> Draft) need at a context of ``len(context)`` tokens, and steps
+    of up to ``widest`` positions (a batch's forwards, ``BATCH_POSITIONS``)."""
     if reps < 1:
         raise CtxdraftError(f"profile repetitions must be >= 1, got {reps}")
     D = stack.config.hidden_size
@@ -248,29 +271,55 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
 
         return run
 
-    def evaluation_job(draft: Draft):
-        state = DecodeState(stack, cache, list(context), vocab_size, 0.0, 1.0, None)
+    def tree_job(num_positions: int):
+        # A binary tree of num_positions - 1 nodes under the pending token, as bushy as the merged arm's; nothing
+        # matches, so the accepted path is empty and keep_rows moves nothing, which costs what a short path does.
+        nodes = num_positions - 1
+        out = DraftOutput([token] * nodes, parents=[-1 if i < 2 else (i - 2) // 2 for i in range(nodes)])
+        tree_ids = torch.tensor([out.ids], dtype=torch.long)
+        parents = torch.tensor([out.parents], dtype=torch.long)
+        num_nodes = torch.tensor([nodes])
 
         def run():
-            draft.propose(state, 1)
+            logits = target_forward(stack, cache, [token] * num_positions, n - 1, out)
+            result = verify_tree_greedy(logits, tree_ids, parents, num_nodes)
+            path = result.path_nodes[0, : int(result.num_accepted[0])].tolist()
+            stack.keep_rows(cache, n - 1, [0] + [1 + node for node in path])
+            stack.crop(cache, n - 1)
+
+        return run
+
+    def evaluation_job(draft: Draft) -> tuple[Callable[[], None], int]:
+        """A job timing one proposal (see the module docstring) and the evaluations it reports."""
+        state = DecodeState(stack, cache, list(context), vocab_size, 0.0, 1.0, None)
+        depth = max(draft.draft_len, 1) if draft.proposes_trees else 1
+        evaluations = []
+
+        def run():
+            out = draft.propose(state, depth)
+            evaluations.append(out.evaluations if out.evaluations is not None else 1)
             stack.crop(cache, n - 1)  # an exit draft wrote the pending token into layers [0, E)
             draft.accept(state, n - 1)
 
         draft.start(state)
         run()  # catch up on the context (a draft model, a layer exit head): later runs feed one token
-        return run
+        run()
+        return run, max(evaluations[-1], 1)
 
-    sizes = profile_sizes(max_positions(drafts))
+    sizes = profile_sizes(max(max_positions(drafts), widest))
     jobs = {f"verify:{m}": verify_job(m) for m in sizes}
+    tree_sizes = [m for m in sizes if m > 1] if any(d.proposes_trees for d in drafts.values()) else []
+    jobs.update({f"tree:{m}": tree_job(m) for m in tree_sizes})
     by_key: dict[str, Draft] = {}
     longest: dict[str, int] = {}
     for draft in drafts.values():
         by_key.setdefault(draft.cost_key, draft)
         longest[draft.cost_key] = max(longest.get(draft.cost_key, 0), draft.draft_len)
+    per_proposal: dict[str, int] = {}  # evaluations one timed proposal reports
     for key, draft in by_key.items():
         if draft.kind == "none":
             continue
-        jobs[f"draft:{key}"] = evaluation_job(draft)
+        jobs[f"draft:{key}"], per_proposal[key] = evaluation_job(draft)
         if draft.kind == "exit":
             E = draft.head.exit_layer
             for k in range(longest[key] + 1):
@@ -280,11 +329,12 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
     profile = CostProfile(
         context_tokens=n,
         target_step_s={m: medians[f"verify:{m}"] for m in sizes},
+        tree_step_s={m: medians[f"tree:{m}"] for m in tree_sizes},
         target_hash=target_hash, machine=machine_info(stack.model.dtype), reps=reps,
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     for key, draft in by_key.items():
-        entry = {"evaluation_s": medians.get(f"draft:{key}", 0.0)}
+        entry = {"evaluation_s": medians.get(f"draft:{key}", 0.0) / per_proposal.get(key, 1), **({"tree": True} if draft.proposes_trees else {})}
         if draft.kind == "exit":
             entry["verify_s"] = {k: medians[f"exit:{key}:{k}"] for k in range(longest[key] + 1)}
             entry["verify_stopped_s"] = {k: medians[f"exit-stopped:{key}:{k}"] for k in range(longest[key] + 1)}

@@ -19,7 +19,7 @@ from ..base import checks
 from ..base.errors import CtxdraftError
 from ..base.features import features_from_prefill
 from ..base.fileio import display_path
-from ..drafting.batch_decoding import BatchDecoder, BatchRequest, RowOutcome
+from ..drafting.batch_decoding import BatchRequest, RowOutcome
 from ..drafting.decoding import GenerationConfig, GenerationStats, Prefill
 from ..drafting.pool import build_draft
 from ..learning.offpolicy import Choice, choose_arm
@@ -136,7 +136,7 @@ def decode_batch(bundle: Bundle, prompts: list, defaults: dict, max_batch: int =
     if not isinstance(prompts, (list, tuple)):
         raise CtxdraftError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
     max_batch = checks.integer("max_batch", max_batch, minimum=1)
-    decoder = BatchDecoder(bundle.stack, max_batch=max_batch, max_context=bundle.target.max_context)
+    decoder = bundle.batch_decoder(max_batch)
     rows, row_of = [], {}
     for prompt in prompts:
         try:

@@ -21,6 +21,7 @@ from ..base.errors import CtxdraftError
 from ..base.features import features_from_prefill
 from ..base.fileio import check_sealed, display_path, read_json, write_json_atomic
 from ..base.layout import BUNDLE_FILE, TRAJECTORIES_FILE
+from ..drafting.batch_decoding import BatchDecoder
 from ..drafting.decoding import GenerationConfig, GenerationStats, prefill, speculative_decode
 from ..drafting.draft import Draft
 from ..drafting.pool import arm_feature_layers, build_draft, model_arm
@@ -120,12 +121,22 @@ class Bundle:
             self._stack = LayerStack(self.target.model)
         return self._stack
 
+    def batch_decoder(self, max_batch: int) -> BatchDecoder:
+        """A ``BatchDecoder`` of up to ``max_batch`` rows over this bundle's target whose chain rows draft only what
+        this machine's cost profile says pays at the batch's width (every row its arm's full length when the bundle
+        has no profile here)."""
+        profile, _ = profile_for(self)
+        longest = max((int(arm.get("settings", {}).get("draft_len") or 0) for arm in self.info["arms"]), default=0)
+        step_s = profile.step_curve(max_batch * (longest + 1), extrapolate=True) if profile is not None else None
+        return BatchDecoder(self.stack, max_batch=max_batch, max_context=self.target.max_context, step_s=step_s)
+
     def draft(self, name: str) -> Draft:
         if name not in self._drafts:
             draft = build_draft(self.arm_spec(name), self.target, self.path, self.shared)
             profile, _ = profile_for(self)  # a tree draft sizes its trees with this machine's costs
-            if profile is not None and profile.step_seconds(draft.max_verified() + 1) is not None:
-                draft.set_costs(profile.step_curve(draft.max_verified() + 1))
+            positions, tree = draft.max_verified() + 1, draft.proposes_trees
+            if profile is not None and profile.step_seconds(positions, tree) is not None:
+                draft.set_costs(profile.step_curve(positions, tree))
             self._drafts[name] = draft
         return self._drafts[name]
 

@@ -41,7 +41,7 @@ from ..base.errors import CtxdraftError
 from ..base.fileio import display_path, remove_stale_temps, staged, write_json_atomic
 from ..base.layout import POLICY_FILE, POLICY_WEIGHTS_FILE, TRAJECTORIES_FILE
 from ..drafting.pool import cost_key
-from ..learning.costs import CostProfile, context_ids, max_positions, measure_profile
+from ..learning.costs import BATCH_POSITIONS, CostProfile, context_ids, max_positions, measure_profile
 from ..learning.policy import PolicyConfig
 from ..learning.policy_train import save_policy, train_policies
 from ..learning.rewards import read_trajectories, recompute_rewards, rewards_from_rows, summarize
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 CALIBRATIONS_ENV = "CTXDRAFT_CALIBRATIONS"
 NO_CALIBRATE_ENV = "CTXDRAFT_NO_CALIBRATE"
 CALIBRATION_FILE = "calibration.json"
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2  # 2: tree arms are costed with tree-shaped steps (costs.CostProfile.tree_step_s)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -173,8 +173,9 @@ def calibrate(bundle, progress: Progress | None = None, reps: int = 5, epochs: i
         progress("calibrate: costs", 0, 3)
     max_new = max(int(r.get("max_new_tokens") or r.get("new_tokens") or 1) for r in rows)
     context = context_ids([r["features"]["tokens"] for r in rows if r["features"].get("tokens")], max_new,
-                          target.max_context, max_positions(drafts))
-    profile = measure_profile(bundle.stack, drafts, context, target.vocab_size, reps, target.content_hash)
+                          target.max_context, max(max_positions(drafts), BATCH_POSITIONS))
+    profile = measure_profile(bundle.stack, drafts, context, target.vocab_size, reps, target.content_hash,
+                              widest=BATCH_POSITIONS)
     profile_s = time.perf_counter() - t0
     if progress:
         progress("calibrate: policy", 1, 3)

@@ -231,7 +231,7 @@ class Scheduler:
     # -- the worker --------------------------------------------------------------------------------
     def _run(self) -> None:
         bundle = self.bundle
-        decoder = BatchDecoder(bundle.stack, max_batch=self.max_batch, max_context=bundle.target.max_context)
+        decoder = bundle.batch_decoder(self.max_batch)
         rows: dict[int, _InFlight] = {}
         last_watch = 0.0
         while True:
@@ -250,7 +250,7 @@ class Scheduler:
                 for entry in rows.values():
                     self._end(entry, Event("error", error=e))
                 rows.clear()
-                decoder = BatchDecoder(bundle.stack, max_batch=self.max_batch, max_context=bundle.target.max_context)
+                decoder = bundle.batch_decoder(self.max_batch)
 
     def _admit(self, decoder: BatchDecoder, rows: dict[int, _InFlight], wait: bool) -> None:
         """Move queued requests into free rows (FIFO), each routed by the bundle in use now; ``wait``: block for the

@@ -98,6 +98,10 @@ class StepRecorder(Draft):
     def max_verified(self) -> int:
         return self.inner.max_verified()
 
+    @property
+    def proposes_trees(self) -> bool:
+        return self.inner.proposes_trees
+
     def set_costs(self, step_s) -> None:
         self.inner.set_costs(step_s)
 
