@@ -6,8 +6,9 @@ rounding of the target's best logit where they part) or a real MISMATCH.
     python benchmarks/serve_load.py --out served.jsonl --requests 64 --concurrency 8 --max-tokens 128 --data held.jsonl
     python benchmarks/serve_check.py served.jsonl [--bundle B] [--dtype bfloat16] [--json]
 
-Served texts are re-tokenised to find where they part (the stream carries text, not ids); the served prompts are
-chat prompts (one user turn), as serve_load.py sends them. Exit status 1 on any real mismatch.
+serve_load.py asks for the completions' token ids (``return_token_ids``), so outputs are compared token for token;
+the served prompts are chat prompts (one user turn), as serve_load.py sends them. Exit status 1 on any real
+mismatch.
 """
 from __future__ import annotations
 
@@ -41,14 +42,11 @@ def main() -> None:
         if key not in plain:
             plain[key] = bundle.generate(row["prompt"], draft="none", max_new_tokens=row["max_tokens"])
         expected = plain[key]
-        if row["text"] == expected.text:
-            counts[row["file"]]["identical"] += 1
-            continue
-        got = target.tokenizer.encode(row["text"], add_special_tokens=False)
-        d = compare_greedy(bundle.stack, expected.prompt_ids, expected.token_ids, got, target.eos_ids)
-        kind = "tie" if d.kind == "tie" else "mismatch"  # texts differ, so "identical" ids mean re-tokenising hid it
-        counts[row["file"]][kind] += 1
-        if kind == "mismatch":
+        if row.get("token_ids") is None:
+            raise SystemExit(f"{row['file']}: a served row without token_ids; load the server with serve_load.py")
+        d = compare_greedy(bundle.stack, expected.prompt_ids, expected.token_ids, row["token_ids"], target.eos_ids)
+        counts[row["file"]][d.kind] += 1
+        if d.kind == "mismatch":
             bad.append({"file": row["file"], "prompt": row["prompt"][:60], "arm": row["arm"], "position": d.position})
     report = {"served": len(rows), "prompts": len(plain), **counts, "first_mismatches": bad[:5]}
     mismatches = sum(c["mismatch"] for c in counts.values())

@@ -44,9 +44,9 @@ def read_prompts(path: str | None) -> list[str]:
 async def one(client: httpx.AsyncClient, url: str, prompt: str, args) -> dict:
     body = {"model": "ctxdraft", "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
             "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True},
-            "draft": args.draft}
+            "draft": args.draft, "return_token_ids": True}
     t0 = time.perf_counter()
-    first, tokens, text, error, arm = None, 0, [], None, None
+    first, tokens, text, error, arm, token_ids = None, 0, [], None, None, None
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=args.timeout) as r:
             if r.status_code != 200:
@@ -60,7 +60,7 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, args) -> dict:
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 if chunk.get("ctxdraft"):
-                    arm = chunk["ctxdraft"]["arm"]
+                    arm, token_ids = chunk["ctxdraft"]["arm"], chunk["ctxdraft"].get("token_ids")
                 for choice in chunk.get("choices", []):
                     piece = choice.get("delta", {}).get("content")
                     if piece:
@@ -72,7 +72,7 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, args) -> dict:
         return {"error": error}
     end = time.perf_counter()
     return {"latency_s": end - t0, "ttft_s": (first or end) - t0, "tokens": tokens, "text": "".join(text), "arm": arm,
-            "prompt": prompt}
+            "prompt": prompt, "token_ids": token_ids}
 
 
 async def run(args) -> tuple[dict, list[dict]]:
@@ -145,8 +145,8 @@ def main() -> None:
     errors, served = 0, []
     for round_ in range(1, args.rounds + 1):
         summary, ok = asyncio.run(run(args))
-        served += [{"round": round_, "prompt": r["prompt"], "text": r["text"], "arm": r["arm"],
-                    "max_tokens": args.max_tokens} for r in ok]
+        served += [{"round": round_, "prompt": r["prompt"], "text": r["text"], "token_ids": r["token_ids"],
+                    "arm": r["arm"], "max_tokens": args.max_tokens} for r in ok]
         report = {"round": round_, **summary, "server_rss_mib": rss_mib(args.server_pid)}
         errors += report["errors"]
         if args.json:

@@ -88,8 +88,11 @@ def test_greedy_completion_over_http_equals_bundle_generate(served):
     info = out.model_extra["ctxdraft"]
     assert info["arm"] == expected.arm and info["routed"] is True
     assert info["tokens_per_forward"] == pytest.approx(expected.stats.tokens_per_forward, abs=1e-3)
-    named = client(url).completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"draft": "lookup"})
+    assert "token_ids" not in info  # only when asked for
+    named = client(url).completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                                           extra_body={"draft": "lookup", "return_token_ids": True})
     assert named.choices[0].text == expected.text and named.model_extra["ctxdraft"]["arm"] == "lookup"
+    assert named.model_extra["ctxdraft"]["token_ids"] == expected.token_ids
 
 
 def test_chat_uses_the_chat_template_and_equals_bundle_generate(served):
@@ -116,11 +119,12 @@ def test_streaming_pieces_add_up_to_the_whole_and_end_with_done(served):
     assert chat[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chat if ch.choices) == bundle.generate(PROMPT, max_new_tokens=16).text
     assert chat[-1].usage.completion_tokens > 0
-    with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "stream": True},
-                      timeout=TIMEOUT) as r:
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=TIMEOUT,
+                      json={"prompt": PROMPT, "max_tokens": 4, "stream": True, "return_token_ids": True}) as r:
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
-    assert "ctxdraft" in json.loads(lines[-2][len("data: "):])
+    last = json.loads(lines[-2][len("data: "):])["ctxdraft"]
+    assert last["token_ids"] == bundle.generate(PROMPT, max_new_tokens=4, chat=False).token_ids
 
 
 def test_stop_strings_seed_and_sampling_fields(served):

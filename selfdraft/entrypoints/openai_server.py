@@ -194,7 +194,7 @@ def build_app(scheduler: Scheduler, model_name: str, api_key: str | None = None)
         model = body.model or model_name
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(handle, events, rid, model, chat, include_usage),
+            return StreamingResponse(_stream(handle, events, rid, model, chat, include_usage, body.return_token_ids),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             while True:
@@ -212,9 +212,10 @@ def build_app(scheduler: Scheduler, model_name: str, api_key: str | None = None)
         if event.kind == "error":
             raise _failure(event.error)
         metrics.finished(handle, event.result)
-        return protocol.completion_body(rid, model, event.result, request, chat)
+        return protocol.completion_body(rid, model, event.result, request, chat, body.return_token_ids)
 
-    async def _stream(handle, events: asyncio.Queue, rid: str, model: str, chat: bool, include_usage: bool):
+    async def _stream(handle, events: asyncio.Queue, rid: str, model: str, chat: bool, include_usage: bool,
+                      token_ids: bool):
         try:
             if chat:
                 yield protocol.sse(protocol.chunk_body(rid, model, chat, role=True))
@@ -230,7 +231,7 @@ def build_app(scheduler: Scheduler, model_name: str, api_key: str | None = None)
                     result = event.result
                     metrics.finished(handle, result)
                     yield protocol.sse(protocol.chunk_body(rid, model, chat, reason=protocol.finish_reason(
-                        result, handle.request), extra={"ctxdraft": protocol.ctxdraft_info(result)}))
+                        result, handle.request), extra={"ctxdraft": protocol.ctxdraft_info(result, token_ids)}))
                     if include_usage:
                         yield protocol.sse({**protocol.chunk_body(rid, model, chat), "choices": [],
                                             "usage": protocol.usage(result)})

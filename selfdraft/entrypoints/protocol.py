@@ -1,8 +1,9 @@
 """The OpenAI wire format: request models (checked strictly, so that a wrong type is a 400 naming its field),
 their translation into the scheduler's ``Request``, response bodies and OpenAI-shaped errors.
 
-Extensions: the request field ``draft`` (an arm of the bundle, or ``auto`` for the policy) and the response
-object ``ctxdraft`` (``arm``, ``routed``, ``tokens_per_forward``, ``accepted_per_position``).
+Extensions: the request fields ``draft`` (an arm of the bundle, or ``auto`` for the policy) and
+``return_token_ids`` (as vLLM names it) and the response object ``ctxdraft`` (``arm``, ``routed``,
+``tokens_per_forward``, ``accepted_per_position``, and with ``return_token_ids`` the completion's ``token_ids``).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     draft: str = "auto"
+    return_token_ids: bool = False
 
     def request(self, default_max_tokens: int, **prompt) -> Request:
         if self.n != 1:
@@ -149,13 +151,16 @@ def usage(result: GenerationResult) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def ctxdraft_info(result: GenerationResult) -> dict:
+def ctxdraft_info(result: GenerationResult, token_ids: bool = False) -> dict:
+    """The response's ``ctxdraft`` object; ``token_ids``: with the completion's token ids (EOS excluded)."""
     s = result.stats
-    return {"arm": result.arm, "routed": result.routed, "tokens_per_forward": round(s.tokens_per_forward, 4),
+    info = {"arm": result.arm, "routed": result.routed, "tokens_per_forward": round(s.tokens_per_forward, 4),
             "accepted_per_position": list(s.accepted_per_position), "target_forwards": s.target_forwards}
+    return {**info, "token_ids": list(result.token_ids)} if token_ids else info
 
 
-def completion_body(rid: str, model: str, result: GenerationResult, request: Request, chat: bool) -> dict:
+def completion_body(rid: str, model: str, result: GenerationResult, request: Request, chat: bool,
+                    token_ids: bool = False) -> dict:
     reason = finish_reason(result, request)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
@@ -163,7 +168,7 @@ def completion_body(rid: str, model: str, result: GenerationResult, request: Req
     else:
         choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage(result), "ctxdraft": ctxdraft_info(result)}
+            "model": model, "choices": [choice], "usage": usage(result), "ctxdraft": ctxdraft_info(result, token_ids)}
 
 
 def chunk_body(rid: str, model: str, chat: bool, text: str | None = None, role: bool = False,
