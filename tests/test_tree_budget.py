@@ -12,7 +12,7 @@ from tiny import tiny_llama
 from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
 from ctxdraft.selfdraft.drafting.pool import build_draft, lookup_tree_arm, successor_arm
-from ctxdraft.selfdraft.drafting.tree_budget import AUTO_MAX_NODES, NodeBudget
+from ctxdraft.selfdraft.drafting.tree_budget import AUTO_MAX_NODES, NodeBudget, best_prefix
 from ctxdraft.selfdraft.drafting.tree_drafts import (
     LookupTreeDraft,
     LookupTreeSettings,
@@ -133,3 +133,12 @@ def test_auto_arm_builds_and_a_seed_of_another_vocabulary_is_one_error():
     draft.seed = torch.zeros(V + 1, draft.settings.top_k, dtype=torch.long)
     with pytest.raises(CtxdraftError, match="does not fit vocabulary"):
         draft.start(SimpleNamespace(tokens=[0], vocab_size=V))
+
+
+def test_best_prefix_looks_past_a_bump_in_the_measured_curve():
+    """Catches a batch's draft positions chosen by the first local step (one noisy size would stop all drafting)."""
+    curve = [0.0, 1.0, 1.02, 1.04, 1.30, 1.08, 1.10, 1.12, 1.14]  # a bump at 4 positions, else 2% per position
+    assert best_prefix(curve, 3, 3, [0.5, 0.5, 0.5, 0.5]) == 4  # 3 rows: every candidate past the bump pays
+    assert best_prefix(curve, 3, 3, [0.01] * 4) == 0  # hopeless candidates: plain steps are faster
+    assert best_prefix(curve, 3, 3, [0.9] * 20) == 5  # never past the curve's end
+    assert best_prefix([0.0, 1.0, 2.0], 1, 1, [0.99]) == 0  # a position that doubles the step never pays

@@ -13,10 +13,10 @@ forward). ``BatchDecoder`` is pure and step-driven (no threads, no I/O): a serve
 ``cancel`` and ``step``.
 
 Draft lengths from the machine's costs: with a cost curve (``step_s``, the cost profile's steps over 1.. positions,
-``Bundle.batch_decoder``), a chain row drafts at position d only while the whole batch gains from it
-(``tree_budget.worth_adding`` with B rows: a wider batch is more compute-bound, so each row drafts less), best
-estimated acceptance first; a row's estimate at d is its own running share of steps that accepted d drafted tokens
-of those that proposed them. Tree rows size their trees with their own node budget.
+``Bundle.batch_decoder``), the chain rows' draft positions are the ones that maximise the batch's expected tokens
+per second (``tree_budget.best_prefix`` over B rows, best estimated acceptance first: a wider batch is more
+compute-bound, so each row drafts less); a row's estimate at d is its own running share of steps that accepted d
+drafted tokens of those that proposed them. Tree rows size their trees with their own node budget.
 
 An exit draft's early layers are run again by the batched forward (its proposal's layer-E states are not reused in
 a batch): verification stays exact, the exit arm only saves less than in the single loop.
@@ -39,7 +39,7 @@ from ..runtime.layers import LayerStack
 from ..runtime.sampling import top_p_filter
 from .decoding import GenerationConfig, GenerationStats, Prefill, Row, commit, prefill, row_done, start_row
 from .draft import Draft, DraftOutput
-from .tree_budget import worth_adding
+from .tree_budget import best_prefix
 
 
 @dataclass
@@ -177,7 +177,7 @@ class BatchDecoder:
 
     def _draft_lens(self, share: int | None) -> dict[int, int]:
         """Each active row's draft length this step: its cap (``_max_len``), and for a chain row with a cost curve
-        only the positions the batch gains from, best estimated acceptance first (module docstring)."""
+        only the positions that maximise the batch's expected tokens per second (module docstring)."""
         lens = {e.row_id: min(self._max_len(e.row, share), e.row.draft.draft_len) for e in self.active}
         if self.step_s is None:
             return lens
@@ -188,13 +188,10 @@ class BatchDecoder:
             for depth, estimate in enumerate(acceptance_estimates(entry.row.stats, lens[entry.row_id]), 1):
                 candidates.append((-estimate, depth, entry.row_id))
             lens[entry.row_id] = 0
+        candidates.sort()
         rows = len(self.active)
-        positions, expected = rows, 0.0
-        for neg_estimate, depth, row_id in sorted(candidates):
-            if not worth_adding(self.step_s, positions, expected, -neg_estimate, rows):
-                break
+        for _, depth, row_id in candidates[: best_prefix(self.step_s, rows, rows, [-c[0] for c in candidates])]:
             lens[row_id] = depth
-            positions, expected = positions + 1, expected - neg_estimate
         return lens
 
     def _admit(self, out: StepOutput) -> None:

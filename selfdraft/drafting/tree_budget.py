@@ -7,9 +7,10 @@ acceptance a lowers the time per token, ``step_s[N + 1] / (1 + S)``, exactly whe
 
     a > (1 + S) * (step_s[N + 2] - step_s[N + 1]) / step_s[N + 1]
 
-which is the rule ``NodeBudget.allows`` applies (``worth_adding``). A batch of B rows is the same sum with B tokens
-from the pending positions instead of one: ``a > (B + S) * (step_s[P + 1] - step_s[P]) / step_s[P]`` over its P
-verified positions, which ``batch_decoding.BatchDecoder`` applies to its chain rows' draft lengths. The draft's main chain (its first-ranked path, what a chain draft of
+which is the rule ``NodeBudget.allows`` applies (``worth_adding``). A batch of B rows chooses its chain rows' draft
+positions by the same sum with B certain tokens instead of one, over the whole curve at once (``best_prefix``: the
+number of positions, best estimated acceptance first, that maximises expected tokens per second), so that a bump in a
+measured curve (timing noise between neighbouring sizes) does not stop it. The draft's main chain (its first-ranked path, what a chain draft of
 the same source would propose) is always kept, so a steep cost curve shrinks the tree to that chain and a flat one
 grows it to the cap. A node's acceptance is the product along its path of the source's measured hit rate for each
 (depth, sibling rank): P(accepted | parent accepted), counted online over the current generation with a uniform
@@ -33,6 +34,19 @@ def worth_adding(step_s: list[float], positions: int, expected: float, acceptanc
         return False
     now, more = step_s[positions], step_s[positions + 1]
     return acceptance > (rows + expected) * (more - now) / now
+
+
+def best_prefix(step_s: list[float], positions: int, tokens: float, acceptances: list[float]) -> int:
+    """How many of the candidate positions ``acceptances`` (estimated chances of being accepted, best first) to verify
+    on top of ``positions`` positions that yield ``tokens`` tokens for sure: the k that maximises
+    ``(tokens + sum(acceptances[:k])) / step_s[positions + k]`` (``step_s[m]``: seconds of a step over m positions;
+    candidates past the curve are not considered)."""
+    best_k, best_rate, expected = 0, tokens / step_s[positions], tokens
+    for k, acceptance in enumerate(acceptances[: max(len(step_s) - 1 - positions, 0)], 1):
+        expected += acceptance
+        if expected / step_s[positions + k] > best_rate:
+            best_k, best_rate = k, expected / step_s[positions + k]
+    return best_k
 
 
 def check_max_nodes(kind: str, max_nodes) -> tuple[int, bool]:
