@@ -117,7 +117,7 @@ def test_the_cost_curve_sizes_chain_drafts_by_batch_width(model):
     expected = single(model, PROMPTS[0], lookup(), config)
 
     def drafted_per_step(step_s, rows):  # every row the same prompt, so widths compare
-        decoder = BatchDecoder(stack, max_batch=rows, step_s=step_s)
+        decoder = BatchDecoder(stack, max_batch=rows, step_curve=None if step_s is None else lambda _: step_s)
         for _ in range(rows):
             decoder.add(BatchRequest(PROMPTS[0], lookup(), config))
         outcomes = decoder.run().values()

@@ -121,6 +121,30 @@ def test_a_tree_arm_is_costed_on_the_tree_curve_and_a_chain_on_the_chain_curve()
     assert old is not None and old.step_curve(4, tree=True) == old.step_curve(4)
 
 
+def test_batch_curve_fits_rows_and_positions_and_falls_back_to_one_rows_curve():
+    """Catches a batch priced as one row's forward over as many positions (it pays per row too) and a profile without
+    batch timings failing instead of falling back."""
+    timed = [[b, m, 0.010 + 0.004 * b + 0.001 * m] for b in (2, 4, 8) for m in (b, 2 * b, 3 * b)]
+    profile = CostProfile(context_tokens=100, target_step_s={1: 1.0, 2: 1.2, 3: 1.5, 4: 2.0}, batch_step_s=timed)
+    curve = profile.batch_curve(8, 40)
+    assert curve[8] == pytest.approx(0.010 + 0.032 + 0.008) and curve[40] == pytest.approx(0.010 + 0.032 + 0.040)
+    assert profile.batch_curve(2, 40)[8] < curve[8]  # the same positions over fewer rows cost less
+    assert CostProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+    alone = CostProfile(context_tokens=100, target_step_s={1: 1.0, 2: 1.2, 3: 1.5, 4: 2.0})
+    assert alone.batch_curve(4, 6) == pytest.approx([0.0, 1.0, 1.2, 1.5, 2.0, 2.5, 3.0])  # one row's, extrapolated
+
+
+def test_measure_profile_times_batched_steps_when_asked(tiny_model_dir):
+    target = load_target(tiny_model_dir)
+    drafts = build_drafts([{"name": "none", "kind": "none", "settings": {}}], target)
+    stack = LayerStack(target.model)
+    profile = measure_profile(stack, drafts, target.encode("abc abc abc") * 3, target.vocab_size, reps=1, batch=True)
+    assert sorted((b, m) for b, m, _ in profile.batch_step_s) == sorted(
+        (b, b * (k + 1)) for b in (2, 4, 8, 16) for k in (0, 1, 2, 4))
+    assert all(s > 0 for _, _, s in profile.batch_step_s) and len(profile.batch_curve(16, 80)) == 81
+    assert measure_profile(stack, drafts, target.encode("abc") * 3, target.vocab_size, reps=1).batch_step_s == []
+
+
 def test_trajectory_rows_keep_nodes_and_old_rows_read_as_chains():
     old = Trajectory.from_dict({"new_tokens": 4, "steps": [[1, 3, 2, 0], [2, 1, 0, 1]]})
     assert [s.nodes for s in old.steps] == [3, 1] and old.nodes_per_step == 2.0

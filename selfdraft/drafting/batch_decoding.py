@@ -12,9 +12,9 @@ seeded generator in the single loop's order (the same seed gives the same sample
 forward). ``BatchDecoder`` is pure and step-driven (no threads, no I/O): a server's scheduler calls ``add``,
 ``cancel`` and ``step``.
 
-Draft lengths from the machine's costs: with a cost curve (``step_s``, the cost profile's steps over 1.. positions,
-``Bundle.batch_decoder``), the chain rows' draft positions are the ones that maximise the batch's expected tokens
-per second (``tree_budget.best_prefix`` over B rows, best estimated acceptance first: a wider batch is more
+Draft lengths from the machine's costs: with cost curves (``step_curve(B)``: seconds of one step of B rows over
+1.. positions in all, from the cost profile, ``Bundle.batch_decoder``), the chain rows' draft positions are the ones
+that maximise the batch's expected tokens per second (``tree_budget.best_prefix`` over B rows, best estimated acceptance first: a wider batch is more
 compute-bound, so each row drafts less); a row's estimate at d is its own running share of steps that accepted d
 drafted tokens of those that proposed them. Tree rows size their trees with their own node budget.
 
@@ -86,19 +86,17 @@ class BatchDecoder:
     """Continuous batching over one target: ``add`` queues a request (admitted at the next step, FIFO), ``step``
     runs one forward for every active row, ``cancel`` drops a row. ``token_budget``: the most positions one decode
     forward verifies (drafts are shortened to fit; each row always gets its pending token). ``max_context``: a
-    prompt plus its max_new_tokens beyond it fails that row. ``step_s``: the cost curve chain rows' draft lengths are
-    chosen with (see the module docstring; None: every row drafts its arm's full length)."""
+    prompt plus its max_new_tokens beyond it fails that row. ``step_curve``: rows -> the cost curve chain rows' draft
+    lengths are chosen with at that width (see the module docstring; None: every row drafts its arm's full length)."""
 
     def __init__(self, stack: LayerStack, max_batch: int = 8, token_budget: int | None = None,
-                 max_context: int | None = None, step_s: list[float] | None = None):
+                 max_context: int | None = None, step_curve: Callable[[int], list[float]] | None = None):
         if max_batch < 1:
             raise CtxdraftError(f"max_batch must be at least 1, got {max_batch}")
         if token_budget is not None and token_budget < max_batch:
             raise CtxdraftError(f"token_budget ({token_budget}) must allow one token for each of max_batch ({max_batch}) rows")
-        if step_s is not None and (len(step_s) < 2 or any(s <= 0 for s in step_s[1:])):
-            raise CtxdraftError("a batch decoder's step costs must be positive for 1.. positions")
         self.stack, self.max_batch, self.token_budget, self.max_context = stack, max_batch, token_budget, max_context
-        self.step_s = step_s
+        self.step_curve = step_curve
         self.cache = BatchCache(stack.num_layers, max_batch)
         self.queue: deque[tuple[int, BatchRequest]] = deque()
         self.active: list[_Active] = []  # in slot order
@@ -179,7 +177,7 @@ class BatchDecoder:
         """Each active row's draft length this step: its cap (``_max_len``), and for a chain row with a cost curve
         only the positions that maximise the batch's expected tokens per second (module docstring)."""
         lens = {e.row_id: min(self._max_len(e.row, share), e.row.draft.draft_len) for e in self.active}
-        if self.step_s is None:
+        if self.step_curve is None:
             return lens
         candidates = []  # (-estimated acceptance, depth, row id): a row's depths in order, its estimates non-increasing
         for entry in self.active:
@@ -190,7 +188,10 @@ class BatchDecoder:
             lens[entry.row_id] = 0
         candidates.sort()
         rows = len(self.active)
-        for _, depth, row_id in candidates[: best_prefix(self.step_s, rows, rows, [-c[0] for c in candidates])]:
+        step_s = self.step_curve(rows)
+        if len(step_s) <= rows or any(s <= 0 for s in step_s[1:]):
+            raise CtxdraftError(f"a batch of {rows} rows needs positive step costs for 1..{rows} positions at least")
+        for _, depth, row_id in candidates[: best_prefix(step_s, rows, rows, [-c[0] for c in candidates])]:
             lens[row_id] = depth
         return lens
 

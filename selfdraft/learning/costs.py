@@ -9,6 +9,10 @@ context length) holds:
   tree verification, the accepted path's K/V rows moved into place): measured at the same sizes when the pool
   has a tree draft (``Draft.proposes_trees``), since on a CPU a tree step costs more than a chain step over as many
   positions (measured 1.1-1.4x here) and a chain-shaped profile over-values big trees;
+- ``batch_step_s``: a calibration also times batched steps (``BatchDecoder``, B rows of k drafted tokens each, B in
+  ``BATCH_WIDTHS``, k in ``BATCH_DRAFTS``) and ``batch_curve`` fits ``seconds = a + b * rows + c * positions`` to
+  them: a batch's step pays per row (its own attention, cache and verification) as well as per position, so one
+  row's curve under-prices a batch's base and over-prices its drafts;
 - per draft (keyed by ``Draft.cost_key``, so arms that differ only in draft length or threshold share one
   measurement): ``evaluation_s``, one draft evaluation (a chain draft: ``Draft.propose`` of one token + roll-back;
   a tree draft: one whole proposal at its full depth divided by the evaluations it reports, since its per-step
@@ -40,7 +44,8 @@ import torch
 from ctxdraft.triton_kernels import verify_greedy, verify_tree_greedy
 
 from ..base.errors import CtxdraftError
-from ..drafting.decoding import target_forward
+from ..drafting.batch_decoding import BatchDecoder, BatchRequest
+from ..drafting.decoding import GenerationConfig, target_forward
 from ..drafting.draft import DecodeState, Draft, DraftOutput
 from ..runtime.layers import LayerStack
 from ..runtime.machine import machine_fingerprint
@@ -50,6 +55,8 @@ PROFILE_VERSION = 2
 # The widest step a calibration times: a batch's forward covers every row's pending token and draft (8 rows of
 # 8-token chains: 72 positions); past it ``step_seconds(..., extrapolate=True)`` continues the last line.
 BATCH_POSITIONS = 97
+BATCH_WIDTHS = (2, 4, 8, 16)  # batch steps a calibration times: rows ...
+BATCH_DRAFTS = (0, 1, 2, 4)  # ... times drafted tokens per row
 
 
 @dataclass
@@ -63,6 +70,7 @@ class CostProfile:
     measured_at: str = ""
     version: int = PROFILE_VERSION
     tree_step_s: dict[int, float] = field(default_factory=dict)  # m positions -> seconds (a tree of m - 1 nodes)
+    batch_step_s: list[list[float]] = field(default_factory=list)  # [rows, positions, seconds] of batched steps
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -90,7 +98,8 @@ class CostProfile:
                         drafts[key][name] = {int(k): float(s) for k, s in entry[name].items()}
             return cls(int(d["context_tokens"]), {int(m): float(s) for m, s in d["target_step_s"].items()}, drafts,
                        d.get("target_hash"), dict(d.get("machine") or {}), int(d.get("reps", 0)), str(d.get("measured_at", "")),
-                       tree_step_s={int(m): float(s) for m, s in (d.get("tree_step_s") or {}).items()})
+                       tree_step_s={int(m): float(s) for m, s in (d.get("tree_step_s") or {}).items()},
+                       batch_step_s=[[int(b), int(m), float(s)] for b, m, s in (d.get("batch_step_s") or [])])
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
 
@@ -138,6 +147,18 @@ class CostProfile:
             raise CtxdraftError(f"the cost profile has no timing for steps of up to {max_positions} positions; "
                                 "measure it again (collect --reprofile, or ctxdraft calibrate)")
         return curve
+
+    def batch_curve(self, rows: int, max_positions: int) -> list[float]:
+        """``[m]`` -> seconds of one step of ``rows`` rows over m positions in all (m = 1..max_positions, index 0
+        unused): the least-squares fit ``a + b * rows + c * m`` of the timed batch steps, or one row's curve
+        (extrapolated past its end) for a profile without them."""
+        if len(self.batch_step_s) < 3:
+            return self.step_curve(max_positions, extrapolate=True)
+        X = torch.tensor([[1.0, b, m] for b, m, _ in self.batch_step_s], dtype=torch.float64)
+        y = torch.tensor([[s] for _, _, s in self.batch_step_s], dtype=torch.float64)
+        a, b, c = torch.linalg.lstsq(X, y).solution[:, 0].tolist()
+        floor = min(s for _, _, s in self.batch_step_s) / 4  # a fit is never trusted below a quarter of any timing
+        return [0.0] + [max(a + b * rows + c * m, floor) for m in range(1, max_positions + 1)]
 
     def verify_seconds(self, cost_key: str, nodes: int, stopped: bool) -> float:
         """One step's target work when it verifies ``nodes`` draft positions (a chain's drafted tokens, a tree's nodes)."""
@@ -243,11 +264,24 @@ def machine_info(dtype: torch.dtype) -> dict:
     return {**machine_fingerprint(dtype), "platform": platform.platform(), "cpus": os.cpu_count()}
 
 
+class _Repeat(Draft):
+    """Proposes ``draft_len`` copies of one token: a batch step's cost, whatever greedy verification makes of them."""
+
+    kind = "repeat"
+
+    def __init__(self, draft_len: int, token: int):
+        super().__init__("repeat")
+        self.draft_len, self.token = draft_len, token
+
+    def propose(self, state: DecodeState, max_len: int) -> DraftOutput:
+        return DraftOutput([self.token] * min(self.draft_len, max_len), evaluations=0, stopped=False)
+
+
 @torch.inference_mode()
 def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[int], vocab_size: int, reps: int = 7,
-                    target_hash: str | None = None, widest: int = 0) -> CostProfile:
-    """Measure the profile ``drafts`` (arm name -> Draft) need at a context of ``len(context)`` tokens, and steps
-    of up to ``widest`` positions (a batch's forwards, ``BATCH_POSITIONS``)."""
+                    target_hash: str | None = None, widest: int = 0, batch: bool = False) -> CostProfile:
+    """Measure the profile ``drafts`` (arm name -> Draft) need at a context of ``len(context)`` tokens, steps of up to
+    ``widest`` positions, and with ``batch`` the batched steps (``BATCH_WIDTHS`` x ``BATCH_DRAFTS``)."""
     if reps < 1:
         raise CtxdraftError(f"profile repetitions must be >= 1, got {reps}")
     D = stack.config.hidden_size
@@ -289,6 +323,15 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
 
         return run
 
+    def batch_job(rows: int, drafted: int) -> Callable[[], None]:
+        decoder = BatchDecoder(stack, max_batch=rows)
+        # Room for every timed step (the warm-up, reps) to accept all it drafts: the batch cache reserves it up front.
+        config = GenerationConfig(max_new_tokens=(reps + 3) * (drafted + 1) + 1)
+        for _ in range(rows):
+            decoder.add(BatchRequest(context, _Repeat(drafted, token), config))
+        decoder.step()  # admits (prefills) every row; each timed step then adds one token per row
+        return decoder.step
+
     def evaluation_job(draft: Draft) -> tuple[Callable[[], None], int]:
         """A job timing one proposal (see the module docstring) and the evaluations it reports."""
         state = DecodeState(stack, cache, list(context), vocab_size, 0.0, 1.0, None)
@@ -310,6 +353,8 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
     jobs = {f"verify:{m}": verify_job(m) for m in sizes}
     tree_sizes = [m for m in sizes if m > 1] if any(d.proposes_trees for d in drafts.values()) else []
     jobs.update({f"tree:{m}": tree_job(m) for m in tree_sizes})
+    batches = [(b, k) for b in BATCH_WIDTHS for k in BATCH_DRAFTS] if batch else []
+    jobs.update({f"batch:{b}:{k}": batch_job(b, k) for b, k in batches})
     by_key: dict[str, Draft] = {}
     longest: dict[str, int] = {}
     for draft in drafts.values():
@@ -330,6 +375,7 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
         context_tokens=n,
         target_step_s={m: medians[f"verify:{m}"] for m in sizes},
         tree_step_s={m: medians[f"tree:{m}"] for m in tree_sizes},
+        batch_step_s=[[b, b * (k + 1), medians[f"batch:{b}:{k}"]] for b, k in batches],
         target_hash=target_hash, machine=machine_info(stack.model.dtype), reps=reps,
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )

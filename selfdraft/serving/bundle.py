@@ -127,8 +127,15 @@ class Bundle:
         has no profile here)."""
         profile, _ = profile_for(self)
         longest = max((int(arm.get("settings", {}).get("draft_len") or 0) for arm in self.info["arms"]), default=0)
-        step_s = profile.step_curve(max_batch * (longest + 1), extrapolate=True) if profile is not None else None
-        return BatchDecoder(self.stack, max_batch=max_batch, max_context=self.target.max_context, step_s=step_s)
+        curves: dict[int, list[float]] = {}
+
+        def step_curve(rows: int) -> list[float]:
+            if rows not in curves:
+                curves[rows] = profile.batch_curve(rows, max_batch * (longest + 1))
+            return curves[rows]
+
+        return BatchDecoder(self.stack, max_batch=max_batch, max_context=self.target.max_context,
+                            step_curve=step_curve if profile is not None else None)
 
     def draft(self, name: str) -> Draft:
         if name not in self._drafts:

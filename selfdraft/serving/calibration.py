@@ -54,8 +54,9 @@ log = logging.getLogger(__name__)
 CALIBRATIONS_ENV = "CTXDRAFT_CALIBRATIONS"
 NO_CALIBRATE_ENV = "CTXDRAFT_NO_CALIBRATE"
 CALIBRATION_FILE = "calibration.json"
-CALIBRATION_VERSION = 2  # 2: tree arms are costed with tree-shaped steps (costs.CostProfile.tree_step_s)
+CALIBRATION_VERSION = 3  # 2: tree steps timed as trees (CostProfile.tree_step_s); 3: batched steps (batch_step_s)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+_WARNED: set[Path] = set()  # calibrations already reported stale or damaged by this process
 
 
 def calibrations_dir() -> Path:
@@ -124,8 +125,10 @@ def find_calibration(bundle, machine: dict | None = None) -> Calibration | None:
         router = OnnxRouter(path / POLICY_FILE, expected=bundle.info)
         return Calibration(path, record["bundle_hash"], record["machine"], profile, record.get("report", {}), router)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, CtxdraftError) as e:
-        log.warning("ignoring the damaged or stale calibration %s (%s); it will be made again",
-                    display_path(path), str(e).splitlines()[0] if str(e) else type(e).__name__)
+        if path not in _WARNED:  # once per process: every draft a bundle builds looks its calibration up
+            _WARNED.add(path)
+            log.warning("ignoring the damaged or stale calibration %s (%s); it will be made again",
+                        display_path(path), str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
 
 
@@ -175,7 +178,7 @@ def calibrate(bundle, progress: Progress | None = None, reps: int = 5, epochs: i
     context = context_ids([r["features"]["tokens"] for r in rows if r["features"].get("tokens")], max_new,
                           target.max_context, max(max_positions(drafts), BATCH_POSITIONS))
     profile = measure_profile(bundle.stack, drafts, context, target.vocab_size, reps, target.content_hash,
-                              widest=BATCH_POSITIONS)
+                              widest=BATCH_POSITIONS, batch=True)
     profile_s = time.perf_counter() - t0
     if progress:
         progress("calibrate: policy", 1, 3)
