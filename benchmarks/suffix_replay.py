@@ -86,16 +86,20 @@ def template_requests(n: int) -> list[dict]:
 def replay_stream(rows: list[dict], known: dict, train_outputs: list[list[int]], target, max_new_tokens: int):
     """Serve ``rows`` in order from a datastore of ``train_outputs``, each output joining it: per request and
     cumulative tokens per forward of every arm."""
-    store = SuffixStore(target.content_hash, target.vocab_size)
+    store, static = SuffixStore(target.content_hash, target.vocab_size), SuffixStore(target.content_hash, target.vocab_size)
     for new_ids in train_outputs:
         store.add(new_ids)
+        static.add(new_ids)
     store.reindex()
+    static.reindex()
+    narrow, wide = SuffixSettings(factor=1.0, offset=1.0, min_prob=0.1), SuffixSettings()
     arms = {
         "lookup": LookupDraft("lookup", LookupSettings(4, [3, 2, 1])),
         "lookup-tree": LookupTreeDraft("lookup-tree", LookupTreeSettings(5, 16)),
         "suffix (request only)": SuffixDraft("suffix-request", SuffixSettings(use_datastore=False)),
-        "suffix": SuffixDraft("suffix", SuffixSettings(), store),
-        "suffix (factor 4, offset 4)": SuffixDraft("suffix-wide", SuffixSettings(factor=4.0, offset=4.0, min_prob=0.05), store),
+        "suffix (factor 1, offset 1)": SuffixDraft("suffix-narrow", narrow, store),
+        "suffix": SuffixDraft("suffix", wide, store),
+        "suffix, training datastore only": SuffixDraft("suffix-static", wide, static),
     }
     eos = set(target.eos_ids)
     totals = {name: [0, 0] for name in arms}  # new tokens, target forwards (after the prefill)
