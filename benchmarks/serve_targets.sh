@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The serving issue's targets, measured in one go against one server on 127.0.0.1:
-#   1. 64 held-out requests x 128 tokens, greedy, `--draft none` at concurrency 8 (plain batched decoding);
-#   2. the same load with `auto`, three rounds (server resident memory after each), outputs kept;
+#   1-2. 64 held-out requests x 128 tokens, greedy, at concurrency 8: three rounds, each `--draft none` (plain batched
+#        decoding) then `auto`, interleaved so that a machine that drifts slows both alike (server resident memory
+#        after each round, outputs kept);
 #   3. the same load with `auto` at concurrency 1;
 #   4. every served text against plain decoding (benchmarks/serve_check.py: identical, tie or MISMATCH);
 #   5. the served log -> `ctxdraft update-policy --force` (on a copy of the bundle) -> SIGHUP -> the reload
@@ -28,8 +29,10 @@ done
 load() { python "$here/serve_load.py" --url "http://127.0.0.1:$port" --data "$data" --requests 64 \
              --max-tokens 128 --server-pid $server --json "$@"; }
 
-load --concurrency 8 --draft none --out "$out/served_none.jsonl" >"$out/c8_none.json"
-load --concurrency 8 --draft auto --rounds 3 --out "$out/served_auto.jsonl" >"$out/c8_auto.json"
+for round in 1 2 3; do
+    load --concurrency 8 --draft none --out "$out/served_none_$round.jsonl" >"$out/c8_none_$round.json"
+    load --concurrency 8 --draft auto --out "$out/served_auto_$round.jsonl" >"$out/c8_auto_$round.json"
+done
 load --concurrency 1 --draft auto >"$out/c1_auto.json"
 
 lines_before=$(wc -l <"$out/traffic.jsonl")
@@ -49,6 +52,6 @@ print(json.dumps({"bundle_hashes_before": sorted(before), "bundle_hashes_after":
 EOF
 kill -TERM $server; wait $server || true
 trap - EXIT
-python "$here/serve_check.py" "$out/served_auto.jsonl" "$out/served_none.jsonl" --bundle "$src" --dtype bfloat16 \
-    --json >"$out/check.json" || true
+python "$here/serve_check.py" "$out"/served_auto_*.jsonl "$out"/served_none_*.jsonl --bundle "$src" \
+    --dtype bfloat16 --json >"$out/check.json" || true
 echo "done: $out"

@@ -7,6 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 os.environ["CTXDRAFT_DTYPE"] = "float32"
 os.environ["CTXDRAFT_NO_CALIBRATE"] = "1"
 
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -32,6 +33,19 @@ def trained_tiny_bundle(tiny_model_dir, tmp_path_factory):
     from test_traffic import train_tiny_bundle
 
     return train_tiny_bundle(tiny_model_dir, tmp_path_factory.mktemp("trained") / "bundle", num_prompts=16)
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tiny_model_dir, tmp_path_factory):
+    """The server tests' tiny bundle with a trained policy, one per module; ``bundle_dir`` for a copy to change."""
+    from test_traffic import train_tiny_bundle
+
+    return train_tiny_bundle(tiny_model_dir, tmp_path_factory.mktemp("serve") / "bundle")
+
+
+@pytest.fixture()
+def bundle_dir(trained_bundle, tmp_path):
+    return shutil.copytree(trained_bundle, tmp_path / "bundle")
 
 
 @pytest.fixture(scope="session")

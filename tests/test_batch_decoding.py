@@ -132,6 +132,21 @@ def test_the_cost_curve_sizes_chain_drafts_by_batch_width(model):
     assert drafted_per_step(middle, 4) < drafted_per_step(middle, 1)
 
 
+def test_a_costed_decoder_steps_with_no_drafting_row_left(model):
+    """Catches the cost rule run over an empty batch (a division by the cost of zero positions) after the last
+    drafting row was cancelled, and over a batch of rows that do not draft."""
+    curve = [0.0] + [1.0 + 0.1 * m for m in range(1, 20)]
+    decoder = BatchDecoder(LayerStack(model), max_batch=2, step_curve=lambda rows: curve)
+    lookup = LookupDraft("lookup", LookupSettings(draft_len=4))
+    row = decoder.add(BatchRequest(PROMPTS[0], lookup, GenerationConfig(max_new_tokens=8)))
+    plain = decoder.add(BatchRequest(PROMPTS[1], NoneDraft(), GenerationConfig(max_new_tokens=3)))
+    decoder.step()
+    decoder.cancel(row)
+    outcomes = decoder.run()
+    assert outcomes[row].cancelled and len(outcomes[plain].token_ids) == 3
+    assert decoder.step().finished == {} and decoder.idle
+
+
 def test_seeded_sampling_row_reproduces_its_single_request(model):
     """The row draws its noise (and a draft model its tokens) from its own generator, in the single loop's order."""
     stack = LayerStack(model)

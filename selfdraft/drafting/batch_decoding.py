@@ -186,6 +186,8 @@ class BatchDecoder:
             for depth, estimate in enumerate(acceptance_estimates(entry.row.stats, lens[entry.row_id]), 1):
                 candidates.append((-estimate, depth, entry.row_id))
             lens[entry.row_id] = 0
+        if not candidates:  # no chain row drafts (or no row at all): nothing to choose
+            return lens
         candidates.sort()
         rows = len(self.active)
         step_s = self.step_curve(rows)
