@@ -323,14 +323,25 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
 
         return run
 
-    def batch_job(rows: int, drafted: int) -> Callable[[], None]:
+    def batch_jobs(rows: int) -> dict[str, Callable[[], None]]:
+        """One batch of ``rows`` rows, prefilled once, timed at every ``BATCH_DRAFTS`` length."""
         decoder = BatchDecoder(stack, max_batch=rows)
-        # Room for every timed step (the warm-up, reps) to accept all it drafts: the batch cache reserves it up front.
-        config = GenerationConfig(max_new_tokens=(reps + 3) * (drafted + 1) + 1)
-        for _ in range(rows):
-            decoder.add(BatchRequest(context, _Repeat(drafted, token), config))
-        decoder.step()  # admits (prefills) every row; each timed step then adds one token per row
-        return decoder.step
+        drafts = [_Repeat(0, token) for _ in range(rows)]
+        # Room for every timed step (warm-up and reps at each length) to accept all it drafts: the batch cache
+        # reserves it up front.
+        config = GenerationConfig(max_new_tokens=(reps + 3) * sum(k + 1 for k in BATCH_DRAFTS) + 1)
+        for draft in drafts:
+            decoder.add(BatchRequest(context, draft, config))
+        decoder.step()  # admits (prefills) every row
+
+        def job(drafted: int) -> Callable[[], None]:
+            def run():
+                for draft in drafts:
+                    draft.draft_len = drafted
+                decoder.step()
+            return run
+
+        return {f"batch:{rows}:{k}": job(k) for k in BATCH_DRAFTS}
 
     def evaluation_job(draft: Draft) -> tuple[Callable[[], None], int]:
         """A job timing one proposal (see the module docstring) and the evaluations it reports."""
@@ -354,7 +365,8 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
     tree_sizes = [m for m in sizes if m > 1] if any(d.proposes_trees for d in drafts.values()) else []
     jobs.update({f"tree:{m}": tree_job(m) for m in tree_sizes})
     batches = [(b, k) for b in BATCH_WIDTHS for k in BATCH_DRAFTS] if batch else []
-    jobs.update({f"batch:{b}:{k}": batch_job(b, k) for b, k in batches})
+    for rows in BATCH_WIDTHS if batch else ():
+        jobs.update(batch_jobs(rows))
     by_key: dict[str, Draft] = {}
     longest: dict[str, int] = {}
     for draft in drafts.values():
