@@ -67,7 +67,7 @@ def test_streaming_pieces_add_up_to_the_whole_and_end_with_done(served):
     assert "".join(ch.choices[0].delta.content or "" for ch in chat if ch.choices) == bundle.generate(PROMPT, max_new_tokens=16).text
     assert chat[-1].usage.completion_tokens > 0
     with httpx.stream("POST", f"{url}/v1/completions", timeout=TIMEOUT,
-                      json={"prompt": PROMPT, "max_tokens": 4, "stream": True, "return_token_ids": True}) as r:
+                      json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True, "return_token_ids": True}) as r:
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
     last = json.loads(lines[-2][len("data: "):])["ctxdraft"]
