@@ -2,10 +2,9 @@
 rows keep the target distribution, bad rows fail alone."""
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
+from test_decoding import SMALL_V, exact_joint
 from tiny import ARCHS, assert_follows, tiny_llama, tiny_random
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
@@ -167,17 +166,11 @@ def test_seeded_sampling_row_reproduces_its_single_request(model):
 def test_batched_sampling_row_keeps_the_target_distribution():
     """Chi-square of a batched row's first 3 tokens against the exact target distribution (V=4), rows mixing a
     chain draft, a tree draft and no draft: catches noise or logits taken from another row, top-p on the wrong row."""
-    small_v, steps, temperature = 4, 3, 1.3
-    model = tiny_llama(small_v, seed=3, layers=2, hidden=16)
+    steps, temperature = 3, 1.3
+    model = tiny_llama(SMALL_V, seed=3, layers=2, hidden=16)
     prompt = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
-    exact = {}
     with torch.inference_mode():
-        for seq in itertools.product(range(small_v), repeat=steps):
-            p = 1.0
-            for i in range(steps):
-                logits = model(torch.tensor([prompt + list(seq[:i])])).logits[0, -1].float()
-                p *= torch.softmax(logits / temperature, -1)[seq[i]].item()
-            exact[seq] = p
+        exact = exact_joint(model, prompt, steps, temperature)
     stack = LayerStack(model)
     makers = [lambda: LookupDraft("lookup", LookupSettings(draft_len=2)), NoneDraft,
               lambda: LookupTreeDraft("lookup-tree", LookupTreeSettings(draft_len=2, max_nodes=4))]

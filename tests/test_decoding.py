@@ -34,9 +34,11 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-def run(model, prompt, draft, n, **kw):
+def run(model, prompt, draft, n, capture=(), **kw):
+    """Decode ``n`` tokens of ``prompt`` with ``draft``; ``capture``: target layers the prefill keeps (a feature
+    draft's ``state_layers``)."""
     stack = LayerStack(model)
-    pre = prefill(stack, prompt)
+    pre = prefill(stack, prompt, capture=capture)
     return speculative_decode(stack, pre, draft, GenerationConfig(max_new_tokens=n, **kw))
 
 

@@ -96,7 +96,7 @@ def test_read_jsonl_missing_file(tmp_path):
         read_jsonl(tmp_path / "nothing.jsonl")
 
 
-def test_display_path_is_relative_below_the_working_directory_only(tmp_path, monkeypatch):
+def test_display_path_is_relative_below_the_working_directory_or_home(tmp_path, monkeypatch):
     work = tmp_path / "work"
     (work / "sub").mkdir(parents=True)
     monkeypatch.chdir(work)
@@ -106,3 +106,5 @@ def test_display_path_is_relative_below_the_working_directory_only(tmp_path, mon
     assert display_path(work) == "."
     outside = tmp_path / "elsewhere" / "f.json"
     assert display_path(outside) == str(outside)  # not "../elsewhere/f.json": only paths below cwd are shortened
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert display_path(tmp_path / "home" / ".cache" / "c") == os.path.join("~", ".cache", "c")

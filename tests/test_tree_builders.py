@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 from test_decoding import PLAIN, REPEATING, hf_greedy
+from test_decoding import run as decode
 from tiny import ARCHS, assert_follows, tiny_random
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.base.layout import SUCCESSORS_FILE
-from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
 from ctxdraft.selfdraft.drafting.drafts import ModelDraft, ModelDraftSettings
 from ctxdraft.selfdraft.drafting.feature_head import FeatureCache, FeatureHead, save_feature_head
 from ctxdraft.selfdraft.drafting.feature_tree import FeatureTreeDraft, FeatureTreeSettings, best_subtree, expand_tree
@@ -45,9 +45,8 @@ def feature_tree(model, vocab_ids=None, **settings):
 
 
 def run(model, prompt, draft, n, capture=True, **gen):
-    stack = LayerStack(model)
-    pre = prefill(stack, prompt, capture=draft.state_layers if capture else ())
-    return speculative_decode(stack, pre, draft, GenerationConfig(max_new_tokens=n, **gen))
+    """``test_decoding.run`` with the prefill keeping the draft's state layers (unless ``capture`` is False)."""
+    return decode(model, prompt, draft, n, capture=draft.state_layers if capture else (), **gen)
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -248,14 +248,18 @@ def read_jsonl(path: str | os.PathLike, what: str = "data file") -> list[dict]:
 
 def display_path(path: str | os.PathLike | None) -> str | None:
     """``path`` as a user should read it in a report: relative to the working directory when it lies below
-    it, else as given (reports must not carry one machine's absolute paths)."""
+    it, ``~/...`` below the home directory (a cache's calibrations), else as given (reports must not carry one
+    machine's absolute paths)."""
     if path is None:
         return None
     path = Path(path)
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
-    except ValueError:
-        return str(path)
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~")):
+        try:
+            relative = str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            continue
+        return os.path.join(prefix, relative) if prefix else relative or "."
+    return str(path)
 
 
 def append_lines(path: str | os.PathLike, rows: list[dict]) -> None:

@@ -14,9 +14,9 @@ forward). ``BatchDecoder`` is pure and step-driven (no threads, no I/O): a serve
 
 Draft lengths from the machine's costs: with cost curves (``step_curve(B)``: seconds of one step of B rows over
 1.. positions in all, from the cost profile, ``Bundle.batch_decoder``), the chain rows' draft positions are the ones
-that maximise the batch's expected tokens per second (``tree_budget.best_prefix`` over B rows, best estimated acceptance first: a wider batch is more
-compute-bound, so each row drafts less); a row's estimate at d is its own running share of steps that accepted d
-drafted tokens of those that proposed them. Tree rows size their trees with their own node budget.
+that maximise the batch's expected tokens per second (``tree_budget.best_prefix`` over B rows, best estimated
+acceptance first: a wider batch is more compute-bound, so each row drafts less); a row's estimate at d is its own
+running share of steps that accepted d drafted tokens of those that proposed them. Tree rows size their trees with their own node budget.
 
 An exit draft's early layers are run again by the batched forward (its proposal's layer-E states are not reused in
 a batch): verification stays exact, the exit arm only saves less than in the single loop.
@@ -97,6 +97,7 @@ class BatchDecoder:
             raise CtxdraftError(f"token_budget ({token_budget}) must allow one token for each of max_batch ({max_batch}) rows")
         self.stack, self.max_batch, self.token_budget, self.max_context = stack, max_batch, token_budget, max_context
         self.step_curve = step_curve
+        self._curves: dict[int, list[float]] = {}  # rows -> step_curve(rows), checked once
         self.cache = BatchCache(stack.num_layers, max_batch)
         self.queue: deque[tuple[int, BatchRequest]] = deque()
         self.active: list[_Active] = []  # in slot order
@@ -190,9 +191,13 @@ class BatchDecoder:
             return lens
         candidates.sort()
         rows = len(self.active)
-        step_s = self.step_curve(rows)
-        if len(step_s) <= rows or any(s <= 0 for s in step_s[1:]):
-            raise CtxdraftError(f"a batch of {rows} rows needs positive step costs for 1..{rows} positions at least")
+        if rows not in self._curves:
+            step_s = self.step_curve(rows)
+            if len(step_s) <= rows or any(s <= 0 for s in step_s[1:]):
+                raise CtxdraftError(f"a batch of {rows} rows needs positive step costs for 1..{rows} positions "
+                                    "at least")
+            self._curves[rows] = step_s
+        step_s = self._curves[rows]
         for _, depth, row_id in candidates[: best_prefix(step_s, rows, rows, [-c[0] for c in candidates])]:
             lens[row_id] = depth
         return lens

@@ -10,11 +10,11 @@ acceptance a lowers the time per token, ``step_s[N + 1] / (1 + S)``, exactly whe
 which is the rule ``NodeBudget.allows`` applies (``worth_adding``). A batch of B rows chooses its chain rows' draft
 positions by the same sum with B certain tokens instead of one, over the whole curve at once (``best_prefix``: the
 number of positions, best estimated acceptance first, that maximises expected tokens per second), so that a bump in a
-measured curve (timing noise between neighbouring sizes) does not stop it. The draft's main chain (its first-ranked path, what a chain draft of
-the same source would propose) is always kept, so a steep cost curve shrinks the tree to that chain and a flat one
-grows it to the cap. A node's acceptance is the product along its path of the source's measured hit rate for each
-(depth, sibling rank): P(accepted | parent accepted), counted online over the current generation with a uniform
-prior, (hits + 1) / (tries + 2). Everything it reads is known the same way in a teacher-forced replay (the accepted
+measured curve (timing noise between neighbouring sizes) does not stop it. The draft's main chain (its first-ranked
+path, what a chain draft of the same source would propose) is always kept, so a steep cost curve shrinks the tree to
+that chain and a flat one grows it to the cap. A node's acceptance is the product along its path of the source's
+measured hit rate for each (depth, sibling rank): P(accepted | parent accepted), counted online over the current
+generation with a uniform prior, (hits + 1) / (tries + 2). Everything it reads is known the same way in a teacher-forced replay (the accepted
 paths are the target's own tokens), so replay and real run build the same trees.
 """
 from __future__ import annotations

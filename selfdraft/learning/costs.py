@@ -343,8 +343,8 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
 
         return {f"batch:{rows}:{k}": job(k) for k in BATCH_DRAFTS}
 
-    def evaluation_job(draft: Draft) -> tuple[Callable[[], None], int]:
-        """A job timing one proposal (see the module docstring) and the evaluations it reports."""
+    def evaluation_job(draft: Draft) -> tuple[Callable[[], None], list[int]]:
+        """A job timing one proposal (see the module docstring) and the evaluations each run reported."""
         state = DecodeState(stack, cache, list(context), vocab_size, 0.0, 1.0, None)
         depth = max(draft.draft_len, 1) if draft.proposes_trees else 1
         evaluations = []
@@ -357,26 +357,25 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
 
         draft.start(state)
         run()  # catch up on the context (a draft model, a layer exit head): later runs feed one token
-        run()
-        return run, max(evaluations[-1], 1)
+        return run, evaluations
 
     sizes = profile_sizes(max(max_positions(drafts), widest))
     jobs = {f"verify:{m}": verify_job(m) for m in sizes}
     tree_sizes = [m for m in sizes if m > 1] if any(d.proposes_trees for d in drafts.values()) else []
     jobs.update({f"tree:{m}": tree_job(m) for m in tree_sizes})
-    batches = [(b, k) for b in BATCH_WIDTHS for k in BATCH_DRAFTS] if batch else []
-    for rows in BATCH_WIDTHS if batch else ():
-        jobs.update(batch_jobs(rows))
+    if batch:
+        for rows in BATCH_WIDTHS:
+            jobs.update(batch_jobs(rows))
     by_key: dict[str, Draft] = {}
     longest: dict[str, int] = {}
     for draft in drafts.values():
         by_key.setdefault(draft.cost_key, draft)
         longest[draft.cost_key] = max(longest.get(draft.cost_key, 0), draft.draft_len)
-    per_proposal: dict[str, int] = {}  # evaluations one timed proposal reports
+    evaluations: dict[str, list[int]] = {}  # evaluations each run of a draft's job reported
     for key, draft in by_key.items():
         if draft.kind == "none":
             continue
-        jobs[f"draft:{key}"], per_proposal[key] = evaluation_job(draft)
+        jobs[f"draft:{key}"], evaluations[key] = evaluation_job(draft)
         if draft.kind == "exit":
             E = draft.head.exit_layer
             for k in range(longest[key] + 1):
@@ -387,12 +386,14 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
         context_tokens=n,
         target_step_s={m: medians[f"verify:{m}"] for m in sizes},
         tree_step_s={m: medians[f"tree:{m}"] for m in tree_sizes},
-        batch_step_s=[[b, b * (k + 1), medians[f"batch:{b}:{k}"]] for b, k in batches],
+        batch_step_s=[[b, b * (k + 1), medians[f"batch:{b}:{k}"]]
+                      for b in (BATCH_WIDTHS if batch else ()) for k in BATCH_DRAFTS],
         target_hash=target_hash, machine=machine_info(stack.model.dtype), reps=reps,
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     for key, draft in by_key.items():
-        entry = {"evaluation_s": medians.get(f"draft:{key}", 0.0) / per_proposal.get(key, 1), **({"tree": True} if draft.proposes_trees else {})}
+        per_run = max(evaluations[key][-1], 1) if evaluations.get(key) else 1  # the last timed run's count
+        entry = {"evaluation_s": medians.get(f"draft:{key}", 0.0) / per_run, **({"tree": True} if draft.proposes_trees else {})}
         if draft.kind == "exit":
             entry["verify_s"] = {k: medians[f"exit:{key}:{k}"] for k in range(longest[key] + 1)}
             entry["verify_stopped_s"] = {k: medians[f"exit-stopped:{key}:{k}"] for k in range(longest[key] + 1)}

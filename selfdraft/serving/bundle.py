@@ -127,12 +127,9 @@ class Bundle:
         has no profile here)."""
         profile, _ = profile_for(self)
         longest = max((int(arm.get("settings", {}).get("draft_len") or 0) for arm in self.info["arms"]), default=0)
-        curves: dict[int, list[float]] = {}
 
-        def step_curve(rows: int) -> list[float]:
-            if rows not in curves:
-                curves[rows] = profile.batch_curve(rows, max_batch * (longest + 1))
-            return curves[rows]
+        def step_curve(rows: int) -> list[float]:  # the decoder asks once per batch width
+            return profile.batch_curve(rows, max_batch * (longest + 1))
 
         return BatchDecoder(self.stack, max_batch=max_batch, max_context=self.target.max_context,
                             step_curve=step_curve if profile is not None else None)
