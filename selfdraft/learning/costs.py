@@ -327,8 +327,7 @@ def measure_profile(stack: LayerStack, drafts: dict[str, Draft], context: list[i
         """One batch of ``rows`` rows, prefilled once, timed at every ``BATCH_DRAFTS`` length."""
         decoder = BatchDecoder(stack, max_batch=rows)
         drafts = [_Repeat(0, token) for _ in range(rows)]
-        # Room for every timed step (warm-up and reps at each length) to accept all it drafts: the batch cache
-        # reserves it up front.
+        # Room for every timed step (warm-up, reps, each length) to accept all it drafts: reserved up front.
         config = GenerationConfig(max_new_tokens=(reps + 3) * sum(k + 1 for k in BATCH_DRAFTS) + 1)
         for draft in drafts:
             decoder.add(BatchRequest(context, draft, config))
