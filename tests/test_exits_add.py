@@ -178,7 +178,7 @@ def test_resume_never_unpickles_and_damaged_work_files_are_clean_errors(tiny_set
 
     with pytest.raises(Stop):  # killed after the data was built: the work directory holds example files
         add_exits(load_target(model_dir), str(model_dir), read_prompts(data), out, config, progress=stop_in_training)
-    example = out / WORK_DIR / "example_0.safetensors"
+    example = out / WORK_DIR / "train_0.safetensors"
     assert example.is_file()
     marker = tmp_path / "pwned"
     if damage == "pickle":

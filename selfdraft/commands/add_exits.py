@@ -172,16 +172,16 @@ def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, c
     group.run(lambda: _prepare_work(work, _data_key(target, rows, config), config.resume) if group.main else None)
     layers = sorted(config.layers)
     t0 = time.perf_counter()
-    examples = build_examples(target, rows, layers, max_prompt_tokens=config.max_prompt_tokens,
-                              new_tokens=config.self_distill_tokens, topk=min(config.teacher_topk, target.vocab_size),
-                              extend=max(config.draft_lens), work=work, progress=progress, group=group,
-                              use_answers=config.use_answers)
-    train_ex, held_ex = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
+    common = dict(max_prompt_tokens=config.max_prompt_tokens, new_tokens=config.self_distill_tokens,
+                  topk=min(config.teacher_topk, target.vocab_size), work=work, progress=progress, group=group)
+    # Training text needs nothing past EOS (extend 0: batched teacher passes); held-out replays do.
+    train_ex = build_examples(target, [rows[i] for i in train_idx], layers, extend=0, name="train",
+                              use_answers=config.use_answers, **common)
+    held_ex = build_examples(target, [rows[i] for i in held_idx], layers, extend=max(config.draft_lens), name="heldout",
+                             use_answers=config.use_answers, **common)
     for s in range(config.samples):  # sampled continuations of the training prompts: training text only
-        train_ex += build_examples(target, [rows[i] for i in train_idx], layers, max_prompt_tokens=config.max_prompt_tokens,
-                                   new_tokens=config.self_distill_tokens, topk=min(config.teacher_topk, target.vocab_size),
-                                   extend=max(config.draft_lens), work=work, progress=progress, group=group, sample=s,
-                                   temperature=config.sample_temperature, seed=config.seed)
+        train_ex += build_examples(target, [rows[i] for i in train_idx], layers, extend=0, name="train", sample=s,
+                                   temperature=config.sample_temperature, seed=config.seed, **common)
     data_s = time.perf_counter() - t0
 
     if config.train_tokens is not None:

@@ -290,7 +290,7 @@ def agreement(head: ExitHead, examples: list[Example]) -> dict:
         match = head.to_full_ids(logits.argmax(-1)) == ex.teacher_ids[:, 0].long()
         agree_all += int(match.sum())
         total_all += match.numel()
-        cont = match[ex.tp.prompt_len:]
+        cont = match[ex.prompt_len:]
         agree_cont += int(cont.sum())
         total_cont += cont.numel()
     return {"agreement": agree_all / total_all if total_all else 0.0,

@@ -30,19 +30,20 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 def _known(ex: Example) -> int:
     """How many tokens of an example are known and usable: the teacher's positions (0..num_positions-1) and the
     token after the last of them when the pass has it (generation ended on EOS)."""
-    return min(len(ex.tp.token_ids), ex.num_positions + 1)
+    return min(len(ex.token_ids), ex.num_positions + 1)
 
 
 def _sequence(ex: Example, layers: list[int]):
     """What training reads of one example: [T, n*D] states, [T] tokens, the teacher's top-k at positions < T - 1."""
     T = _known(ex)
-    states = torch.cat([ex.tp.states[layer][:T] for layer in layers], dim=-1)
-    return states, torch.tensor(ex.tp.token_ids[:T]), ex.teacher_ids, ex.teacher_logp
+    tp = ex.tp  # read once (a stored example reads its work file)
+    states = torch.cat([tp.states[layer][:T] for layer in layers], dim=-1)
+    return states, torch.tensor(tp.token_ids[:T]), tp.topk_ids[: ex.num_positions], tp.topk_logp[: ex.num_positions]
 
 
 def _bases(ex: Example, T: int, prompt_bases: int, gen: torch.Generator) -> torch.Tensor:
-    continuation = torch.arange(max(ex.tp.prompt_len - 1, 0), T - 1)
-    prompt = torch.arange(0, max(ex.tp.prompt_len - 1, 0))
+    continuation = torch.arange(max(ex.prompt_len - 1, 0), T - 1)
+    prompt = torch.arange(0, max(ex.prompt_len - 1, 0))
     if prompt_bases and prompt.numel():
         prompt = prompt[torch.randperm(prompt.numel(), generator=gen)[:prompt_bases]]
     else:
@@ -125,9 +126,9 @@ def acceptance_per_position(chains: list, examples: list[Example], depth: int) -
     1..j-1 accepted) (``conditional``). ``chains``: one ``ChainTeacherForced`` per example."""
     by_domain: dict[str, list[list[bool]]] = {}
     for tf, ex in zip(chains, examples):
-        tokens = ex.tp.token_ids
+        tokens = ex.token_ids
         T = _known(ex)
-        for base in range(max(ex.tp.prompt_len - 1, 0), T - 2):
+        for base in range(max(ex.prompt_len - 1, 0), T - 2):
             chain = tf.chains[base][:depth]
             ok, row = True, []
             for j, token in enumerate(chain):

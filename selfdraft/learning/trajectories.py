@@ -81,6 +81,57 @@ def teacher_pass(stack: LayerStack, prompt_ids: list[int], new_ids: list[int], e
                        cat(top_ids), cat(top_logp))
 
 
+@torch.inference_mode()
+def teacher_passes(stack: LayerStack, items: list[tuple[list[int], list[int], bool]], eos_ids, *, layers=(),
+                   topk: int = 0, lm_input: bool = False, max_batch_tokens: int = 8192) -> list[TeacherPass]:
+    """``teacher_pass`` (``extend`` 0) of several (prompt ids, new ids, ended on EOS) sequences, in batches: the
+    sequences sorted by length are right-padded into batches of at most ``max_batch_tokens`` positions and run in
+    one causal forward each. A real position never sees the padding after it, so each row's states and teacher are
+    its own pass's (up to the rounding of a wider matrix product). An ended sequence gets the EOS ``teacher_pass``
+    would give it (the target's choice among ``eos_ids``); the rare one whose choice is not the first EOS id is
+    passed again alone."""
+    layers = sorted(set(layers))
+    L = stack.num_layers
+    eos = min(eos_ids) if eos_ids else None
+    seqs = [list(p) + list(n) + ([eos] if ended else []) for p, n, ended in items]
+    if any(ended for _, _, ended in items) and eos is None:
+        raise CtxdraftError("a sequence ended on EOS but the target has no EOS id")
+    order = sorted(range(len(items)), key=lambda i: len(seqs[i]))
+    batches, current = [], []
+    for i in order:  # lengths grow along ``order``: a batch's width is its last row's
+        if current and (len(current) + 1) * len(seqs[i]) > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    out: list[TeacherPass | None] = [None] * len(items)
+    for batch in batches:
+        width = len(seqs[batch[-1]])
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+        captured = dict.fromkeys(layers)
+        hidden = stack.run(stack.embed(ids), 0, L, stack.new_cache(), torch.arange(width), captured)
+        for r, i in enumerate(batch):
+            prompt_ids, new_ids, ended = items[i]
+            n = len(seqs[i])
+            top_ids = top_logp = None
+            if topk or ended:
+                logits = stack.logits(hidden[r : r + 1, :n])[0].float()  # [n, V]
+                if ended and int(logits[n - 2].argmax()) in eos_ids and int(logits[n - 2].argmax()) != eos:
+                    out[i] = teacher_pass(stack, prompt_ids, new_ids, eos_ids, ended_on_eos=True, layers=layers,
+                                          topk=topk, lm_input=lm_input)
+                    continue
+                if topk:
+                    top_logp, top_ids = logits.log_softmax(-1).topk(min(topk, logits.shape[-1]), dim=-1)
+                    top_ids = top_ids.int()
+            out[i] = TeacherPass(seqs[i], len(prompt_ids), len(new_ids) + int(ended),
+                                 {E: captured[E][r, :n].clone() for E in layers},
+                                 stack.backbone.norm(hidden[r, :n]).clone() if lm_input else None, top_ids, top_logp)
+    return out
+
+
 @dataclass
 class Step:
     """One loop step of a speculative run: draft evaluations, drafted tokens, accepted tokens, whether the
