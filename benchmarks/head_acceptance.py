@@ -40,7 +40,7 @@ def parse_head(text: str) -> tuple[str, Path, str]:
     return label, Path(path), name or "general"
 
 
-def head_of(bundle_dir: Path, name: str, target):
+def head_of(bundle_dir: Path, name: str, target, depth: int):
     """The bundle's feature arm of head ``name`` (built on ``target``) and what its add-exits report says."""
     bundle = load_bundle(bundle_dir, calibrate=False)
     bundle.check_target(target)
@@ -49,7 +49,8 @@ def head_of(bundle_dir: Path, name: str, target):
         raise SystemExit(f"{display_path(bundle_dir)} has no feature head named {name!r}")
     report_path = bundle_dir / feature_report(name)
     report = read_json(report_path, "add-exits report") if report_path.is_file() else {}
-    return build_draft(arms[0], target, bundle_dir), report
+    spec = dict(arms[0], settings=dict(arms[0]["settings"], draft_len=depth))  # score every position
+    return build_draft(spec, target, bundle_dir), report
 
 
 def main() -> None:
@@ -71,7 +72,7 @@ def main() -> None:
     if args.per_domain:
         rows = first_per_domain(rows, args.per_domain)
     target = load_target(args.target, dtype=args.dtype)
-    heads = {label: head_of(path, name, target) for label, path, name in map(parse_head, args.head)}
+    heads = {label: head_of(path, name, target, args.depth) for label, path, name in map(parse_head, args.head)}
     layers = sorted({layer for draft, _ in heads.values() for layer in draft.state_layers})
     key = hashlib.sha256(json.dumps([target.content_hash, [r["prompt"] for r in rows], layers, args.max_new_tokens,
                                      args.max_prompt_tokens, args.depth]).encode()).hexdigest()[:12]

@@ -34,6 +34,8 @@ from .common import dtype_option, echo_json, parse_floats, parse_ints, progress_
               "(an exit head: batch positions per step; a feature head: 4 sequences of the mean length per step).")
 @click.option("--use-answers", is_flag=True, help="Rows with both 'prompt' and 'text' (make-data's corpus): train on "
               "that text as the continuation instead of generating it again.")
+@click.option("--aligned-loss", is_flag=True, help="--head feature: count draft position j's loss only where the head "
+              "drafted positions 1..j-1 right (GRIFFIN-style; a chain stops at its first miss).")
 @click.option("--self-distill-tokens", type=int, default=64, show_default=True, help="Target continuation tokens per prompt.")
 @click.option("--max-prompt-tokens", type=int, default=192, show_default=True, help="Cut prompts to this many tokens.")
 @click.option("--max-prompts", type=int, default=None, help="Use a deterministic sample of this many prompts.")
@@ -47,8 +49,8 @@ from .common import dtype_option, echo_json, parse_floats, parse_ints, progress_
 @dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def add_exits_cmd(target, layers, data_path, out_dir, head, name, domains, ttt_steps, lr, samples, sample_temperature,
-                  draft_vocab, steps, train_tokens, use_answers, self_distill_tokens, max_prompt_tokens, max_prompts,
-                  draft_lens, thresholds, eval_frac, seed, resume, dtype, as_json):
+                  draft_vocab, steps, train_tokens, use_answers, aligned_loss, self_distill_tokens, max_prompt_tokens,
+                  max_prompts, draft_lens, thresholds, eval_frac, seed, resume, dtype, as_json):
     """Train early-exit heads on intermediate layers and add `exit@E` arms to a bundle.
 
     Training text is the prompts plus the target's own greedy continuations; each head is distilled
@@ -71,6 +73,7 @@ def add_exits_cmd(target, layers, data_path, out_dir, head, name, domains, ttt_s
         self_distill_tokens=self_distill_tokens, max_prompt_tokens=max_prompt_tokens, max_prompts=max_prompts,
         eval_frac=eval_frac, seed=seed, resume=resume, name=name, ttt_steps=ttt_steps, lr=lr, samples=samples,
         sample_temperature=sample_temperature, train_tokens=train_tokens, use_answers=use_answers,
+        aligned_loss=aligned_loss,
         draft_lens=parse_ints(draft_lens, "--draft-lens", "1,2,4"),
         thresholds=parse_floats(thresholds, "--thresholds", "0,0.5,0.8"),
     )

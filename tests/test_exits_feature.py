@@ -211,3 +211,43 @@ def test_resumed_feature_training_equals_uninterrupted(tiny_model_dir, tmp_path)
     for name, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
     assert not torch.equal(whole.state_dict()["fc.weight"], fresh().state_dict()["fc.weight"])  # it trained
+
+
+def test_the_aligned_loss_counts_position_j_only_after_right_drafts(tiny_model_dir, monkeypatch):
+    """--aligned-loss: draft position j's loss covers only the bases whose positions 1..j-1 the head drafted right
+    (a chain stops at its first miss); without it every valid base counts. A stand-in forward returns logits right
+    on a fixed pattern of (base, position)."""
+    from ctxdraft.selfdraft.learning import feature_train
+    from ctxdraft.selfdraft.learning.exit_train import ExitTrainConfig
+    from ctxdraft.selfdraft.learning.head_data import build_examples
+    from ctxdraft.selfdraft.runtime.target import load_target
+
+    target = load_target(tiny_model_dir)
+    rows = [{"id": 0, "domain": "d", "prompt": "abc abc abc"}]
+    ex = build_examples(target, rows, [1, 2, 4], max_prompt_tokens=64, new_tokens=12, topk=8, extend=0)[0]
+    head = FeatureHead(target.model, [1, 2, 4]).float()
+    tokens = ex.token_ids
+    T = min(len(tokens), ex.num_positions + 1)
+    right = lambda b, j: (b * 7 + j) % 3 != 0  # noqa: E731
+
+    def forward(states, token_ids, bases, steps):
+        out = []
+        for j in range(1, steps + 1):
+            lg = torch.zeros(len(bases), target.vocab_size)
+            for r, b in enumerate(bases.tolist()):
+                true = tokens[min(b + j + 1, T - 1)]
+                lg[r, true if right(b, j) else (true + 1) % target.vocab_size] = 1.0
+            out.append(lg.requires_grad_())
+        return out
+
+    counted = []
+    monkeypatch.setattr(feature_train, "distill_loss", lambda lg, ids, logp, local: counted.append(lg.shape[0]) or lg.sum())
+    for aligned in (False, True):
+        config = ExitTrainConfig(layers=[1, 2, 4], head="feature", ttt_steps=3, prompt_bases=0, aligned_loss=aligned)
+        counted.clear()
+        feature_train.sequence_loss(forward, head, ex, config, None, torch.Generator().manual_seed(0))
+        bases = range(ex.prompt_len - 1, T - 1)
+        want = [sum(1 for b in bases if b + j <= T - 2 and (not aligned or all(right(b, i) for i in range(1, j))))
+                for j in (1, 2, 3)]
+        assert counted == [n for n in want if n], (aligned, counted, want)
+    assert want[2] < want[1] < want[0]

@@ -63,7 +63,7 @@ def _data_key(target, rows: list[dict], config: ExitTrainConfig) -> str:
 
 def _head_ckpt_name(E: int, config: ExitTrainConfig) -> str:
     tag = hashlib.sha256(json.dumps([config.head, config.draft_vocab, config.steps, config.batch_size, config.lr,
-                                     config.ridge]).encode()).hexdigest()[:8]
+                                     config.ridge] + ([True] if config.aligned_loss else [])).encode()).hexdigest()[:8]
     return f"exit{E}-{tag}.safetensors"
 
 

@@ -59,6 +59,9 @@ class ExitTrainConfig:
     # both 'prompt' and 'text', as make-data writes them) as the continuations instead of generating them again
     train_tokens: int | None = None
     use_answers: bool = False
+    # feature heads: draft position j's loss only at bases whose positions 1..j-1 the head drafted right (GRIFFIN-style
+    # masking of misaligned tokens: a chain is rejected at its first miss, so the rest never reaches the target)
+    aligned_loss: bool = False
 
     def validate(self, num_layers: int, vocab_size: int) -> None:
         """Every field checked through ``base/checks.py`` (bools, NaN and out-of-range values refused)."""
@@ -89,6 +92,7 @@ class ExitTrainConfig:
         if self.train_tokens is not None:
             checks.integer("--train-tokens", self.train_tokens, minimum=1)
         checks.flag("--use-answers", self.use_answers)
+        checks.flag("--aligned-loss", self.aligned_loss)
         checks.integer("batch_size", self.batch_size, minimum=1)
         if self.lr is not None:
             checks.number("lr", self.lr, above=0.0)

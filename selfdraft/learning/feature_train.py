@@ -60,16 +60,21 @@ def sequence_loss(model, head: FeatureHead, ex: Example, config: ExitTrainConfig
         return None, []
     logits = model(states, tokens, bases, config.ttt_steps)
     total, accuracy = 0.0, []
+    aligned = torch.ones_like(bases, dtype=torch.bool)  # the head's draft positions 1..j-1 were all right
     for j, lg in enumerate(logits, start=1):
         valid = bases + j <= T - 2  # the teacher knows position b + j (it predicts token b + j + 1)
         if not valid.any():
             break
-        rows = bases[valid] + j
-        loss = distill_loss(lg[valid], teacher_ids[rows], teacher_logp[rows], local_of)
-        total = total + config.decay ** (j - 1) * loss
         with torch.no_grad():
-            accuracy.append(float((head.to_full_ids(lg[valid].argmax(-1)) == tokens[rows + 1]).float().mean()))
-    return total, accuracy
+            hit = head.to_full_ids(lg.argmax(-1)) == tokens[(bases + j + 1).clamp_max(T - 1)]
+        accuracy.append(float(hit[valid].float().mean()))
+        counted = valid & aligned if config.aligned_loss else valid
+        if counted.any():
+            rows = bases[counted] + j
+            loss = distill_loss(lg[counted], teacher_ids[rows], teacher_logp[rows], local_of)
+            total = total + config.decay ** (j - 1) * loss
+        aligned &= hit & valid
+    return (None if isinstance(total, float) else total), accuracy
 
 
 def train_feature_head(head: FeatureHead, examples: list[Example], config: ExitTrainConfig, ckpt: Path | None = None,
@@ -134,6 +139,7 @@ def acceptance_per_position(chains: list, examples: list[Example], depth: int) -
             for j, token in enumerate(chain):
                 ok = ok and base + j + 2 < T and token == tokens[base + j + 2]
                 row.append(ok)
+            row += [False] * (depth - len(row))  # a shorter chain drafted nothing there
             by_domain.setdefault(str(ex.row.get("domain", "all")), []).append(row)
 
     def summary(rows: list[list[bool]]) -> dict:
