@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--target", default=DEFAULT_TARGET)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--baseline", action="append", default=[], help="a --head LABEL drawn as a line across the plot "
+                    "instead of a point of the curve (a head trained on other data), repeatable")
     ap.add_argument("--out", required=True, help="output prefix: <out>.json, <out>.md, <out>.png")
     args = ap.parse_args()
     if args.threads:
@@ -96,7 +98,7 @@ def main() -> None:
     write_json_atomic(out.with_suffix(".json"), {"data": Path(args.data).name, "prompts": len(rows), "dtype": args.dtype,
                                                  "max_new_tokens": args.max_new_tokens, "heads": results})
     out.with_suffix(".md").write_text(markdown(results, args.depth))
-    plot(results, out.with_suffix(".png"))
+    plot(results, set(args.baseline), out.with_suffix(".png"))
 
 
 def markdown(results: dict, depth: int) -> str:
@@ -112,7 +114,7 @@ def markdown(results: dict, depth: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, baselines: set[str], path: Path) -> None:
     try:
         import matplotlib
 
@@ -120,18 +122,22 @@ def plot(results: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    points = sorted((r["train_positions"], r["acceptance"]["overall"]["prefix"]) for r in results.values()
-                    if r["train_positions"])
+    points = sorted((r["train_positions"], r["acceptance"]["overall"]["prefix"]) for label, r in results.items()
+                    if r["train_positions"] and label not in baselines)
     if not points:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for j in range(len(points[0][1][:3])):
-        ax.plot([x for x, _ in points], [p[j] for _, p in points], marker="o", label=f"first {j + 1} draft token(s)")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for j in range(min(3, len(points[0][1]))):
+        line, = ax.plot([x for x, _ in points], [p[j] for _, p in points], marker="o",
+                        label=f"first {j + 1} draft token{'s' if j else ''} right")
+        for label in sorted(baselines & set(results)):
+            ax.axhline(results[label]["acceptance"]["overall"]["prefix"][j], color=line.get_color(), ls="--", lw=1,
+                       label=f"{label}, first {j + 1}")
     ax.set_xscale("log")
     ax.set_xlabel("training positions (prompt + the target's answer)")
     ax.set_ylabel("held-out acceptance")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
