@@ -245,9 +245,13 @@ def test_the_aligned_loss_counts_position_j_only_after_right_drafts(tiny_model_d
     for aligned in (False, True):
         config = ExitTrainConfig(layers=[1, 2, 4], head="feature", ttt_steps=3, prompt_bases=0, aligned_loss=aligned)
         counted.clear()
-        feature_train.sequence_loss(forward, head, ex, config, None, torch.Generator().manual_seed(0))
+        total, _ = feature_train.sequence_loss(forward, head, ex, config, None, torch.Generator().manual_seed(0))
         bases = range(ex.prompt_len - 1, T - 1)
+        valid = [sum(1 for b in bases if b + j <= T - 2) for j in (1, 2, 3)]
         want = [sum(1 for b in bases if b + j <= T - 2 and (not aligned or all(right(b, i) for i in range(1, j))))
                 for j in (1, 2, 3)]
         assert counted == [n for n in want if n], (aligned, counted, want)
+        # each position's loss is a mean over its valid bases, the misaligned ones counting 0 (stand-in loss: rows)
+        expected = sum(0.8 ** (j - 1) * n * (n / v) for j, (n, v) in enumerate(zip(want, valid), start=1))
+        assert float(total.detach()) == pytest.approx(expected)
     assert want[2] < want[1] < want[0]

@@ -72,7 +72,9 @@ def sequence_loss(model, head: FeatureHead, ex: Example, config: ExitTrainConfig
         if counted.any():
             rows = bases[counted] + j
             loss = distill_loss(lg[counted], teacher_ids[rows], teacher_logp[rows], local_of)
-            total = total + config.decay ** (j - 1) * loss
+            # a mean over the valid bases, the misaligned ones counting 0: a position few bases reach weighs little
+            share = counted.sum() / valid.sum()
+            total = total + config.decay ** (j - 1) * share * loss
         aligned &= hit & valid
     return (None if isinstance(total, float) else total), accuracy
 
