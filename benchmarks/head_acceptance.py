@@ -120,6 +120,7 @@ def plot(results: dict, baselines: set[str], path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return
     points = sorted((r["train_positions"], r["acceptance"]["overall"]["prefix"]) for label, r in results.items()
@@ -134,6 +135,7 @@ def plot(results: dict, baselines: set[str], path: Path) -> None:
             ax.axhline(results[label]["acceptance"]["overall"]["prefix"][j], color=line.get_color(), ls="--", lw=1,
                        label=f"{label}, first {j + 1}")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("training positions (prompt + the target's answer)")
     ax.set_ylabel("held-out acceptance")
     ax.grid(alpha=0.3)
