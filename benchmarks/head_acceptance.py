@@ -64,8 +64,8 @@ def main() -> None:
     ap.add_argument("--target", default=DEFAULT_TARGET)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--baseline", action="append", default=[], help="a --head LABEL drawn as a line across the plot "
-                    "instead of a point of the curve (a head trained on other data), repeatable")
+    ap.add_argument("--baseline", action="append", default=[], help="a --head LABEL drawn as a marker of its own "
+                    "instead of a point of the curve (a head trained on other data or otherwise), repeatable")
     ap.add_argument("--out", required=True, help="output prefix: <out>.json, <out>.md, <out>.png")
     args = ap.parse_args()
     if args.threads:
@@ -127,13 +127,18 @@ def plot(results: dict, baselines: set[str], path: Path) -> None:
                     if r["train_positions"] and label not in baselines)
     if not points:
         return
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    others = [label for label in results if label in baselines and results[label]["train_positions"]]
+    shapes = dict(zip(others, "*Ds^vP"))
     for j in range(min(3, len(points[0][1]))):
         line, = ax.plot([x for x, _ in points], [p[j] for _, p in points], marker="o",
                         label=f"first {j + 1} draft token{'s' if j else ''} right")
-        for label in sorted(baselines & set(results)):
-            ax.axhline(results[label]["acceptance"]["overall"]["prefix"][j], color=line.get_color(), ls="--", lw=1,
-                       label=f"{label}, first {j + 1}")
+        for label in others:
+            r = results[label]
+            ax.scatter([r["train_positions"]], [r["acceptance"]["overall"]["prefix"][j]], marker=shapes[label], s=80,
+                       color=line.get_color(), edgecolors="black", zorder=3)
+    for label in others:  # one legend entry per head drawn apart
+        ax.scatter([], [], marker=shapes[label], s=80, color="lightgrey", edgecolors="black", label=label)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("training positions (prompt + the target's answer)")
