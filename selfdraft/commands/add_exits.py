@@ -175,12 +175,13 @@ def add_exits(target, target_spec: str, rows: list[dict], out_dir: str | Path, c
     common = dict(max_prompt_tokens=config.max_prompt_tokens, new_tokens=config.self_distill_tokens,
                   topk=min(config.teacher_topk, target.vocab_size), work=work, progress=progress, group=group)
     # Training text needs nothing past EOS (extend 0: batched teacher passes); held-out replays do.
-    train_ex = build_examples(target, [rows[i] for i in train_idx], layers, extend=0, name="train",
-                              use_answers=config.use_answers, **common)
+    train_rows = [rows[i] for i in train_idx]
+    train_ex = build_examples(target, train_rows, layers, extend=0, name="train", use_answers=config.use_answers,
+                              **common)
     held_ex = build_examples(target, [rows[i] for i in held_idx], layers, extend=max(config.draft_lens), name="heldout",
                              use_answers=config.use_answers, **common)
     for s in range(config.samples):  # sampled continuations of the training prompts: training text only
-        train_ex += build_examples(target, [rows[i] for i in train_idx], layers, extend=0, name="train", sample=s,
+        train_ex += build_examples(target, train_rows, layers, extend=0, name="train", sample=s,
                                    temperature=config.sample_temperature, seed=config.seed, **common)
     data_s = time.perf_counter() - t0
 

@@ -159,6 +159,7 @@ def distill_loss(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: 
 def _ridge_init(head: ExitHead, examples: list[Example], ridge: float) -> None:
     """Least-squares fit of the adapter from the normed layer-E states to the LM head's input, pulled to I."""
     with torch.no_grad():
+        examples = [ex.loaded() for ex in examples]
         X = torch.cat([head.norm(ex.states(head.exit_layer).to(head.dtype)) for ex in examples]).double()  # [N, D]
         Y = torch.cat([ex.lm_input for ex in examples]).double()
         D = X.shape[1]
@@ -189,6 +190,7 @@ def _layer_head_loss(model, E: int, examples: list[Example], batch_size: int, ge
     mine = group.shard(picks)
     total = 0.0
     for ex, rows in mine:
+        ex = ex.loaded()
         logits = model(ex.states(E)[None], rows=rows)
         total = total + distill_loss(logits, ex.teacher_ids[rows], ex.teacher_logp[rows], local_of)
     return total / len(mine)
@@ -261,6 +263,7 @@ def train_head(head: ExitHead, examples: list[Example], config: ExitTrainConfig,
         _ridge_init(head, examples, config.ridge)
     local_of = local_vocab_index(head, examples)
     if head.kind == "linear":
+        examples = [ex.loaded() for ex in examples]
         flat_hidden = torch.cat([ex.states(E) for ex in examples])
         flat_ids = torch.cat([ex.teacher_ids for ex in examples])
         flat_logp = torch.cat([ex.teacher_logp for ex in examples])
@@ -290,6 +293,7 @@ def agreement(head: ExitHead, examples: list[Example]) -> dict:
     (the continuation after its first token, which the prefill emits)."""
     agree_all = total_all = agree_cont = total_cont = 0
     for ex in examples:
+        ex = ex.loaded()
         logits = head(ex.states(head.exit_layer)[None])[0]  # [T, N]
         match = head.to_full_ids(logits.argmax(-1)) == ex.teacher_ids[:, 0].long()
         agree_all += int(match.sum())

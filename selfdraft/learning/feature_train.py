@@ -36,9 +36,9 @@ def _known(ex: Example) -> int:
 def _sequence(ex: Example, layers: list[int]):
     """What training reads of one example: [T, n*D] states, [T] tokens, the teacher's top-k at positions < T - 1."""
     T = _known(ex)
-    tp = ex.tp  # read once (a stored example reads its work file)
-    states = torch.cat([tp.states[layer][:T] for layer in layers], dim=-1)
-    return states, torch.tensor(tp.token_ids[:T]), tp.topk_ids[: ex.num_positions], tp.topk_logp[: ex.num_positions]
+    ex = ex.loaded()  # one read of a stored example's work file
+    states = torch.cat([ex.tp.states[layer][:T] for layer in layers], dim=-1)
+    return states, torch.tensor(ex.token_ids[:T]), ex.teacher_ids, ex.teacher_logp
 
 
 def _bases(ex: Example, T: int, prompt_bases: int, gen: torch.Generator) -> torch.Tensor:

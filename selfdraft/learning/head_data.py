@@ -33,6 +33,11 @@ class Example:
     tp: TeacherPass
     num_positions: int  # positions with a known next token: the prompt and the returned continuation
 
+    def loaded(self) -> "Example":
+        """This example with its tensors in memory (a ``StoredExample`` reads its work file once): read several of
+        its tensors through one ``loaded()``."""
+        return self
+
     @property
     def token_ids(self) -> list[int]:
         return self.tp.token_ids
@@ -59,15 +64,18 @@ class Example:
 
 class StoredExample(Example):
     """An example whose tensors stay in its work file and are read each time ``tp`` is used: a corpus's states
-    (layers x positions x D) need not fit in memory, only its token ids do. Read ``tp`` once per use."""
+    (layers x positions x D) need not fit in memory, only its token ids do."""
 
     def __init__(self, row: dict, path: Path, token_ids: list[int], prompt_len: int, num_positions: int):
         self.row, self.path, self.num_positions = row, path, num_positions
         self._token_ids, self._prompt_len = token_ids, prompt_len
 
+    def loaded(self) -> Example:
+        return _load(self.path, self.row)
+
     @property
     def tp(self) -> TeacherPass:
-        return _load(self.path, self.row).tp
+        return self.loaded().tp
 
     @property
     def token_ids(self) -> list[int]:
@@ -110,7 +118,7 @@ def _load(path: Path, row: dict) -> Example:
 
 def _stored(path: Path, row: dict) -> StoredExample:
     ex = _load(path, row)
-    return StoredExample(row, path, ex.tp.token_ids, ex.tp.prompt_len, ex.num_positions)
+    return StoredExample(row, path, ex.token_ids, ex.prompt_len, ex.num_positions)
 
 
 @torch.inference_mode()

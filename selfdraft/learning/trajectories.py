@@ -59,8 +59,8 @@ def teacher_pass(stack: LayerStack, prompt_ids: list[int], new_ids: list[int], e
             normed.append(stack.backbone.norm(hidden)[0])
         if topk:
             logits = stack.logits(hidden)[0].float()  # [T, V]
-            logp, ids_ = logits.log_softmax(-1).topk(min(topk, logits.shape[-1]), dim=-1)
-            top_ids.append(ids_.int())
+            ids_, logp = _teacher_topk(logits, topk)
+            top_ids.append(ids_)
             top_logp.append(logp)
             return int(logits[-1].argmax())
         return int(stack.logits(hidden[:, -1:])[0, -1].argmax())
@@ -79,6 +79,12 @@ def teacher_pass(stack: LayerStack, prompt_ids: list[int], new_ids: list[int], e
     cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
     return TeacherPass(seq, len(prompt_ids), num_new, {E: cat(s) for E, s in states.items()}, cat(normed),
                        cat(top_ids), cat(top_logp))
+
+
+def _teacher_topk(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's top-``topk`` next-token ids (int32) and log-probabilities at every position of ``logits`` [T, V]."""
+    logp, ids = logits.log_softmax(-1).topk(min(topk, logits.shape[-1]), dim=-1)
+    return ids.int(), logp
 
 
 @torch.inference_mode()
@@ -116,16 +122,13 @@ def teacher_passes(stack: LayerStack, items: list[tuple[list[int], list[int], bo
         for r, i in enumerate(batch):
             prompt_ids, new_ids, ended = items[i]
             n = len(seqs[i])
-            top_ids = top_logp = None
-            if topk or ended:
-                logits = stack.logits(hidden[r : r + 1, :n])[0].float()  # [n, V]
-                if ended and int(logits[n - 2].argmax()) in eos_ids and int(logits[n - 2].argmax()) != eos:
-                    out[i] = teacher_pass(stack, prompt_ids, new_ids, eos_ids, ended_on_eos=True, layers=layers,
-                                          topk=topk, lm_input=lm_input)
-                    continue
-                if topk:
-                    top_logp, top_ids = logits.log_softmax(-1).topk(min(topk, logits.shape[-1]), dim=-1)
-                    top_ids = top_ids.int()
+            logits = stack.logits(hidden[r : r + 1, :n])[0].float() if topk or ended else None  # [n, V]
+            choice = int(logits[n - 2].argmax()) if ended else None  # the target's token after the last new one
+            if choice in eos_ids and choice != eos:  # it ends on another EOS id: its own pass picks that one
+                out[i] = teacher_pass(stack, prompt_ids, new_ids, eos_ids, ended_on_eos=True, layers=layers, topk=topk,
+                                      lm_input=lm_input)
+                continue
+            top_ids, top_logp = _teacher_topk(logits, topk) if topk else (None, None)
             out[i] = TeacherPass(seqs[i], len(prompt_ids), len(new_ids) + int(ended),
                                  {E: captured[E][r, :n].clone() for E in layers},
                                  stack.backbone.norm(hidden[r, :n]).clone() if lm_input else None, top_ids, top_logp)
