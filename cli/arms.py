@@ -34,10 +34,13 @@ def _max_nodes(value: str) -> int | str:
 @click.option("--top-k", type=int, default=4, show_default=True, help="Tree kinds: branching (successors kept per token, the feature head's children per node), 1..64, at most --max-nodes.")
 @click.option("--data", type=click.Path(dir_okay=False), help="kind=successor / merged: JSONL prompts to seed the bundle's successor table from (needed by merged when the bundle has none); kind=suffix: prompts whose greedy continuations fill the datastore.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="With --data: greedy tokens per prompt (the successor table learns them, the suffix datastore holds them).")
+@click.option("--sources", help="kind=merged: the sources merged, comma-separated, from lookup,successor,feature,model "
+                                 "(default: lookup, successor and whichever of the pool's feature head and draft model "
+                                 "it has).")
 @click.option("--target", help="Target spec when the bundle does not exist yet (default: the embedded default model).")
 @click.option("--json", "as_json", is_flag=True)
-def add_arm_cmd(bundle_dir, kind, model_path, name, draft_len, ngram_sizes, max_nodes, top_k, data, max_new_tokens, target,
-                as_json):
+def add_arm_cmd(bundle_dir, kind, model_path, name, draft_len, ngram_sizes, max_nodes, top_k, data, max_new_tokens, sources,
+                target, as_json):
     """Add an arm to a bundle (created if missing); the draft is checked before anything is written.
 
     \b
@@ -46,11 +49,13 @@ def add_arm_cmd(bundle_dir, kind, model_path, name, draft_len, ngram_sizes, max_
       ctxdraft add-arm my_bundle --kind lookup --draft-len 6 --ngram-sizes 4,3,2
       ctxdraft add-arm new_bundle --target ./my-llama --kind lookup --draft-len 3
       ctxdraft add-arm my_bundle --kind merged --draft-len 6 --max-nodes 24 --data train.jsonl
+      ctxdraft add-arm my_bundle --kind merged --name merged-ls --max-nodes 12 --sources lookup,successor
       ctxdraft add-arm my_bundle --kind feature-tree --draft-len 5 --max-nodes 16 --top-k 4
       ctxdraft add-arm my_bundle --kind suffix --draft-len 8 --data train.jsonl --max-new-tokens 128
     """
     ngrams = parse_ints(ngram_sizes, "--ngram-sizes", "3,2,1") if kind in ("lookup", "lookup-tree") else ()
-    tree = TreeOptions(_max_nodes(max_nodes), top_k, data, max_new_tokens)
+    chosen = tuple(part.strip() for part in sources.split(",")) if sources is not None else None
+    tree = TreeOptions(_max_nodes(max_nodes), top_k, data, max_new_tokens, chosen)
     added = add_arm_from_options(bundle_dir, kind, draft_len, model_path=model_path, name=name, ngram_sizes=ngrams,
                                  target=target, tree=tree)
     bundle, spec = added.bundle, added.spec

@@ -5,8 +5,8 @@
 #
 #   1. add-arm     lookup-tree (depth 5, nodes from the machine's costs), successor (depth 6, auto, top-4),
 #                  feature-tree (the bundle's feature head as an EAGLE-2 tree: depth 5, 16 nodes, top-4),
-#                  merged-n12 / merged-n24 (lookup + successor table + feature head, one tree per step) and
-#                  suffix (request + datastore); the successor table and the suffix datastore are built from the
+#                  merged-n12 / merged-n24 (lookup + successor table + feature head, one tree per step),
+#                  merged-ls (lookup + successor table only: no model work to draft) and suffix (request + datastore); the successor table and the suffix datastore are built from the
 #                  target's greedy continuations of TRAIN's prompts (32 tokens each)
 #   2. cross-fit   the successor table and the datastore remember the prompts they were built from, so a copy
 #                  built from half A of TRAIN collects every arm's trajectories on half B and one built from B
@@ -33,6 +33,7 @@ add_tree_arms() {  # add_tree_arms BUNDLE PROMPTS: the tree arms, table and data
     ctxdraft add-arm "$b" --kind feature-tree --name feature-tree --draft-len 5 --max-nodes 16 --top-k 4
     ctxdraft add-arm "$b" --kind merged --name merged-n12 --draft-len 5 --max-nodes 12 --top-k 4
     ctxdraft add-arm "$b" --kind merged --name merged-n24 --draft-len 6 --max-nodes 24 --top-k 4
+    ctxdraft add-arm "$b" --kind merged --name merged-ls --draft-len 6 --max-nodes 12 --top-k 4 --sources lookup,successor
     ctxdraft add-arm "$b" --kind suffix --name suffix --draft-len 8 --data "$data" --max-new-tokens 32
 }
 

@@ -43,13 +43,15 @@ def test_tree_arms_are_added_and_decode_exactly(tiny_bundle, data):  # noqa: F81
     table = read_successor_table(tiny_bundle / SUCCESSORS_FILE)
     assert table.shape[1] == 2 and int((table >= 0).sum()) > 0  # learned from the prompts' logits
     for args in (["--kind", "lookup-tree", "--max-nodes", "auto"], ["--kind", "successor", "--max-nodes", "8"],
-                 ["--kind", "feature-tree", "--draft-len", "3", "--max-nodes", "6", "--top-k", "2"]):
+                 ["--kind", "feature-tree", "--draft-len", "3", "--max-nodes", "6", "--top-k", "2"],
+                 ["--kind", "merged", "--name", "merged-ls", "--max-nodes", "6", "--sources", "lookup, successor"]):
         r = invoke("add-arm", str(tiny_bundle), *args)
         assert r.exit_code == 0, r.output
     b = load_bundle(tiny_bundle)
     assert b.arm_spec("successor-n8")["settings"]["table"] == SUCCESSORS_FILE  # the bundle's table, once it has one
     plain = b.generate("abc abc", draft="none", max_new_tokens=16)
-    for arm in ("merged-n10", "lookup-tree-auto", "successor-n8", "feature-tree"):
+    assert set(b.arm_spec("merged-ls")["settings"]["sources"]) == {"lookup", "successor"}  # the feature head left out
+    for arm in ("merged-n10", "lookup-tree-auto", "successor-n8", "feature-tree", "merged-ls"):
         assert b.generate("abc abc", draft=arm, max_new_tokens=16).token_ids == plain.token_ids, arm
 
 
@@ -64,6 +66,11 @@ def test_tree_arms_are_added_and_decode_exactly(tiny_bundle, data):  # noqa: F81
     (["--kind", "merged", "--top-k", "8", "--max-nodes", "4"], "needs a successor table"),
     (["--kind", "merged", "--max-nodes", "auto"], "integer --max-nodes"),
     (["--kind", "feature-tree"], "needs a feature head"),
+    (["--kind", "merged", "--sources", "lookup,bogus"], "merged sources must be some of"),
+    (["--kind", "merged", "--sources", ""], "merged sources must be some of"),
+    (["--kind", "merged", "--sources", "lookup,feature"], "merged source feature needs a feature head"),
+    (["--kind", "merged", "--sources", "lookup,model"], "merged source model needs a model arm"),
+    (["--kind", "lookup", "--sources", "lookup"], "--sources chooses a merged arm's sources"),
     (["--kind", "lookup-tree", "--data", "x.jsonl"], "or fills the suffix datastore (--kind suffix), not --kind lookup-tree"),
 ])
 def test_bad_tree_options_are_one_error_and_nothing_written(tiny_bundle, args, message):  # noqa: F811

@@ -24,6 +24,7 @@ the scan itself reads no memory.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -79,12 +80,19 @@ def verify_tree_greedy_ref(
 ) -> TreeVerifyResult:
     B, N1, V = target_logits.shape
     target_ids = target_logits.argmax(dim=-1)  # [B, N+1], first index among ties
-    walk = TreeWalk.start(B, N1 - 1, target_logits.device)
-    for node in range(N1 - 1):
-        token = tree_ids[:, node].long()
-        target_here = target_ids.gather(1, walk.position)[:, 0]
-        walk.accept(node, walk.is_child(node, parents, num_nodes) & (token == target_here), token)
-    return walk.finish(target_ids.gather(1, walk.position)[:, 0])
+    # The scan runs on the host: one argmax per position on the device, then N steps of list work per row (a tensor
+    # op per node, as ``TreeWalk`` does for the sampling walk, costs more than the walk itself on a CPU).
+    targets, tokens, parent_of, counts = target_ids.tolist(), tree_ids.tolist(), parents.tolist(), num_nodes.tolist()
+    out_ids, path_nodes, num_accepted = [[-1] * N1 for _ in range(B)], [[-1] * (N1 - 1) for _ in range(B)], [0] * B
+    for b in range(B):
+        current, depth = -1, 0
+        for node in range(int(counts[b])):
+            if parent_of[b][node] == current and tokens[b][node] == targets[b][current + 1]:
+                out_ids[b][depth], path_nodes[b][depth] = tokens[b][node], node
+                current, depth = node, depth + 1
+        out_ids[b][depth], num_accepted[b] = targets[b][current + 1], depth
+    as_long = functools.partial(torch.tensor, dtype=torch.long, device=target_logits.device)
+    return TreeVerifyResult(as_long(out_ids).reshape(B, N1), as_long(path_nodes).reshape(B, N1 - 1), as_long(num_accepted))
 
 
 @jit

@@ -37,6 +37,7 @@ class TreeOptions:
     top_k: int = 4  # branching: successors per token, the feature head's children per node
     data: str | None = None  # prompts to seed the successor table or fill the suffix datastore from (None: keep them)
     max_new_tokens: int = 64  # the greedy continuation of each --data prompt (the table learns it, the datastore holds it)
+    sources: tuple[str, ...] | None = None  # a merged arm's sources (None: every one the pool has)
 
 
 def arm_spec(kind: str, draft_len: int, model_path: str | None = None, name: str | None = None,
@@ -48,6 +49,8 @@ def arm_spec(kind: str, draft_len: int, model_path: str | None = None, name: str
     if draft_len < 1:
         raise CtxdraftError(f"--draft-len must be >= 1, got {draft_len}")
     tree = tree or TreeOptions()
+    if tree.sources is not None and kind != "merged":
+        raise CtxdraftError(f"--sources chooses a merged arm's sources, not --kind {kind}'s")
     if kind == "model":
         if not model_path:
             raise CtxdraftError("--kind model needs --path to the draft model")
@@ -79,10 +82,10 @@ def arm_spec(kind: str, draft_len: int, model_path: str | None = None, name: str
         keep = {key: head[key] for key in ("name", "layers", "draft_vocab", "weights") if key in head}
         return feature_tree_arm(FeatureTreeSettings(**keep, draft_len=draft_len, top_k=tree.top_k,
                                                     max_nodes=tree.max_nodes)) | ({"name": name} if name else {})
-    if table is None:
+    if table is None and "successor" in (tree.sources or ("successor",)):
         raise CtxdraftError(f"--kind merged needs a successor table: the bundle has no {SUCCESSORS_FILE}; "
                             "give --data prompts to seed it from")
-    spec = merged_arm_for(arms, draft_len, tree.max_nodes, table=table, name=name)
+    spec = merged_arm_for(arms, draft_len, tree.max_nodes, table=table, name=name, sources=tree.sources)
     for source in ("successor", "feature"):
         if source in spec["settings"]["sources"]:
             spec["settings"]["sources"][source]["top_k"] = tree.top_k

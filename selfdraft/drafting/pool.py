@@ -96,16 +96,26 @@ def merged_arm(draft_len: int = 6, max_nodes: int = 24, lookup: dict | None = No
 
 
 def merged_arm_for(arms: list[dict], draft_len: int = 6, max_nodes: int = 24, table: str | None = None,
-                   name: str | None = None) -> dict:
+                   name: str | None = None, sources: list[str] | tuple | None = None) -> dict:
     """The merged arm of a pool: lookup and successor (from ``table`` when given), plus the first feature head of
-    ``arms`` (as a tree) and its first draft model, when it has them."""
+    ``arms`` (as a tree) and its first draft model, when it has them. ``sources``: only these (each must be
+    available; None: every one the pool has)."""
     feature = next((a["settings"] for a in arms if a.get("kind") in ("feature", "feature-tree")), None)
     model = next((a["settings"] for a in arms if a.get("kind") == "model"), None)
     if feature is not None:
         keep = ("name", "layers", "draft_vocab", "weights")
         feature = {key: value for key, value in feature.items() if key in keep}
-    return merged_arm(draft_len, max_nodes, lookup={}, successor={} if table is None else {"table": table},
-                      feature=feature, model=model, name=name)
+    given = {"lookup": {}, "successor": {} if table is None else {"table": table}, "feature": feature, "model": model}
+    if sources is not None:
+        unknown = [source for source in sources if source not in given]
+        if unknown or not sources:
+            raise CtxdraftError(f"merged sources must be some of {', '.join(given)}, got {','.join(sources) or 'none'}")
+        missing = [source for source in sources if given[source] is None]
+        if missing:
+            needs = {"feature": "a feature head (`ctxdraft add-exits --head feature`)", "model": "a model arm"}
+            raise CtxdraftError(f"merged source {missing[0]} needs {needs[missing[0]]} in the bundle")
+        given = {source: settings if source in sources else None for source, settings in given.items()}
+    return merged_arm(draft_len, max_nodes, name=name, **given)
 
 
 def none_arm(name: str = "none") -> dict:
