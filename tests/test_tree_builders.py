@@ -109,6 +109,35 @@ def test_one_frontier_call_equals_each_path_alone():
             assert math.isclose(tree.log_probs[node], log_prob, rel_tol=1e-4, abs_tol=1e-4), node
 
 
+def test_a_threshold_stops_expanding_without_losing_a_kept_node():
+    """Candidates under the threshold are not expanded (their children score no higher): the kept tree is the one
+    the full expansion keeps, from fewer head calls once a whole depth falls under it."""
+    model = tiny_random("qwen2")
+    head = noisy_head(model, noise=0.3)
+    stack = LayerStack(model)
+    tokens = PLAIN + hf_greedy(model, PLAIN, 4)
+    captured = dict.fromkeys(LAYERS)
+    stack.run(stack.embed(torch.tensor([tokens])), 0, 4, stack.new_cache(), torch.arange(len(tokens)), captured)
+    states = torch.cat([captured[layer][0] for layer in LAYERS], dim=-1)
+    fed = len(tokens) - 1
+    with torch.no_grad():
+        cache = FeatureCache()
+        root = head.feed(cache, states[:fed], torch.tensor(tokens[1 : fed + 1]), torch.arange(fed))[-1:]
+        full = expand_tree(head, cache, root, fed, max_depth=5, top_k=3)
+        cache.crop(fed)
+        scores = sorted(math.exp(x) for x in full.log_probs)
+        pruned_any = False
+        for threshold in scores[len(scores) // 4 :: max(1, len(scores) // 6)]:
+            cut = expand_tree(head, cache, root, fed, max_depth=5, top_k=3, min_log_prob=math.log(threshold))
+            cache.crop(fed)
+            kept = [best_subtree(tree.ids, tree.parents, [math.exp(x) for x in tree.log_probs], 8, threshold)
+                    for tree in (full, cut)]
+            assert kept[0].ids == kept[1].ids and kept[0].parents == kept[1].parents, threshold
+            assert cut.evaluations <= full.evaluations and len(cut.expanded) <= len(full.expanded)
+            pruned_any |= cut.evaluations < full.evaluations
+        assert pruned_any  # the highest thresholds stop before the last depth
+
+
 def test_best_subtree_keeps_parents_and_the_best_nodes():
     ids, parents = [10, 11, 12, 13, 14], [-1, -1, 0, 2, 1]
     out = best_subtree(ids, parents, [0.5, 0.4, 0.45, 0.1, 0.4], max_nodes=3)

@@ -69,10 +69,12 @@ class HeadTree:
 
 @torch.inference_mode()
 def expand_tree(head: FeatureHead, cache: FeatureCache, root_state: torch.Tensor, root_position: int, max_depth: int,
-                top_k: int) -> HeadTree:
+                top_k: int, min_log_prob: float = -math.inf) -> HeadTree:
     """Grow the EAGLE-2 tree below the root: ``root_state`` [1, D] is the head's state that drafts the first token,
     ``root_position`` the pending token's position; the cache holds the committed context and gains one entry per
-    expanded candidate (the caller crops it)."""
+    expanded candidate (the caller crops it). Only candidates whose log cumulative probability is at least
+    ``min_log_prob`` are expanded (their children cannot score higher), so the head stops as soon as no candidate of
+    a depth reaches it: a threshold the caller then applies loses no node it would have kept."""
     tree = HeadTree([], [], [], [])
     context = cache.length
     frontier, states = [-1], root_state  # candidates whose children the next logits give, and their states [F, D]
@@ -91,7 +93,9 @@ def expand_tree(head: FeatureHead, cache: FeatureCache, root_state: torch.Tensor
                 tree.log_probs.append(base + log_prob)
         if depth == max_depth:
             break
-        chosen = sorted(new, key=lambda c: (-tree.log_probs[c], c))[:top_k]
+        chosen = [c for c in sorted(new, key=lambda c: (-tree.log_probs[c], c))[:top_k] if tree.log_probs[c] >= min_log_prob]
+        if not chosen:
+            break
         row = {c: context + i for i, c in enumerate(tree.expanded)}  # the cache entry of each expanded candidate
         visible = torch.zeros(len(chosen), context + len(tree.expanded) + len(chosen), dtype=torch.bool)
         visible[:, :context] = True
@@ -137,9 +141,10 @@ class FeatureTreeDraft(FeatureDraft):
         max_depth = min(max_len, self.settings.draft_len)
         if max_depth < 1:
             return DraftOutput([], evaluations=0, stopped=False)
-        tree = expand_tree(self.head, self.cache, self.last, base + 1, max_depth, self.settings.top_k)
-        self.cache.crop(self.fed)  # the tree's own entries were for this proposal only
         threshold = self.settings.threshold
+        tree = expand_tree(self.head, self.cache, self.last, base + 1, max_depth, self.settings.top_k,
+                           math.log(threshold) if threshold > 0 else -math.inf)
+        self.cache.crop(self.fed)  # the tree's own entries were for this proposal only
         out = best_subtree(tree.ids, tree.parents, [math.exp(x) for x in tree.log_probs], self.settings.max_nodes,
                            threshold if threshold > 0 else -math.inf)
         out.evaluations, out.stopped = tree.evaluations, False
