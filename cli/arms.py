@@ -30,7 +30,7 @@ def _max_nodes(value: str) -> int | str:
 @click.option("--name", help="Arm name (default: model:<dir name>, lookup-k<K>, <kind>-n<max nodes>).")
 @click.option("--draft-len", type=int, default=4, show_default=True, help="Tokens drafted per step (a tree: its depth, 1..64).")
 @click.option("--ngram-sizes", default="3,2,1", show_default=True, help="kind=lookup / lookup-tree: n-gram sizes tried, longest first.")
-@click.option("--max-nodes", default="16", show_default=True, help="Tree kinds: nodes verified per step, 1..1024 (lookup-tree, successor: or auto, from the machine's costs).")
+@click.option("--max-nodes", default="16", show_default=True, help="Tree kinds: nodes verified per step, 1..1024 (lookup-tree, successor, merged: or auto, from the machine's costs).")
 @click.option("--top-k", type=int, default=4, show_default=True, help="Tree kinds: branching (successors kept per token, the feature head's children per node), 1..64, at most --max-nodes.")
 @click.option("--data", type=click.Path(dir_okay=False), help="kind=successor / merged: JSONL prompts to seed the bundle's successor table from (needed by merged when the bundle has none); kind=suffix: prompts whose greedy continuations fill the datastore.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="With --data: greedy tokens per prompt (the successor table learns them, the suffix datastore holds them).")

@@ -5,9 +5,11 @@
 #
 #   1. add-arm     lookup-tree (depth 5, nodes from the machine's costs), successor (depth 6, auto, top-4),
 #                  feature-tree (the bundle's feature head as an EAGLE-2 tree: depth 5, 16 nodes, top-4),
-#                  merged-n12 / merged-n24 (lookup + successor table + feature head, one tree per step),
-#                  merged-ls (lookup + successor table only: no model work to draft) and suffix (request + datastore); the successor table and the suffix datastore are built from the
-#                  target's greedy continuations of TRAIN's prompts (32 tokens each)
+#                  merged-n12 / merged-auto (lookup + successor table + feature head, one tree per step; 12
+#                  nodes, or as many as this machine's costs pay for), merged-ls (lookup + successor table only,
+#                  nodes from the costs: no model work to draft) and suffix (request + datastore); the successor
+#                  table and the suffix datastore are built from the target's greedy continuations of TRAIN's
+#                  prompts (32 tokens each)
 #   2. cross-fit   the successor table and the datastore remember the prompts they were built from, so a copy
 #                  built from half A of TRAIN collects every arm's trajectories on half B and one built from B
 #                  collects on A (128 new tokens each); a datastore that holds a prompt's own answer would make
@@ -32,8 +34,8 @@ add_tree_arms() {  # add_tree_arms BUNDLE PROMPTS: the tree arms, table and data
         --data "$data" --max-new-tokens 32
     ctxdraft add-arm "$b" --kind feature-tree --name feature-tree --draft-len 5 --max-nodes 16 --top-k 4
     ctxdraft add-arm "$b" --kind merged --name merged-n12 --draft-len 5 --max-nodes 12 --top-k 4
-    ctxdraft add-arm "$b" --kind merged --name merged-n24 --draft-len 6 --max-nodes 24 --top-k 4
-    ctxdraft add-arm "$b" --kind merged --name merged-ls --draft-len 6 --max-nodes 12 --top-k 4 --sources lookup,successor
+    ctxdraft add-arm "$b" --kind merged --name merged-auto --draft-len 6 --max-nodes auto --top-k 4
+    ctxdraft add-arm "$b" --kind merged --name merged-ls --draft-len 6 --max-nodes auto --top-k 4 --sources lookup,successor
     ctxdraft add-arm "$b" --kind suffix --name suffix --draft-len 8 --data "$data" --max-new-tokens 32
 }
 

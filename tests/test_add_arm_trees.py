@@ -64,7 +64,7 @@ def test_tree_arms_are_added_and_decode_exactly(tiny_bundle, data):  # noqa: F81
     (["--kind", "lookup-tree", "--draft-len", "65"], "1..64"),
     (["--kind", "successor", "--top-k", "8", "--max-nodes", "4"], "wider than its budget"),
     (["--kind", "merged", "--top-k", "8", "--max-nodes", "4"], "needs a successor table"),
-    (["--kind", "merged", "--max-nodes", "auto"], "integer --max-nodes"),
+    (["--kind", "feature-tree", "--max-nodes", "auto"], "integer --max-nodes"),
     (["--kind", "feature-tree"], "needs a feature head"),
     (["--kind", "merged", "--sources", "lookup,bogus"], "merged sources must be some of"),
     (["--kind", "merged", "--sources", ""], "merged sources must be some of"),

@@ -11,7 +11,8 @@ from tiny import tiny_llama
 
 from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.drafting.decoding import GenerationConfig, prefill, speculative_decode
-from ctxdraft.selfdraft.drafting.pool import build_draft, lookup_tree_arm, successor_arm
+from ctxdraft.selfdraft.drafting.merged_draft import MergedDraft, MergedSettings
+from ctxdraft.selfdraft.drafting.pool import build_draft, lookup_tree_arm, merged_arm, successor_arm
 from ctxdraft.selfdraft.drafting.tree_budget import AUTO_MAX_NODES, NodeBudget, best_prefix
 from ctxdraft.selfdraft.drafting.tree_drafts import (
     LookupTreeDraft,
@@ -44,6 +45,10 @@ def tree_drafts():
     auto_successor = SuccessorDraft("successor-auto", SuccessorSettings(draft_len=5, max_nodes="auto", top_k=3))
     auto_successor.set_costs(moderate(AUTO_MAX_NODES))
     yield auto_successor
+    auto_merged = MergedDraft("merged-auto", {"lookup": LookupTreeDraft(), "successor": SuccessorDraft(
+        "s", SuccessorSettings(draft_len=4, max_nodes=12, top_k=3))}, MergedSettings(draft_len=4, max_nodes="auto"))
+    auto_merged.set_costs(moderate(AUTO_MAX_NODES))
+    yield auto_merged
 
 
 @pytest.mark.parametrize("prompt", [[p % V for p in REPEATING], [p % V for p in PLAIN]], ids=["repeating", "plain"])
@@ -96,6 +101,30 @@ def test_steep_costs_shrink_the_tree_to_its_chain_and_flat_costs_grow_it_to_the_
     assert 6 < len(out.ids) < AUTO_MAX_NODES and not is_chain(out.parents)
 
 
+def test_an_auto_merged_tree_keeps_the_best_nodes_the_costs_pay_for():
+    """merged max_nodes="auto": the best k nodes by score for the k that maximises (1 + their scores) / step seconds
+    over k + 1 positions: none under steep costs, every candidate when width is free, the argmax in between."""
+    def merged():
+        draft, state = successor_with_full_table(16)
+        return MergedDraft("m", {"successor": draft}, MergedSettings(draft_len=6, max_nodes="auto")), state
+
+    full, state = merged()
+    full.start(state)
+    candidates = full.propose(state, 100)  # no costs: every candidate up to the cap
+    assert len(candidates.ids) == 16
+    ranked = sorted(candidates.node_probs, reverse=True)
+    for curve, expected in (([0.0] + [2.0**m for m in range(1, AUTO_MAX_NODES + 2)], 0),
+                            ([0.0] + [1.0] * (AUTO_MAX_NODES + 1), 16),
+                            (moderate(AUTO_MAX_NODES), best_prefix(moderate(AUTO_MAX_NODES), 1, 1.0, ranked))):
+        draft, state = merged()
+        draft.set_costs(curve)
+        draft.start(state)
+        out = draft.propose(state, 100)
+        assert len(out.ids) == expected
+        assert sorted(out.node_probs or [], reverse=True) == ranked[:expected]  # the best ones, parents kept
+    assert 0 < best_prefix(moderate(AUTO_MAX_NODES), 1, 1.0, ranked) < 16
+
+
 def test_the_budget_follows_the_measured_hit_rates():
     """Branches that never hit stop being worth their cost; without costs the cap holds."""
     budget = NodeBudget(auto=True)
@@ -110,7 +139,7 @@ def test_the_budget_follows_the_measured_hit_rates():
     assert NodeBudget(auto=False).allows(3, 1.0, 0.0)
 
 
-@pytest.mark.parametrize("arm", [lookup_tree_arm, successor_arm])
+@pytest.mark.parametrize("arm", [lookup_tree_arm, successor_arm, merged_arm])
 @pytest.mark.parametrize("settings", [dict(max_nodes="all"), dict(max_nodes="AUTO"), dict(max_nodes=[4]),
                                       dict(max_nodes=1025), dict(draft_len=65)])
 def test_bad_budget_settings_are_one_error(arm, settings):

@@ -73,9 +73,10 @@ def arm_spec(kind: str, draft_len: int, model_path: str | None = None, name: str
         if table is not None:
             spec["settings"]["table"] = table
         return spec
-    if tree.max_nodes == "auto":
-        raise CtxdraftError(f"--kind {kind} needs an integer --max-nodes (\"auto\" sizes lookup-tree and successor trees)")
     if kind == "feature-tree":
+        if tree.max_nodes == "auto":
+            raise CtxdraftError("--kind feature-tree needs an integer --max-nodes (\"auto\" sizes lookup-tree, successor "
+                                "and merged trees)")
         head = next((a["settings"] for a in arms if a.get("kind") == "feature"), None)
         if head is None:
             raise CtxdraftError("--kind feature-tree needs a feature head in the bundle (`ctxdraft add-exits --feature`)")

@@ -5,7 +5,10 @@ Each source proposes its own tree (or chain) under the pending token: ``lookup``
 nodes are merged into one trie (a path two sources share is one node) and scored by the chance that the whole path
 is accepted: the source's cumulative draft probability when it gives one (``DraftOutput.node_probs``), else the
 product along the path of the source's measured hit rate for a node at that depth and sibling rank. A node scores
-the best of its sources; the best ``max_nodes`` are proposed (a child never scores above its parent).
+the best of its sources; the best ``max_nodes`` are proposed (a child never scores above its parent). With
+``max_nodes="auto"`` the number kept comes from the machine's costs: the best k nodes, for the k that maximises the
+expected tokens per second of the step, (1 + the sum of their scores) / the profiled seconds of a tree step over k + 1
+positions (``tree_budget.best_prefix``), so a steep cost curve keeps only the likeliest nodes.
 
 Hit rates are counted from what the target emitted after each step (the accepted tokens and the bonus token): a
 source's node was *tried* when its parent path was emitted (or it hangs from the root) and the target emitted a token
@@ -20,6 +23,7 @@ from ..base.errors import CtxdraftError
 from .draft import DecodeState, Draft, DraftOutput, TeacherForced, TeacherPass
 from .feature_tree import best_subtree
 from .live_replay import LiveReplay
+from .tree_budget import best_prefix, check_max_nodes, checked_costs
 
 SOURCES = ("lookup", "successor", "feature", "model")  # the order sources are merged in (ties: the earlier one)
 MAX_RANK = 3  # sibling ranks at or past this share one hit rate
@@ -28,14 +32,15 @@ MAX_RANK = 3  # sibling ranks at or past this share one hit rate
 @dataclass
 class MergedSettings:
     draft_len: int = 6  # the deepest node
-    max_nodes: int = 24
+    max_nodes: int | str = 24  # or "auto": as many of the best nodes as the machine's costs say pay (at most 64)
     # The sources and their own arm settings (lookup: lookup-tree's, successor: successor's, feature: feature-tree's,
     # model: model's); a source left out is not used.
     sources: dict = field(default_factory=lambda: {"lookup": {}, "successor": {}})
 
     def __post_init__(self):
         self.draft_len = checks.integer("merged draft_len (the tree's depth)", self.draft_len, minimum=1, maximum=64)
-        self.max_nodes = checks.integer("merged max_nodes", self.max_nodes, minimum=1, maximum=1024)
+        cap, auto = check_max_nodes("merged", self.max_nodes)
+        self.max_nodes = "auto" if auto else cap
         if not isinstance(self.sources, dict) or not self.sources:
             raise CtxdraftError(f"merged sources must name at least one of {', '.join(SOURCES)}, got {self.sources!r}")
         for source, settings in self.sources.items():
@@ -108,16 +113,24 @@ class MergedDraft(Draft):
         self.draft_len = settings.draft_len
         self.state_layers = tuple(sorted({layer for draft in sources.values() for layer in draft.state_layers}))
         self.observe_top_k = max(draft.observe_top_k for draft in sources.values())
+        self.node_cap, self.auto = check_max_nodes("merged", settings.max_nodes)
+        self.step_s: list[float] | None = None  # the profile's tree step costs (set_costs): what "auto" sizes with
         self.rates = {source: HitRates() for source in sources}
         self.last_trees: dict[str, tuple[list[int], list[int]]] = {}
         self.last_root = 0  # len(state.tokens) when the last trees were proposed
 
     def max_verified(self) -> int:
-        return self.settings.max_nodes
+        return self.node_cap
+
+    def set_costs(self, step_s: list[float]) -> None:
+        self.step_s = checked_costs(self.name, step_s, self.node_cap)
 
     def start(self, state: DecodeState) -> None:
+        """A new generation: the sources start, and the hit rates start again from their prior (a generation's trees
+        depend on nothing before it, so that its replay, which starts the draft the same way, builds the same trees)."""
         for draft in self.sources.values():
             draft.start(state)
+        self.rates = {source: HitRates() for source in self.sources}
         self.last_trees = {}
 
     def observe(self, state, token_ids, topk_ids) -> None:
@@ -156,7 +169,10 @@ class MergedDraft(Draft):
                     scores.append(score)
                 scores[node] = max(scores[node], score)
                 merged.append(node)
-        out = best_subtree(ids, parents, scores, self.settings.max_nodes)
+        keep = self.node_cap
+        if self.auto and self.step_s is not None:
+            keep = best_prefix(self.step_s, 1, 1.0, sorted(scores, reverse=True)[:keep])
+        out = best_subtree(ids, parents, scores, keep)
         out.evaluations, out.stopped = evaluations, False
         return out
 

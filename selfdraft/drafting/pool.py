@@ -83,7 +83,7 @@ def suffix_arm(draft_len: int = 8, max_nodes: int | str = 16, factor: float = 1.
                          "offset": settings.offset, "min_prob": settings.min_prob}}
 
 
-def merged_arm(draft_len: int = 6, max_nodes: int = 24, lookup: dict | None = None, successor: dict | None = None,
+def merged_arm(draft_len: int = 6, max_nodes: int | str = 24, lookup: dict | None = None, successor: dict | None = None,
                feature: dict | None = None, model: dict | None = None, name: str | None = None) -> dict:
     """One tree per step merged from several sources; each given source's settings are those of its own arm
     (lookup: lookup-tree's, successor: successor's, e.g. ``{"table": SUCCESSORS_FILE}``, feature: a feature-tree
@@ -91,7 +91,7 @@ def merged_arm(draft_len: int = 6, max_nodes: int = 24, lookup: dict | None = No
     given = {"lookup": lookup, "successor": successor, "feature": feature, "model": model}
     sources = {source: dict(settings) for source, settings in given.items() if settings is not None}
     settings = MergedSettings(draft_len, max_nodes, sources or {"lookup": {}, "successor": {}})  # validates
-    return {"name": name or f"merged-n{max_nodes}", "kind": "merged",
+    return {"name": name or f"merged-{_nodes_name(settings.max_nodes)}", "kind": "merged",
             "settings": {"draft_len": settings.draft_len, "max_nodes": settings.max_nodes, "sources": settings.sources}}
 
 

@@ -58,6 +58,15 @@ def check_max_nodes(kind: str, max_nodes) -> tuple[int, bool]:
     return checks.integer(f"{kind} max_nodes", max_nodes, minimum=1, maximum=1024), False
 
 
+def checked_costs(name: str, step_s: list[float], node_cap: int) -> list[float]:
+    """``step_s`` for a tree draft of up to ``node_cap`` nodes: positive, and long enough to size its widest tree."""
+    if len(step_s) < node_cap + 2:  # a tree wider than the costs say anything about
+        raise CtxdraftError(f"{name}: costs for up to {len(step_s) - 1} positions cannot size trees of up to "
+                            f"{node_cap} nodes; measure the profile again (collect --reprofile, or ctxdraft calibrate)")
+    NodeBudget(True).set_costs(step_s)  # validates
+    return list(step_s)
+
+
 class NodeBudget:
     """The budget rule above for one tree draft. Without costs (``set_costs`` not called) every node is allowed."""
 

@@ -23,7 +23,7 @@ import torch
 from ..base import checks
 from ..base.errors import CtxdraftError
 from .draft import DecodeState, Draft, DraftOutput, DraftRun, TeacherForced, TeacherPass
-from .tree_budget import NodeBudget, check_max_nodes
+from .tree_budget import NodeBudget, check_max_nodes, checked_costs
 
 
 @dataclass
@@ -127,11 +127,7 @@ class TreeDraft(Draft):
         return self.node_cap
 
     def set_costs(self, step_s: list[float]) -> None:
-        if len(step_s) < self.node_cap + 2:  # a tree wider than the costs say anything about
-            raise CtxdraftError(f"{self.name}: costs for up to {len(step_s) - 1} positions cannot size trees of up to "
-                                f"{self.node_cap} nodes; measure the profile again (collect --reprofile, or ctxdraft calibrate)")
-        NodeBudget(self.auto).set_costs(step_s)  # validates
-        self.step_s = list(step_s)
+        self.step_s = checked_costs(self.name, step_s, self.node_cap)
 
     def start(self, state) -> None:
         self.learner = TreeLearner(self.auto, self.step_s)
