@@ -44,14 +44,16 @@ def test_tree_arms_are_added_and_decode_exactly(tiny_bundle, data):  # noqa: F81
     assert table.shape[1] == 2 and int((table >= 0).sum()) > 0  # learned from the prompts' logits
     for args in (["--kind", "lookup-tree", "--max-nodes", "auto"], ["--kind", "successor", "--max-nodes", "8"],
                  ["--kind", "feature-tree", "--draft-len", "3", "--max-nodes", "6", "--top-k", "2"],
-                 ["--kind", "merged", "--name", "merged-ls", "--max-nodes", "6", "--sources", "lookup, successor"]):
+                 ["--kind", "merged", "--name", "merged-ls", "--max-nodes", "6", "--sources", "lookup, successor"],
+                 ["--kind", "merged", "--name", "merged-auto", "--max-nodes", "auto"]):
         r = invoke("add-arm", str(tiny_bundle), *args)
         assert r.exit_code == 0, r.output
     b = load_bundle(tiny_bundle)
     assert b.arm_spec("successor-n8")["settings"]["table"] == SUCCESSORS_FILE  # the bundle's table, once it has one
     plain = b.generate("abc abc", draft="none", max_new_tokens=16)
     assert set(b.arm_spec("merged-ls")["settings"]["sources"]) == {"lookup", "successor"}  # the feature head left out
-    for arm in ("merged-n10", "lookup-tree-auto", "successor-n8", "feature-tree", "merged-ls"):
+    assert b.arm_spec("merged-auto")["settings"]["max_nodes"] == "auto"
+    for arm in ("merged-n10", "lookup-tree-auto", "successor-n8", "feature-tree", "merged-ls", "merged-auto"):
         assert b.generate("abc abc", draft=arm, max_new_tokens=16).token_ids == plain.token_ids, arm
 
 

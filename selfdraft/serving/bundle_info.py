@@ -56,7 +56,7 @@ _TREE_SIZE = {"draft_len": {"type": "integer", "minimum": 1, "maximum": 64},
 # Tree settings any tree arm may carry (the feature head's expansion, the merged arm): checked by the arm's builder.
 _TOP_K = {"type": "integer", "minimum": 1, "maximum": 64}
 _TREE = {"type": "object", "properties": {**_TREE_SIZE, "top_k": _TOP_K}}
-_MAX_NODES = {"type": "integer", "minimum": 1, "maximum": 1024}  # the trees whose size is not "auto" yet
+_MAX_NODES = {"type": "integer", "minimum": 1, "maximum": 1024}  # the feature head's tree: its size is not "auto" yet
 
 ARM_SETTINGS = {
     "none": {"type": "object", "additionalProperties": False, "properties": {}},
@@ -94,7 +94,7 @@ ARM_SETTINGS["feature-tree"] = {
 _MERGED_SOURCES = {"lookup": "lookup-tree", "successor": "successor", "feature": "feature-tree", "model": "model"}
 ARM_SETTINGS["merged"] = {
     "type": "object", "additionalProperties": False,
-    "properties": {"draft_len": _TREE_SIZE["draft_len"], "max_nodes": _MAX_NODES,
+    "properties": {**_TREE_SIZE,
                    "sources": {"type": "object", "minProperties": 1, "additionalProperties": False,
                                "properties": {source: ARM_SETTINGS[kind] for source, kind in _MERGED_SOURCES.items()}}}}
 
