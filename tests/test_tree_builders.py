@@ -80,7 +80,10 @@ def test_a_trained_like_head_gets_accepted():
     assert stats.accepted_tokens > 0
 
 
-def test_one_frontier_call_equals_each_path_alone():
+@torch.no_grad()
+def head_after_context():
+    """A noisy head whose cache holds a short context: (head, cache, root state, positions fed); the pending token is
+    at position ``fed``."""
     model = tiny_random("qwen2")
     head = noisy_head(model, noise=0.3)
     stack = LayerStack(model)
@@ -89,9 +92,14 @@ def test_one_frontier_call_equals_each_path_alone():
     stack.run(stack.embed(torch.tensor([tokens])), 0, 4, stack.new_cache(), torch.arange(len(tokens)), captured)
     states = torch.cat([captured[layer][0] for layer in LAYERS], dim=-1)
     fed = len(tokens) - 1  # positions 0..fed-1 in the head's cache; tokens[fed] is pending
+    cache = FeatureCache()
+    root = head.feed(cache, states[:fed], torch.tensor(tokens[1 : fed + 1]), torch.arange(fed))[-1:]
+    return head, cache, root, fed
+
+
+def test_one_frontier_call_equals_each_path_alone():
+    head, cache, root, fed = head_after_context()
     with torch.no_grad():
-        cache = FeatureCache()
-        root = head.feed(cache, states[:fed], torch.tensor(tokens[1 : fed + 1]), torch.arange(fed))[-1:]
         tree = expand_tree(head, cache, root, fed, max_depth=4, top_k=3)
         assert cache.length == fed + len(tree.expanded) and len(tree.expanded) == 9  # three depths of three
         assert len(set(tree.parents[c] for c in tree.expanded)) > 3  # the frontiers had several parents
@@ -112,17 +120,8 @@ def test_one_frontier_call_equals_each_path_alone():
 def test_a_threshold_stops_expanding_without_losing_a_kept_node():
     """Candidates under the threshold are not expanded (their children score no higher): the kept tree is the one
     the full expansion keeps, from fewer head calls once a whole depth falls under it."""
-    model = tiny_random("qwen2")
-    head = noisy_head(model, noise=0.3)
-    stack = LayerStack(model)
-    tokens = PLAIN + hf_greedy(model, PLAIN, 4)
-    captured = dict.fromkeys(LAYERS)
-    stack.run(stack.embed(torch.tensor([tokens])), 0, 4, stack.new_cache(), torch.arange(len(tokens)), captured)
-    states = torch.cat([captured[layer][0] for layer in LAYERS], dim=-1)
-    fed = len(tokens) - 1
+    head, cache, root, fed = head_after_context()
     with torch.no_grad():
-        cache = FeatureCache()
-        root = head.feed(cache, states[:fed], torch.tensor(tokens[1 : fed + 1]), torch.arange(fed))[-1:]
         full = expand_tree(head, cache, root, fed, max_depth=5, top_k=3)
         cache.crop(fed)
         scores = sorted(math.exp(x) for x in full.log_probs)
