@@ -9,6 +9,7 @@ import pytest
 from ctxdraft.selfdraft.base.fileio import write_json_atomic
 from ctxdraft.selfdraft.commands.collect import CollectConfig
 from ctxdraft.selfdraft.commands.train_policy import train_policy
+from ctxdraft.selfdraft.drafting.pool import lookup_tree_arm
 from ctxdraft.selfdraft.learning.costs import CostProfile
 from ctxdraft.selfdraft.learning.policy import PolicyConfig, choose_arms, policy_inputs, train_reinforce
 from ctxdraft.selfdraft.learning.rewards import read_trajectories, recompute_rewards, rewards_from_rows
@@ -98,6 +99,20 @@ def test_first_use_calibrates_once_and_a_damaged_calibration_is_replaced(trained
     assert find_calibration(load_bundle(trained_bundle, calibrate=True)) is None
     fresh = load_bundle(trained_bundle, calibrate=True)
     assert fresh.router().path == calibration.policy_path and find_calibration(fresh) is not None
+
+
+def test_drafts_built_before_the_calibration_size_their_trees_with_it(trained_bundle):
+    """An auto-sized tree arm built before the machine's calibration existed (calibrate itself builds every arm;
+    bundle.json holds no profile) gets the calibrated costs once it exists: without them it verifies its whole cap."""
+    info = json.loads((trained_bundle / "bundle.json").read_text())
+    info["arms"][1] = lookup_tree_arm(4, "auto", name="lookup")  # same name: the trajectories still fit
+    write_json_atomic(trained_bundle / "bundle.json", info)
+    bundle = load_bundle(trained_bundle, calibrate=True)
+    draft = bundle.draft("lookup")
+    assert draft.step_s is None  # no profile that reaches its widest tree yet
+    calibration = bundle.calibration(create=True)
+    assert calibration is not None and draft.step_s is not None
+    assert draft.step_s[1:] == calibration.profile.step_curve(draft.max_verified() + 1, True)[1:]
 
 
 def test_a_changed_bundle_is_calibrated_anew(trained_bundle):
