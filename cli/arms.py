@@ -7,7 +7,7 @@ from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.base.fileio import display_path
 from ctxdraft.selfdraft.commands.add_arm import ARM_KINDS, TreeOptions, add_arm_from_options
 
-from .common import echo_json, parse_ints
+from .common import echo_json, parse_ints, parse_names
 
 
 def _max_nodes(value: str) -> int | str:
@@ -54,7 +54,7 @@ def add_arm_cmd(bundle_dir, kind, model_path, name, draft_len, ngram_sizes, max_
       ctxdraft add-arm my_bundle --kind suffix --draft-len 8 --data train.jsonl --max-new-tokens 128
     """
     ngrams = parse_ints(ngram_sizes, "--ngram-sizes", "3,2,1") if kind in ("lookup", "lookup-tree") else ()
-    chosen = tuple(part.strip() for part in sources.split(",")) if sources is not None else None
+    chosen = tuple(parse_names(sources, "--sources", "lookup,successor")) if sources is not None else None
     tree = TreeOptions(_max_nodes(max_nodes), top_k, data, max_new_tokens, chosen)
     added = add_arm_from_options(bundle_dir, kind, draft_len, model_path=model_path, name=name, ngram_sizes=ngrams,
                                  target=target, tree=tree)

@@ -8,13 +8,13 @@ from ctxdraft.selfdraft.commands.bench import BenchConfig, bench
 from ctxdraft.selfdraft.commands.bench_batch import batch_markdown, bench_batch
 from ctxdraft.selfdraft.commands.bench_report import bench_markdown
 
-from .common import dtype_option, echo_json, no_calibrate_option, progress_bar
+from .common import dtype_option, echo_json, no_calibrate_option, parse_names, progress_bar
 
 
 def _parse_arms(value: str) -> list[str] | None:
     if value.strip() == "all":
         return None
-    return [a.strip() for a in value.split(",") if a.strip()]
+    return parse_names(value, "--arms", "lookup,auto")
 
 
 @click.command("bench")

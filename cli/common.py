@@ -90,6 +90,11 @@ def parse_floats(value: str, option: str, example: str) -> list[float]:
     return _parse_list(value, option, example, float, "numbers")
 
 
+def parse_names(value: str, option: str, example: str) -> list[str]:
+    """A comma-separated list of names, each stripped, empty ones dropped."""
+    return _parse_list(value, option, example, str.strip, "names")
+
+
 def _parse_list(value: str, option: str, example: str, kind, what: str) -> list:
 
     try:

@@ -83,7 +83,7 @@ def arm_spec(kind: str, draft_len: int, model_path: str | None = None, name: str
         keep = {key: head[key] for key in ("name", "layers", "draft_vocab", "weights") if key in head}
         return feature_tree_arm(FeatureTreeSettings(**keep, draft_len=draft_len, top_k=tree.top_k,
                                                     max_nodes=tree.max_nodes)) | ({"name": name} if name else {})
-    if table is None and "successor" in (tree.sources or ("successor",)):
+    if table is None and "successor" in (tree.sources if tree.sources is not None else ("successor",)):
         raise CtxdraftError(f"--kind merged needs a successor table: the bundle has no {SUCCESSORS_FILE}; "
                             "give --data prompts to seed it from")
     spec = merged_arm_for(arms, draft_len, tree.max_nodes, table=table, name=name, sources=tree.sources)

@@ -93,7 +93,8 @@ def expand_tree(head: FeatureHead, cache: FeatureCache, root_state: torch.Tensor
                 tree.log_probs.append(base + log_prob)
         if depth == max_depth:
             break
-        chosen = [c for c in sorted(new, key=lambda c: (-tree.log_probs[c], c))[:top_k] if tree.log_probs[c] >= min_log_prob]
+        best = sorted(new, key=lambda c: (-tree.log_probs[c], c))[:top_k]
+        chosen = [c for c in best if tree.log_probs[c] >= min_log_prob]
         if not chosen:
             break
         row = {c: context + i for i, c in enumerate(tree.expanded)}  # the cache entry of each expanded candidate

@@ -25,6 +25,7 @@ from ..drafting.batch_decoding import BatchDecoder
 from ..drafting.decoding import GenerationConfig, GenerationStats, prefill, speculative_decode
 from ..drafting.draft import Draft
 from ..drafting.pool import arm_feature_layers, build_draft, model_arm
+from ..learning.costs import set_costs
 from ..learning.offpolicy import choose_arm
 from ..runtime.layers import LayerStack
 from ..runtime.machine import resolve_dtype
@@ -137,7 +138,10 @@ class Bundle:
     def draft(self, name: str) -> Draft:
         if name not in self._drafts:
             draft = build_draft(self.arm_spec(name), self.target, self.path, self.shared)
-            _set_costs(draft, profile_for(self)[0])  # a tree draft sizes its trees with this machine's costs
+            profile, _ = profile_for(self)  # a tree draft sizes its trees with this machine's costs
+            positions, tree = draft.max_verified() + 1, draft.proposes_trees
+            if profile is not None and profile.step_seconds(positions, tree) is not None:
+                draft.set_costs(profile.step_curve(positions, tree))
             self._drafts[name] = draft
         return self._drafts[name]
 
@@ -181,9 +185,8 @@ class Bundle:
                         str(t.dtype).removeprefix("torch."), torch.get_num_threads())
             found = calibrate(self, progress=self.progress)
         self._calibration = found
-        if found is not None:  # drafts built before (calibrate builds every arm's) size their trees with it from now on
-            for draft in self._drafts.values():
-                _set_costs(draft, found.profile)
+        if found is not None:  # drafts built before (calibrate builds every arm's, and its profile covers them all)
+            set_costs(self._drafts, found.profile)  # size their trees with it from now on
         return found
 
     def calibration_note(self) -> str:
@@ -270,13 +273,6 @@ class Bundle:
         """The target layers the prefill keeps for the arm(s) that may draft: feature heads read them."""
         specs = self.info["arms"] if draft == "auto" else [self.arm_spec(draft)]
         return {layer for spec in specs for layer in arm_feature_layers(spec)}
-
-
-def _set_costs(draft: Draft, profile) -> None:
-    """Hand ``draft`` the profile's step costs when the profile covers its widest step (``Draft.set_costs``)."""
-    positions, tree = draft.max_verified() + 1, draft.proposes_trees
-    if profile is not None and profile.step_seconds(positions, tree) is not None:
-        draft.set_costs(profile.step_curve(positions, tree))
 
 
 def stop_checker(tokenizer, stops: list[str]):
