@@ -15,6 +15,7 @@ from ctxdraft.triton_kernels.dispatch import (
     check_tree_inputs,
     check_verify_inputs,
     launch_shape,
+    target_argmax,
     use_triton,
 )
 
@@ -28,6 +29,18 @@ def test_auto_is_the_reference_on_cpu_and_triton_on_cuda():
     assert not use_triton("auto", CPU)
     assert use_triton("auto", CUDA) == (dispatch.triton is not None)
     assert not use_triton("torch", CUDA)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_target_argmax_is_torchs_argmax_with_first_index_ties(dtype):
+    logits = torch.randn(2, 5, 3000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[0, 1, [7, 9, 2000]] = 50.0  # a three-way tie at the top: the first index wins
+    logits[1, 2, [11, 12]] = -torch.finfo(dtype).max  # a row's top is unaffected by the floor values
+    logits[1, 3] = 1.0  # a flat position: index 0
+    ids = target_argmax(logits)
+    assert ids.dtype == torch.long and ids.shape == (2, 5)
+    assert torch.equal(ids, logits.argmax(dim=-1))
+    assert ids[0, 1] == 7 and ids[1, 3] == 0
 
 
 def test_auto_on_cpu_really_runs_the_reference(monkeypatch):

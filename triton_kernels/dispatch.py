@@ -128,6 +128,16 @@ def use_triton(impl: str, device: torch.device) -> bool:
     return True
 
 
+def target_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax over the last dimension (the vocabulary), first index among ties: the torch references' greedy
+    test. On a CPU a half-precision tensor is widened to float32 first, which is exact (every bf16 and fp16 value is
+    a float32) and faster: torch's CPU argmax over bf16 took 1.2 ms for 13 positions x 49,152 logits, widening plus
+    a float32 argmax 0.43 ms (AMD EPYC, 2 threads), about 3% of a bf16 tree step there."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    return logits.argmax(dim=-1)
+
+
 def jit(fn):
     """``triton.jit`` when triton is installed; otherwise the plain function, which is never launched."""
     return fn if triton is None else triton.jit(fn)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._common import empty_result, first_rejection, launch_position_stats, store_out_ids, unit_stride
-from .dispatch import VerifyResult, check_verify_inputs, jit, tl, triton, use_triton
+from .dispatch import VerifyResult, check_verify_inputs, jit, target_argmax, tl, triton, use_triton
 
 
 def verify_greedy_ref(
@@ -20,7 +20,7 @@ def verify_greedy_ref(
     B, K1, V = target_logits.shape
     K = K1 - 1
     device = target_logits.device
-    target_ids = target_logits.argmax(dim=-1)  # [B, K+1], first index among ties
+    target_ids = target_argmax(target_logits)  # [B, K+1], first index among ties
     positions = torch.arange(K, device=device)
     in_draft = positions[None, :] < num_draft[:, None].long()  # [B, K]
     matches = (draft_ids.long() == target_ids[:, :K]) & in_draft

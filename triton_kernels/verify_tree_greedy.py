@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import column, empty_result, launch_position_stats, store_out_ids, unit_stride
-from .dispatch import TreeVerifyResult, check_tree_inputs, jit, launch_shape, tl, triton, use_triton
+from .dispatch import TreeVerifyResult, check_tree_inputs, jit, launch_shape, target_argmax, tl, triton, use_triton
 
 
 @dataclass
@@ -79,7 +79,7 @@ def verify_tree_greedy_ref(
     num_nodes: torch.Tensor,  # [B]
 ) -> TreeVerifyResult:
     B, N1, V = target_logits.shape
-    target_ids = target_logits.argmax(dim=-1)  # [B, N+1], first index among ties
+    target_ids = target_argmax(target_logits)  # [B, N+1], first index among ties
     # The scan runs on the host: one argmax per position on the device, then N steps of list work per row (a tensor
     # op per node, as ``TreeWalk`` does for the sampling walk, costs more than the walk itself on a CPU).
     targets, tokens, parent_of, counts = target_ids.tolist(), tree_ids.tolist(), parents.tolist(), num_nodes.tolist()
