@@ -132,6 +132,8 @@ class FeatureTreeDraft(FeatureDraft):
 
     kind = "feature-tree"
     proposes_trees = True
+    min_node_prob = 0.0  # a floor over settings.threshold, set per step by a merged arm from its costs
+
 
     def max_verified(self) -> int:
         return self.settings.max_nodes
@@ -142,7 +144,7 @@ class FeatureTreeDraft(FeatureDraft):
         max_depth = min(max_len, self.settings.draft_len)
         if max_depth < 1:
             return DraftOutput([], evaluations=0, stopped=False)
-        threshold = self.settings.threshold
+        threshold = max(self.settings.threshold, self.min_node_prob)
         tree = expand_tree(self.head, self.cache, self.last, base + 1, max_depth, self.settings.top_k,
                            math.log(threshold) if threshold > 0 else -math.inf)
         self.cache.crop(self.fed)  # the tree's own entries were for this proposal only

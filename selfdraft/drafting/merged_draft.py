@@ -8,7 +8,9 @@ product along the path of the source's measured hit rate for a node at that dept
 the best of its sources; the best ``max_nodes`` are proposed (a child never scores above its parent). With
 ``max_nodes="auto"`` the number kept comes from the machine's costs: the best k nodes, for the k that maximises the
 expected tokens per second of the step, (1 + the sum of their scores) / the profiled seconds of a tree step over k + 1
-positions (``tree_budget.best_prefix``), so a steep cost curve keeps only the likeliest nodes.
+positions (``tree_budget.best_prefix``), so a steep cost curve keeps only the likeliest nodes. Such an arm also tells
+its feature source not to expand a candidate the budget would not keep (``feature_floor``): the head then calls
+fewer depths per step, and its call is what the feature source costs.
 
 Hit rates are counted from what the target emitted after each step (the accepted tokens and the bonus token): a
 source's node was *tried* when its parent path was emitted (or it hangs from the root) and the target emitted a token
@@ -21,12 +23,13 @@ from dataclasses import dataclass, field
 from ..base import checks
 from ..base.errors import CtxdraftError
 from .draft import DecodeState, Draft, DraftOutput, TeacherForced, TeacherPass
-from .feature_tree import best_subtree
+from .feature_tree import FeatureTreeDraft, best_subtree
 from .live_replay import LiveReplay
 from .tree_budget import best_prefix, check_max_nodes, checked_costs
 
 SOURCES = ("lookup", "successor", "feature", "model")  # the order sources are merged in (ties: the earlier one)
 MAX_RANK = 3  # sibling ranks at or past this share one hit rate
+PRICE_POSITIONS = 17  # the price of a node: the step curve's mean slope over 1..this many positions (a 16-node tree)
 
 
 @dataclass
@@ -118,12 +121,25 @@ class MergedDraft(Draft):
         self.rates = {source: HitRates() for source in sources}
         self.last_trees: dict[str, tuple[list[int], list[int]]] = {}
         self.last_root = 0  # len(state.tokens) when the last trees were proposed
+        self.steps, self.accepted = 0, 0  # this generation's steps and accepted draft tokens (feature_floor reads them)
 
     def max_verified(self) -> int:
         return self.node_cap
 
     def set_costs(self, step_s: list[float]) -> None:
         self.step_s = checked_costs(self.name, step_s, self.node_cap)
+
+    def feature_floor(self) -> float:
+        """The least cumulative probability worth a feature candidate's expansion in an auto-sized arm: a node pays
+        when its acceptance exceeds (1 + S) * (step_s[m + 1] - step_s[m]) / step_s[m] (``tree_budget.worth_adding``),
+        so with S this generation's mean accepted draft tokens per step and the curve's mean slope over the first
+        ``PRICE_POSITIONS`` positions for the price of a position, a candidate below it adds no node the budget
+        keeps (its children score no higher) and costs a head call. 0 (expand all) for a fixed cap or no costs."""
+        if not self.auto or self.step_s is None:
+            return 0.0
+        m = min(PRICE_POSITIONS, len(self.step_s) - 1)
+        slope = max(self.step_s[m] - self.step_s[1], 0.0) / ((m - 1) * self.step_s[1])
+        return (1 + self.accepted / max(self.steps, 1)) * slope
 
     def start(self, state: DecodeState) -> None:
         """A new generation: the sources start, and the hit rates start again from their prior (a generation's trees
@@ -132,6 +148,7 @@ class MergedDraft(Draft):
             draft.start(state)
         self.rates = {source: HitRates() for source in self.sources}
         self.last_trees = {}
+        self.steps, self.accepted = 0, 0
 
     def observe(self, state, token_ids, topk_ids) -> None:
         for draft in self.sources.values():
@@ -146,7 +163,11 @@ class MergedDraft(Draft):
         emitted = state.tokens[self.last_root :]
         for source, (ids, parents) in self.last_trees.items():
             self.rates[source].count(ids, parents, emitted)
+        if self.last_trees:  # a step since the last proposal: its draft tokens accepted (emitted less the target's)
+            self.steps, self.accepted = self.steps + 1, self.accepted + len(emitted) - 1
         self.last_root, self.last_trees = len(state.tokens), {}
+        if isinstance(self.sources.get("feature"), FeatureTreeDraft):
+            self.sources["feature"].min_node_prob = self.feature_floor()
         max_depth = min(max_len, self.settings.draft_len)
         ids: list[int] = []
         parents: list[int] = []
