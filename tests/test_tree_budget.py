@@ -131,7 +131,7 @@ def test_the_budget_follows_the_measured_hit_rates():
     budget.set_costs(moderate(8))
     assert budget.allows(2, 1.0, 0.5)
     for _ in range(20):  # the rank-1 child at depth 1 is tried and never accepted
-        budget.learn([4, 5], [-1, -1], [0, 1], [4])
+        budget.learn([4, 5], [-1, -1], [4])
     assert budget.rate(1, 0) > 0.9 and budget.rate(1, 1) < 0.05
     assert not budget.allows(2, 1.0, budget.rate(1, 1))
     assert not budget.allows(8, 0.0, 1.0)  # past the costed sizes

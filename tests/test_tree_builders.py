@@ -17,13 +17,14 @@ from ctxdraft.selfdraft.base.layout import SUCCESSORS_FILE
 from ctxdraft.selfdraft.drafting.drafts import ModelDraft, ModelDraftSettings
 from ctxdraft.selfdraft.drafting.feature_head import FeatureCache, FeatureHead, save_feature_head
 from ctxdraft.selfdraft.drafting.feature_tree import FeatureTreeDraft, FeatureTreeSettings, best_subtree, expand_tree
-from ctxdraft.selfdraft.drafting.merged_draft import HitRates, MergedDraft, MergedSettings
+from ctxdraft.selfdraft.drafting.merged_draft import MergedDraft, MergedSettings
 from ctxdraft.selfdraft.drafting.pool import build_draft, merged_arm, merged_arm_for, successor_arm
 from ctxdraft.selfdraft.drafting.successor_table import (
     build_successor_table,
     load_successor_table,
     save_successor_table,
 )
+from ctxdraft.selfdraft.drafting.tree_budget import HitRates
 from ctxdraft.selfdraft.drafting.tree_drafts import LookupTreeDraft, SuccessorDraft
 from ctxdraft.selfdraft.runtime.layers import LayerStack
 from ctxdraft.selfdraft.runtime.sampling import probs_from_logits
@@ -196,9 +197,17 @@ def test_hit_rates_count_what_the_target_emitted():
     rates.count([5, 6, 7], [-1, 0, -1], [5, 9])
     assert rates.tried == {(1, 0): 1, (2, 0): 1, (1, 1): 1} and rates.hit == {(1, 0): 1, (2, 0): 0, (1, 1): 0}
     rates.count([5, 6], [-1, 0], [4])  # 6 is never tried: its parent was not emitted
-    assert rates.tried[(2, 0)] == 1 and rates.rate((1, 0)) == (1 + 1) / (2 + 2)
+    assert rates.tried == {(1, 0): 2, (2, 0): 1, (1, 1): 1} and rates.hit == {(1, 0): 1, (2, 0): 0, (1, 1): 0}
+    # shrinkage: the source 1 hit in 4 tries -> (1 + 1) / (4 + 2); rank 0 1 in 3 -> (1 + 2 source) / (3 + 2); a slot
+    # (1 + 2 rank) / (2 + 2) for (1, 0), (0 + 2 rank) / (1 + 2) for (2, 0); a slot never tried reads as its rank
+    source = 2 / 6
+    rank0, rank1 = (1 + 2 * source) / 5, (0 + 2 * source) / 3
+    assert rates.rank_rates()[:2] == pytest.approx([rank0, rank1]) and rates.rank_rates()[3] == pytest.approx(source)
+    assert rates.rate((1, 0)) == pytest.approx((1 + 2 * rank0) / 4)
+    assert rates.rate((2, 0)) == pytest.approx(2 * rank0 / 3) and rates.rate((5, 1)) == pytest.approx(rank1)
     scores = rates.scores([-1, 0, -1])
-    assert scores[1] == pytest.approx(rates.rate((1, 0)) * rates.rate((2, 0))) and scores[1] < scores[0]
+    assert scores == pytest.approx([rates.rate((1, 0)), rates.rate((1, 0)) * rates.rate((2, 0)), rates.rate((1, 1))])
+    assert HitRates().rate((3, 2)) == 0.5  # nothing counted yet: one hit in two
 
 
 def test_merged_arm_from_a_pool_builds(tmp_path):

@@ -25,10 +25,9 @@ from ..base.errors import CtxdraftError
 from .draft import DecodeState, Draft, DraftOutput, TeacherForced, TeacherPass
 from .feature_tree import FeatureTreeDraft, best_subtree
 from .live_replay import LiveReplay
-from .tree_budget import best_prefix, check_max_nodes, checked_costs
+from .tree_budget import HitRates, best_prefix, check_max_nodes, checked_costs
 
 SOURCES = ("lookup", "successor", "feature", "model")  # the order sources are merged in (ties: the earlier one)
-MAX_RANK = 3  # sibling ranks at or past this share one hit rate
 PRICE_POSITIONS = 17  # the price of a node: the step curve's mean slope over 1..this many positions (a 16-node tree)
 
 
@@ -51,48 +50,6 @@ class MergedSettings:
                 raise CtxdraftError(f"merged source {source!r} is unknown (known: {', '.join(SOURCES)})")
             if not isinstance(settings, dict):
                 raise CtxdraftError(f"merged source {source!r} needs its settings as a mapping, got {settings!r}")
-
-
-class HitRates:
-    """Per (depth, sibling rank): how often a source's node was tried and hit; the rate has a prior of one hit in two."""
-
-    def __init__(self):
-        self.tried: dict[tuple[int, int], int] = {}
-        self.hit: dict[tuple[int, int], int] = {}
-
-    def rate(self, slot: tuple[int, int]) -> float:
-        return (self.hit.get(slot, 0) + 1) / (self.tried.get(slot, 0) + 2)
-
-    def scores(self, parents: list[int]) -> list[float]:
-        """The product of the rates along each node's path."""
-        scores: list[float] = []
-        for node, slot in enumerate(_slots(parents)):
-            scores.append(self.rate(slot) * (scores[parents[node]] if parents[node] >= 0 else 1.0))
-        return scores
-
-    def count(self, ids: list[int], parents: list[int], emitted: list[int]) -> None:
-        """Count a source's tree against what the target emitted after its root."""
-        on_path: list[bool] = []
-        for node, (depth, rank) in enumerate(_slots(parents)):
-            reached = parents[node] < 0 or on_path[parents[node]]
-            tried = reached and depth <= len(emitted)
-            on_path.append(tried and emitted[depth - 1] == ids[node])
-            if tried:
-                self.tried[depth, rank] = self.tried.get((depth, rank), 0) + 1
-                self.hit[depth, rank] = self.hit.get((depth, rank), 0) + on_path[-1]
-
-
-def _slots(parents: list[int]) -> list[tuple[int, int]]:
-    """(depth, sibling rank capped at MAX_RANK) of every node, parents before children."""
-    depths: list[int] = []
-    siblings: dict[int, int] = {}
-    slots = []
-    for parent in parents:
-        depths.append(1 if parent < 0 else depths[parent] + 1)
-        rank = siblings.get(parent, 0)
-        siblings[parent] = rank + 1
-        slots.append((depths[-1], min(rank, MAX_RANK)))
-    return slots
 
 
 def _tree_of(out: DraftOutput) -> tuple[list[int], list[int]]:

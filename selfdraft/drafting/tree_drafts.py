@@ -36,7 +36,6 @@ class TokenTree:
     children: dict[tuple[int, int], int] = field(default_factory=dict)  # (parent, token) -> node
     budget: NodeBudget | None = None  # None: every node is allowed
     num_children: dict[int, int] = field(default_factory=dict)
-    ranks: list[int] = field(default_factory=list)  # each node's order among its siblings
     depths: list[int] = field(default_factory=list)
     acceptance: list[float] = field(default_factory=list)  # estimated P(on the accepted path), by the budget's rates
     main: list[bool] = field(default_factory=list)  # on the first-ranked path (always kept)
@@ -57,7 +56,6 @@ class TokenTree:
             self.parents.append(parent)
             self.children[(parent, token)] = node
             self.num_children[parent] = rank + 1
-            self.ranks.append(rank)
             self.depths.append(depth)
             self.acceptance.append(acceptance)
             self.main.append(main)
@@ -98,7 +96,7 @@ class TreeLearner:
         """A tree to fill for the committed ``tokens``, after learning from the last one."""
         if self.last is not None:
             tree, length = self.last
-            self.budget.learn(tree.ids, tree.parents, tree.ranks, tokens[length:])
+            self.budget.learn(tree.ids, tree.parents, tokens[length:])
         tree = TokenTree(budget=self.budget)
         self.last = (tree, len(tokens))
         return tree
