@@ -134,7 +134,6 @@ class FeatureTreeDraft(FeatureDraft):
     proposes_trees = True
     min_node_prob = 0.0  # a floor over settings.threshold, set per step by a merged arm from its costs
 
-
     def max_verified(self) -> int:
         return self.settings.max_nodes
 

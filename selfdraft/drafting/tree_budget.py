@@ -130,16 +130,15 @@ class HitRates:
         self._rank_rates = rates
         return rates
 
-    def rate(self, slot: tuple[int, int], rank_rates: list[float] | None = None) -> float:
-        prior = (rank_rates or self.rank_rates())[slot[1]]
+    def rate(self, slot: tuple[int, int]) -> float:
+        prior = self.rank_rates()[slot[1]]
         return (self.hit.get(slot, 0) + PRIOR_TRIES * prior) / (self.tried.get(slot, 0) + PRIOR_TRIES)
 
     def scores(self, parents: list[int]) -> list[float]:
         """The product of the rates along each node's path."""
-        rank_rates = self.rank_rates()
         scores: list[float] = []
         for node, slot in enumerate(slots(parents)):
-            scores.append(self.rate(slot, rank_rates) * (scores[parents[node]] if parents[node] >= 0 else 1.0))
+            scores.append(self.rate(slot) * (scores[parents[node]] if parents[node] >= 0 else 1.0))
         return scores
 
     def count(self, ids: list[int], parents: list[int], emitted: list[int]) -> None:
