@@ -15,6 +15,10 @@
 #                  collects on A (128 new tokens each); a datastore that holds a prompt's own answer would make
 #                  `suffix` look perfect on it. The feature head (trained on all of TRAIN by add-exits) is not
 #                  cross-fitted here: feature-tree and merged rows are optimistic on TRAIN (docs/trees.md).
+#                  Each copy measures its cost profile alone, with every thread (the first rows of its collection),
+#                  before the parallel collection: `--max-nodes auto` arms size their trees with that profile, and
+#                  one timed while three jobs share two cores is noise (steps over 4 positions timed cheaper than
+#                  one), so the rows would hold trees no served bundle would build.
 #   3. train-policy  on the cross-fitted rows of all of TRAIN (stored in trajectories.jsonl.gz).
 #
 # Runs in bfloat16 (CTXDRAFT_DTYPE / --dtype). The bundle is changed in place only at the end (add-arm and
@@ -45,15 +49,20 @@ for half in A B; do
     file=$([ "$half" = A ] && echo train || echo heldout)
     cp "$work/halves/$file.jsonl" "$work/$half.jsonl"
 done
-collect_half() {  # collect_half A|B: a copy built from that half collects on the other
-    local half="$1" other
-    other=$([ "$half" = A ] && echo B || echo A)
-    [ -e "$work/rewards_$other.done" ] && return 0
+build_half() {  # build_half A|B: a copy with the table and datastore built from that half
+    local half="$1"
+    [ -e "$work/from_$half.done" ] && return 0
     rm -rf "$work/from_$half" && cp -r "$bundle" "$work/from_$half"
     add_tree_arms "$work/from_$half" "$work/$half.jsonl" > "$work/from_$half.log" 2>&1
-    ctxdraft collect "$work/from_$half" --data "$work/$other.jsonl" --out "$work/rewards_$other.jsonl" \
-        --max-new-tokens 128 --dtype "$dtype" --resume >> "$work/from_$half.log" 2>&1
-    touch "$work/rewards_$other.done"
+    touch "$work/from_$half.done"
+}
+collect_half() {  # collect_half A|B [COLLECT OPTIONS]: the copy built from that half collects on the other
+    local half="$1" other
+    other=$([ "$half" = A ] && echo B || echo A)
+    shift
+    [ -e "$work/rewards_$other.done" ] && return 0
+    ctxdraft collect "$work/from_$half" --out "$work/rewards_$other.jsonl" --max-new-tokens 128 --dtype "$dtype" \
+        --resume "$@" >> "$work/from_$half.log" 2>&1
 }
 final_bundle() {  # the bundle itself: table and datastore from all of TRAIN
     [ -e "$work/final.done" ] && return 0
@@ -62,11 +71,30 @@ final_bundle() {  # the bundle itself: table and datastore from all of TRAIN
     touch "$work/final.done"
 }
 # Three single-threaded jobs at once: on a small CPU one thread per job wastes less than two threads spin-waiting.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-collect_half A & a=$!
-collect_half B & b=$!
+threads="${OMP_NUM_THREADS:-}"
+export OMP_NUM_THREADS=1
+build_half A & a=$!
+build_half B & b=$!
 final_bundle & f=$!
 wait $a && wait $b && wait $f
+# The cost profiles, one job at a time with the machine's threads: every 8th prompt of the other half, so the
+# profile's context length is a typical one.
+for half in A B; do
+    other=$([ "$half" = A ] && echo B || echo A)
+    [ -e "$work/profile_$other.done" ] && continue
+    awk 'NR % 8 == 1' "$work/$other.jsonl" > "$work/profile_$other.jsonl"
+    rm -f "$work/rewards_$other.jsonl"
+    (if [ -n "$threads" ]; then export OMP_NUM_THREADS="$threads"; else unset OMP_NUM_THREADS; fi
+     collect_half "$half" --data "$work/profile_$other.jsonl" --reprofile)
+    touch "$work/profile_$other.done"
+done
+pids=()
+for half in A B; do
+    other=$([ "$half" = A ] && echo B || echo A)
+    collect_half "$half" --data "$work/$other.jsonl" & pids+=($!)
+done
+wait "${pids[0]}" && wait "${pids[1]}"
+touch "$work/rewards_A.done" "$work/rewards_B.done"
 cat "$work/rewards_A.jsonl" "$work/rewards_B.jsonl" > "$work/rewards.jsonl"
 ctxdraft train-policy "$work/final" --rewards "$work/rewards.jsonl" --features hidden --eval-frac 0.25 --seed 0 \
     --dtype "$dtype"
