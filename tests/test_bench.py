@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import runpy
+import shutil
 import statistics
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,6 +243,29 @@ def test_cli_bench(bundle_dir, data_file, tmp_path):
     assert data["ok"] is True and [m["name"] for m in data["methods"]] == [REFERENCE, "lookup", ORACLE]
     assert any("records no training prompts" in n for n in data["notes"])
     assert data["environment"]["torch_threads"] == 2 and torch.get_num_threads() == 1  # set for the bench only
+
+
+def test_bench_bundles_runs_the_other_bundles_arms_beside_the_first(bundle_dir, data_file, tmp_path, monkeypatch):
+    """benchmarks/bench_bundles.py: B's arm is one more method on every prompt, checked for equality like the rest,
+    and kept out of the oracle over A's arms (a B arm dropped, run on A, or counted as A's would fail this)."""
+    other = tmp_path / "other"
+    shutil.copytree(bundle_dir, other)
+    out = tmp_path / "two"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_bundles.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--bundle", str(bundle_dir), "--other", str(other), "--other-arms",
+                                      "lookup", "--data", str(data_file), "--per-domain", "1", "--arms", "none",
+                                      "--baselines", "none", "--max-new-tokens", "4", "--dtype", "float32",
+                                      "--out", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    data = json.loads((out / "bench.json").read_text())
+    assert [(m["name"], m["family"]) for m in data["methods"]] == [
+        (REFERENCE, "hf"), ("none", "ctxdraft"), ("B:lookup", "other"), (ORACLE, "oracle")]
+    per_method = {}
+    for r in data["results"]:
+        per_method.setdefault(r["method"], []).append(r)
+    assert len(per_method["B:lookup"]) == len(per_method["none"]) == 2 and data["ok"] is True
+    assert all(r["arm"] == "lookup" for r in per_method["B:lookup"])
+    assert [r["arm"] for r in per_method[ORACLE]] == ["none", "none"]
 
 
 def test_cli_bench_exits_1_on_a_mismatch(bundle_dir, data_file, tmp_path, monkeypatch):
