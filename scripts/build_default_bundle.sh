@@ -15,19 +15,20 @@
 #   3. add-exits   --head feature: one EAGLE-3-style feature head on layers 2, 15, 27 (arm `feature`,
 #                  docs/feature_heads.md; 4096-token draft vocab, 5 unrolled draft positions) trained on the corpus
 #                  alone for 720k tokens (~2.5 epochs), in bfloat16
-#   4. collect     every arm's exact greedy trajectory on every training prompt (128 new tokens each, plus a
-#                  wall-clock check on 2 prompts). No cross-fitting: the feature head never saw a benchmark
-#                  prompt, so its trajectories on them are as out-of-sample as on any new prompt
-#   5. train-policy  on those rows: stores them in trajectories.jsonl.gz (what `ctxdraft calibrate` retrains from
-#                  on another machine), trains the REINFORCE policy (with its own 25% held out for the report) and
-#                  exports policy.onnx
+#   4. scripts/add_tree_arms.sh  the token-tree arms (lookup-tree, successor, feature-tree, merged-n12,
+#                  merged-auto, merged-ls, suffix; docs/trees.md), then every arm's exact greedy trajectory on every
+#                  training prompt (128 new tokens each; the successor table and the suffix datastore cross-fitted
+#                  over two halves of the training prompts, the feature head needs none: it never saw a benchmark
+#                  prompt) and train-policy on those rows: stores them in trajectories.jsonl.gz (what `ctxdraft
+#                  calibrate` retrains from on another machine), trains the REINFORCE policy (with its own 25% held
+#                  out for the report) and exports policy.onnx
 #
 # Everything runs in bfloat16 (--dtype; use float32 on a CPU without native bf16). The costs the policy is trained
 # with are this machine's; on another machine the bundle recalibrates itself on first use (docs/calibrate.md).
-# The shipped bundle: exits from step 1 (2026-11-28, Intel Xeon, float32); the feature head from steps 2-3 and the
-# rows and policy from steps 4-5 (2026-12-03, AMD EPYC, 2 cores, avx512_bf16, bfloat16).
-# Time on that 2-core CPU: step 1 ~10 min, step 2 ~55 min (one thread, ~35 rows/min), step 3 ~50 min,
-# step 4 ~20 min.
+# The shipped bundle: exits from step 1 (2026-11-28, Intel Xeon, float32); the feature head from steps 2-3
+# (2026-12-03, AMD EPYC, 2 cores, avx512_bf16, bfloat16); the tree arms, rows and policy from step 4 (2026-12-07,
+# Intel Xeon with AMX, 2 cores, bfloat16). Time on those 2-core CPUs: step 1 ~10 min, step 2 ~55 min (one thread,
+# ~35 rows/min), step 3 ~50 min, step 4 ~35 min.
 #
 # The bundle is built in a temporary directory and only then replaces OUT_DIR (the old one is moved aside to
 # OUT_DIR.old until the new one is in place), so an interrupted run leaves the shipped bundle as it was. Rewards
@@ -54,9 +55,7 @@ ctxdraft add-exits --head feature --layers 2,15,27 --draft-vocab 4096 --ttt-step
     --self-distill-tokens 128 --use-answers --train-tokens 720000 --eval-frac 0.05 --draft-lens 1,2,3 \
     --thresholds 0 --seed 0 --dtype bfloat16 --data "$corpus" --out "$bundle"
 
-ctxdraft collect "$bundle" --data "$split/train.jsonl" --out "$work/rewards.jsonl" --max-new-tokens 128 \
-    --wallclock-sample 2 --dtype bfloat16
-ctxdraft train-policy "$bundle" --rewards "$work/rewards.jsonl" --features hidden --eval-frac 0.25 --seed 0 --dtype bfloat16
+CTXDRAFT_DTYPE=bfloat16 bash "$here/scripts/add_tree_arms.sh" "$bundle" "$split/train.jsonl" "$work/trees"
 
 rm -rf "$bundle/rewards.jsonl" "$bundle/.add_exits_work"
 rm -rf "$out.new" "$out.old" && cp -r "$bundle" "$out.new"

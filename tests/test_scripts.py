@@ -50,12 +50,17 @@ def test_script_parses_and_uses_existing_options(script):
 
 
 def test_the_default_bundle_script_runs_every_step():
-    """The rebuild script of the shipped bundle writes its corpus and trains the head on it, then collects and
-    trains the policy (a step dropped from it would leave the shipped bundle unreproducible)."""
-    calls = ctxdraft_calls((Path(__file__).resolve().parent.parent / "scripts/build_default_bundle.sh").read_text())
-    assert [c[0] for c in calls] == ["add-exits", "make-data", "add-exits", "collect", "train-policy"]
+    """The rebuild script of the shipped bundle writes its corpus and trains the head on it, then adds the tree arms,
+    collects and trains the policy (a step dropped from it would leave the shipped bundle unreproducible)."""
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    text = (scripts / "build_default_bundle.sh").read_text()
+    calls = ctxdraft_calls(text)
+    assert [c[0] for c in calls] == ["add-exits", "make-data", "add-exits"]
     feature = calls[2]
     assert "feature" in feature and feature[feature.index("--data") + 1] == '"$corpus"'
+    assert 'scripts/add_tree_arms.sh" "$bundle"' in text
+    trees = [c[0] for c in ctxdraft_calls((scripts / "add_tree_arms.sh").read_text())]
+    assert trees.count("add-arm") == 7 and trees[-2:] == ["collect", "train-policy"]
 
 
 def test_the_parser_sees_joined_lines_and_skips_comments():
