@@ -1,5 +1,5 @@
 """Two bundles in one bench: ``ctxdraft bench`` of bundle A (its arms, HF baselines, the oracle over A's arms) with
-arms of a second bundle B run as extra methods named ``B-NAME:ARM``, interleaved with the rest on every prompt, so a
+arms of a second bundle B run as extra methods named ``shipped:ARM`` (``B:ARM`` for a bundle directory), interleaved with the rest on every prompt, so a
 candidate bundle's ``auto`` meets the shipped one's on the same prompts, machine state and HF reference. Writes
 bench.json, bench.md and bench.png into --out like ``ctxdraft bench``.
 
@@ -12,8 +12,10 @@ when their policy needs it, as ``ctxdraft bench`` does for one.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ctxdraft.selfdraft.base.data import read_prompts
+from ctxdraft.selfdraft.base.errors import CtxdraftError
 from ctxdraft.selfdraft.commands.bench import Method, ctxdraft_generate, run_bench, select_prompts
 from ctxdraft.selfdraft.commands.bench_report import write_bench_outputs
 from ctxdraft.selfdraft.commands.bench_runs import BenchConfig
@@ -33,7 +35,13 @@ def main() -> None:
     p.add_argument("--baselines", default="lookup", choices=["none", "lookup", "hf"])
     p.add_argument("--out", default="bench_two")
     args = p.parse_args()
+    try:
+        run(args)
+    except CtxdraftError as e:  # bad input (a missing bundle, an unknown arm, a damaged prompt file): one line
+        sys.exit(f"error: {e}")
 
+
+def run(args: argparse.Namespace) -> None:
     bundle = load_bundle(args.bundle, dtype=args.dtype)
     other = load_bundle(None if args.other == "shipped" else args.other, dtype=args.dtype)
     other_name = "shipped" if args.other == "shipped" else "B"

@@ -267,6 +267,13 @@ def test_bench_bundles_runs_the_other_bundles_arms_beside_the_first(bundle_dir, 
     assert all(r["arm"] == "lookup" for r in per_method["B:lookup"])
     assert [r["arm"] for r in per_method[ORACLE]] == ["none", "none"]
 
+    argv = sys.argv[:]
+    for flag, value, needle in [("--other", str(tmp_path / "nope"), "nope"), ("--other-arms", "nope", "nope")]:
+        monkeypatch.setattr(sys, "argv", argv[:argv.index(flag) + 1] + [value] + argv[argv.index(flag) + 2:])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(script), run_name="__main__")
+        assert str(exit_info.value.code).startswith("error: ") and needle in str(exit_info.value.code)
+
 
 def test_cli_bench_exits_1_on_a_mismatch(bundle_dir, data_file, tmp_path, monkeypatch):
     """A greedy output that differs from hf-generate's (not a tie) fails the command, naming the method and prompt."""
